@@ -25,7 +25,7 @@ def _schemas() -> dict[tuple[str, str], dict[str, Any]]:
     crds = shared_dir() / "crds"
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for f in sorted(crds.glob("*.yaml")):
-        for doc in yaml.safe_load_all(f.read_text()):
+        for doc in yaml.load_all(f.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
             if not doc or doc.get("kind") != "CustomResourceDefinition":
                 continue
             spec = doc["spec"]
