@@ -1,0 +1,18 @@
+"""``python -m serving``: the server without the rest of kloop's CLI (tests start it this way)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from serving.cli import add_serve_arguments, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serving", description="kloop model server")
+    add_serve_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Management routes: load and unload versions, set traffic weights, inject faults.
+
+This is the surface the rollout controller drives, so it is guarded by a bearer token
+(compared in constant time). A server started without a token refuses every management call
+with 403: an open management port on a shared machine would let anyone reroute traffic.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from aiohttp import web
+
+from serving import rest_codec
+from serving.core.errors import InvalidInput, Unauthorized
+from serving.core.faults import Fault
+from serving.http_api import DATAPLANE_KEY, Handler, error_response, json_response, parse_version
+
+TOKEN_KEY = web.AppKey("admin_token", str)
+NO_TOKEN = ""
+PREFIX = "/admin/"
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if not request.path.startswith(PREFIX):
+        return await handler(request)
+    token = request.app[TOKEN_KEY]
+    if token == NO_TOKEN:
+        return error_response(403, "management disabled: start the server with an admin token")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+        raise Unauthorized("missing or wrong bearer token")
+    return await handler(request)
+
+
+def _model_version(request: web.Request) -> tuple[str, int]:
+    return request.match_info["model"], parse_version(request.match_info["version"])
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    return rest_codec.loads_object(await request.read())
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return json_response({"models": request.app[DATAPLANE_KEY].status()})
+
+
+async def load(request: web.Request) -> web.Response:
+    model, version = _model_version(request)
+    await request.app[DATAPLANE_KEY].load(model, version)
+    return json_response({"loaded": True, "model": model, "version": str(version)})
+
+
+async def unload(request: web.Request) -> web.Response:
+    model, version = _model_version(request)
+    request.app[DATAPLANE_KEY].unload(model, version)
+    return json_response({"unloaded": True, "model": model, "version": str(version)})
+
+
+async def get_traffic(request: web.Request) -> web.Response:
+    weights = request.app[DATAPLANE_KEY].repository.weights(request.match_info["model"])
+    return json_response({"weights": {str(v): w for v, w in weights.items()}})
+
+
+async def set_traffic(request: web.Request) -> web.Response:
+    body = await _body(request)
+    weights = body.get("weights")
+    if not isinstance(weights, dict):
+        raise InvalidInput('body must be {"weights": {"<version>": <percent>, ...}}')
+    result = request.app[DATAPLANE_KEY].set_weights(request.match_info["model"], weights)
+    return json_response({"weights": {str(v): w for v, w in result.items()}})
+
+
+async def set_fault(request: web.Request) -> web.Response:
+    model, version = _model_version(request)
+    body = await _body(request)
+    unknown = set(body) - {"error_rate", "extra_latency_ms"}
+    if unknown:
+        raise InvalidInput(f"unknown fault field(s) {sorted(unknown)}")
+    fault = Fault(
+        error_rate=body.get("error_rate", 0.0), extra_latency_ms=body.get("extra_latency_ms", 0.0)
+    )
+    request.app[DATAPLANE_KEY].set_fault(model, version, fault)
+    return json_response({"error_rate": fault.error_rate, "extra_latency_ms": fault.extra_latency_ms})
+
+
+async def clear_fault(request: web.Request) -> web.Response:
+    model, version = _model_version(request)
+    request.app[DATAPLANE_KEY].clear_fault(model, version)
+    return json_response({"cleared": True})
+
+
+def add_routes(app: web.Application) -> None:
+    v = "/admin/models/{model}/versions/{version}"
+    app.router.add_get("/admin/models", list_models)
+    app.router.add_post(f"{v}/load", load)
+    app.router.add_post(f"{v}/unload", unload)
+    app.router.add_get("/admin/models/{model}/traffic", get_traffic)
+    app.router.add_put("/admin/models/{model}/traffic", set_traffic)
+    app.router.add_put(f"{v}/faults", set_fault)
+    app.router.add_delete(f"{v}/faults", clear_fault)

@@ -1,0 +1,196 @@
+"""The server process: gRPC and HTTP on one event loop, models loaded from the registry.
+
+Both protocols share one dataplane, so a weight change made over HTTP applies to gRPC traffic
+at the same instant. Inference runs in the dataplane's thread pool; the loop only moves bytes.
+
+Lifecycle: load each model's ``champion`` version (else its latest) with all its traffic; start
+both listeners; write the ports file (tests and the CLI bind port 0 and read it back). On stop
+(SIGTERM/SIGINT under ``serve``): report not ready, stop accepting, let in-flight requests
+finish within the grace period, exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+import grpc
+import torch
+from aiohttp import web
+
+from kloop.artifact import Registry
+from serving import admin_api, grpc_api, http_api
+from serving.core.dataplane import DataPlane
+from serving.core.errors import ModelNotFound
+from serving.core.repository import ModelRepository
+from serving.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server needs, validated at construction (only the CLI reads argv/env)."""
+
+    registry: Path  # registry root directory (a local path; file:// is resolved by the CLI)
+    host: str = "127.0.0.1"  # loopback by default: exposing a model server is a decision
+    http_port: int = 8080  # 0 = any free port (see ports_file)
+    grpc_port: int = 8081  # 0 = any free port
+    models: tuple[str, ...] = ()  # models to serve at start; empty = every model in the registry
+    admin_token: str | None = None  # bearer token for /admin; None disables management (403)
+    # torch threads per forward pass. Few: requests run concurrently in infer_workers threads,
+    # and workers x intra-op threads above the core count only adds contention.
+    intra_op_threads: int = 1
+    infer_workers: int = 2  # threads running models concurrently
+    max_inflight: int = 256  # requests admitted at once; beyond it: Overloaded (503)
+    grace_seconds: float = 10.0  # how long in-flight requests may finish after a stop
+    ports_file: Path | None = None  # written atomically once serving: {"http", "grpc", "pid"}
+
+    def __post_init__(self) -> None:
+        for name in ("http_port", "grpc_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ValueError(f"{name} must be in 0..65535, got {port}")
+        if self.http_port and self.http_port == self.grpc_port:
+            raise ValueError(f"http_port and grpc_port are both {self.http_port}")
+        for name in ("intra_op_threads", "infer_workers", "max_inflight"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.grace_seconds < 0:
+            raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+        if self.admin_token is not None and not self.admin_token.strip():
+            raise ValueError("admin_token must not be empty (use None to disable management)")
+        if not self.host:
+            raise ValueError("host must not be empty")
+
+
+class Server:
+    """One running server. ``start`` returns once both listeners are bound and models loaded."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.registry = Registry(config.registry)
+        self.repository = ModelRepository(self.registry, observer=self.metrics)
+        self.initial_models = config.models or tuple(self.registry.models())
+        self.dataplane = DataPlane(
+            self.repository,
+            recorder=self.metrics,
+            infer_workers=config.infer_workers,
+            max_inflight=config.max_inflight,
+            expected_models=self.initial_models,
+        )
+        self.http_port = 0
+        self.grpc_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        torch.set_num_threads(self.config.intra_op_threads)
+        try:
+            await self._load_initial_models()
+            await self._start_grpc()
+            await self._start_http()
+        except BaseException:
+            await self.stop()
+            raise
+        if self.config.ports_file:
+            _write_ports_file(self.config.ports_file, self.http_port, self.grpc_port)
+        log.info("serving http on %s:%d, grpc on %s:%d", self.config.host, self.http_port,
+                 self.config.host, self.grpc_port)
+
+    async def stop(self) -> None:
+        """Not ready, stop accepting, give in-flight requests ``grace_seconds``, release."""
+        self.dataplane.begin_shutdown()
+        grace = self.config.grace_seconds
+        tasks = []
+        if self._grpc is not None:
+            tasks.append(self._grpc.stop(grace))
+        if self._runner is not None:
+            tasks.append(self._runner.cleanup())
+        await asyncio.gather(*tasks)
+        self._grpc = self._runner = None
+        await asyncio.get_running_loop().run_in_executor(None, self.dataplane.close)
+        if self.config.ports_file:
+            self.config.ports_file.unlink(missing_ok=True)
+
+    async def _load_initial_models(self) -> None:
+        for name in self.initial_models:
+            versions = self.registry.versions(name)
+            if not versions:
+                raise ModelNotFound(f"model {name!r} has no versions in {self.registry.root}")
+            version = self.registry.alias(name, "champion") or versions[-1]
+            await self.dataplane.load(name, version)
+            log.info("loaded %s v%d", name, version)
+
+    async def _start_grpc(self) -> None:
+        server = grpc.aio.server()
+        grpc_api.add_to_server(server, self.dataplane)
+        address = f"{self.config.host}:{self.config.grpc_port}"
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"gRPC could not bind {address}")
+        self._grpc = server
+        await server.start()
+        self.grpc_port = port
+
+    async def _start_http(self) -> None:
+        app = web.Application(
+            middlewares=[http_api.error_middleware, admin_api.auth_middleware],
+            client_max_size=64 * 1024**2,  # a large batch of inputs as JSON
+        )
+        app[http_api.DATAPLANE_KEY] = self.dataplane
+        app[http_api.METRICS_KEY] = self.metrics
+        app[admin_api.TOKEN_KEY] = self.config.admin_token or admin_api.NO_TOKEN
+        http_api.add_routes(app)
+        admin_api.add_routes(app)
+        runner = web.AppRunner(
+            app, handle_signals=False, access_log=None,
+            shutdown_timeout=self.config.grace_seconds,
+        )
+        await runner.setup()
+        self._runner = runner
+        site = web.TCPSite(runner, self.config.host, self.config.http_port)
+        await site.start()
+        self.http_port = int(runner.addresses[0][1])
+
+
+async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None:
+    """Run until ``stop`` is set, or (without one) until SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    if stop is None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+    server = Server(config)
+    try:
+        await server.start()
+        try:
+            await stop.wait()
+            log.info("stopping: finishing in-flight requests (grace %.1fs)", config.grace_seconds)
+        finally:
+            await server.stop()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def _write_ports_file(path: Path, http_port: int, grpc_port: int) -> None:
+    body = json.dumps({"http": http_port, "grpc": grpc_port, "pid": os.getpid()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(body)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,80 @@
+"""``kloop serve``: the command line of the model server.
+
+The only place that reads argv and the environment (``KLOOP_ADMIN_TOKEN``); everything else
+receives a ``ServerConfig``. ``deploy``'s CLI wires ``add_serve_arguments`` and ``run`` into
+``kloop serve``; ``python -m serving`` uses them directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from kloop.artifact import registry_path
+from serving.app import ServerConfig, serve
+from serving.core.errors import ServingError
+
+TOKEN_ENV = "KLOOP_ADMIN_TOKEN"
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ServerConfig.__dataclass_fields__  # defaults come from the config, stated once
+    parser.add_argument("--registry", required=True,
+                        help="registry root: a directory or file:// URI")
+    parser.add_argument("--host", default=d["host"].default,
+                        help="address to bind (default: %(default)s)")
+    parser.add_argument("--http-port", type=int, default=d["http_port"].default,
+                        help="HTTP port, 0 = any free port (default: %(default)s)")
+    parser.add_argument("--grpc-port", type=int, default=d["grpc_port"].default,
+                        help="gRPC port, 0 = any free port (default: %(default)s)")
+    parser.add_argument("--model", action="append", dest="models", default=[],
+                        help="model to serve (repeatable; default: every model in the registry)")
+    parser.add_argument("--admin-token", default=None,
+                        help=f"bearer token for /admin (default: ${TOKEN_ENV}; none = management off)")
+    parser.add_argument("--intra-op-threads", type=int, default=d["intra_op_threads"].default,
+                        help="torch threads per forward pass (default: %(default)s)")
+    parser.add_argument("--infer-workers", type=int, default=d["infer_workers"].default,
+                        help="threads running models concurrently (default: %(default)s)")
+    parser.add_argument("--max-inflight", type=int, default=d["max_inflight"].default,
+                        help="requests admitted at once before 503 (default: %(default)s)")
+    parser.add_argument("--grace-seconds", type=float, default=d["grace_seconds"].default,
+                        help="time in-flight requests get to finish on stop (default: %(default)s)")
+    parser.add_argument("--ports-file", type=Path, default=None,
+                        help='write {"http": N, "grpc": M, "pid": P} here once serving')
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    token = args.admin_token if args.admin_token is not None else os.environ.get(TOKEN_ENV)
+    return ServerConfig(
+        registry=registry_path(args.registry),
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        models=tuple(args.models),
+        admin_token=token or None,
+        intra_op_threads=args.intra_op_threads,
+        infer_workers=args.infer_workers,
+        max_inflight=args.max_inflight,
+        grace_seconds=args.grace_seconds,
+        ports_file=args.ports_file,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT. 0 on a clean stop, 2 on a bad configuration, 1 on failure."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        print(f"kloop serve: {e}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(config))
+    except (ServingError, OSError) as e:
+        print(f"kloop serve: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,210 @@
+"""Every conversion between the generated OIP protobuf messages and the core's types.
+
+One module, both directions, server and client side, so the rules of the wire live in one
+place: typed ``contents`` use the repeated field that matches the datatype (FP16 has none and
+travels raw only), ``raw_input_contents``/``raw_output_contents`` are flattened little-endian
+bytes in tensor order, and an empty requested-outputs list means "all of them".
+
+Decoding uses numpy on whole buffers (``np.frombuffer``, ``np.asarray`` over a repeated field);
+no Python loop touches tensor elements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from kloop.pb import inference_pb2 as pb
+from serving.core.errors import InvalidInput
+from serving.core.types import (
+    InferenceRequest,
+    InferenceResponse,
+    InferInput,
+    ModelMetadata,
+    ServerMetadata,
+    numpy_dtype,
+    oip_datatype,
+)
+
+# Datatype -> the InferTensorContents field that carries it.
+CONTENTS_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+
+
+# ---- parameters ----------------------------------------------------------------------------
+
+
+def parameters_from_proto(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, p in params.items():
+        which = p.WhichOneof("parameter_choice")
+        out[key] = getattr(p, which) if which else None
+    return out
+
+
+def _set_parameter(target: pb.InferParameter, value: Any) -> None:
+    if isinstance(value, bool):
+        target.bool_param = value
+    elif isinstance(value, int):
+        target.int64_param = value
+    elif isinstance(value, float):
+        target.double_param = value
+    else:
+        target.string_param = str(value)
+
+
+# ---- tensors -------------------------------------------------------------------------------
+
+
+def _little_endian_bytes(array: np.ndarray[Any, Any]) -> bytes:
+    dtype = array.dtype.newbyteorder("<") if array.dtype.itemsize > 1 else array.dtype
+    return np.ascontiguousarray(array, dtype=dtype).tobytes()
+
+
+def _decode_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> InferInput:
+    dtype = _dtype(name, datatype)
+    # Decode whole elements only; validation compares raw_nbytes with the shape and names the
+    # mismatch, which is clearer than numpy's "buffer size must be a multiple" error.
+    data = np.frombuffer(raw, dtype=dtype, count=len(raw) // dtype.itemsize)
+    return InferInput(name, datatype, shape, data, raw_nbytes=len(raw))
+
+
+def _decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> InferInput:
+    name, datatype = tensor.name, tensor.datatype
+    dtype = _dtype(name, datatype)
+    field = CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise InvalidInput(f"input {name!r}: {datatype} has no typed contents; send it raw")
+    # The repeated field is wider than INT8/16 and UINT8/16: decode in its own type, narrow,
+    # and refuse values that did not survive (numpy would wrap them silently).
+    values = np.asarray(getattr(tensor.contents, field))
+    data = values.astype(dtype)
+    if dtype.kind in "iu" and not np.array_equal(data, values):
+        raise InvalidInput(f"input {name!r}: contents hold values out of range for {datatype}")
+    return InferInput(name, datatype, tuple(tensor.shape), data)
+
+
+def _dtype(name: str, datatype: str) -> np.dtype[Any]:
+    try:
+        return numpy_dtype(datatype)
+    except InvalidInput as e:
+        raise InvalidInput(f"input {name!r}: {e.message}") from None
+
+
+# ---- server side ---------------------------------------------------------------------------
+
+
+def infer_request_from_proto(msg: pb.ModelInferRequest) -> InferenceRequest:
+    raw = msg.raw_input_contents
+    if raw and len(raw) != len(msg.inputs):
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs"
+        )
+    inputs = []
+    for i, tensor in enumerate(msg.inputs):
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidInput(
+                    f"input {tensor.name!r} has contents although raw_input_contents is used"
+                )
+            inputs.append(_decode_raw(tensor.name, tensor.datatype, tuple(tensor.shape), raw[i]))
+        else:
+            inputs.append(_decode_typed(tensor))
+    return InferenceRequest(
+        model=msg.model_name,
+        version=msg.model_version or None,
+        id=msg.id,
+        inputs=tuple(inputs),
+        outputs=tuple(o.name for o in msg.outputs),
+        parameters=parameters_from_proto(msg.parameters),
+    )
+
+
+def infer_response_to_proto(resp: InferenceResponse, raw: bool) -> pb.ModelInferResponse:
+    """``raw``: answer in ``raw_output_contents`` (as the client asked in raw). Typed answers
+    fall back to raw when an output's datatype has no typed field (FP16): the spec allows only
+    one representation per response."""
+    msg = pb.ModelInferResponse(model_name=resp.model, model_version=resp.model_version, id=resp.id)
+    for key, value in resp.parameters.items():
+        _set_parameter(msg.parameters[key], value)
+    raw = raw or any(o.datatype not in CONTENTS_FIELD for o in resp.outputs)
+    for out in resp.outputs:
+        tensor = msg.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+        if raw:
+            msg.raw_output_contents.append(_little_endian_bytes(out.data))
+        else:
+            getattr(tensor.contents, CONTENTS_FIELD[out.datatype]).extend(out.data.ravel().tolist())
+    return msg
+
+
+def server_metadata_to_proto(meta: ServerMetadata) -> pb.ServerMetadataResponse:
+    return pb.ServerMetadataResponse(
+        name=meta.name, version=meta.version, extensions=list(meta.extensions)
+    )
+
+
+def model_metadata_to_proto(meta: ModelMetadata) -> pb.ModelMetadataResponse:
+    tm = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=meta.name,
+        versions=list(meta.versions),
+        platform=meta.platform,
+        inputs=[tm(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.inputs],
+        outputs=[tm(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.outputs],
+    )
+
+
+# ---- client side ---------------------------------------------------------------------------
+
+
+def infer_request_to_proto(
+    model: str,
+    inputs: Mapping[str, np.ndarray[Any, Any]],
+    version: str | None = None,
+    raw: bool = True,
+    outputs: tuple[str, ...] = (),
+    request_id: str = "",
+) -> pb.ModelInferRequest:
+    """Client side. ``raw=False`` uses typed contents unless an input's datatype has no typed
+    field (FP16), in which case all inputs go raw: one request carries one representation."""
+    msg = pb.ModelInferRequest(model_name=model, model_version=version or "", id=request_id)
+    arrays = {name: np.asarray(a) for name, a in inputs.items()}
+    datatypes = {name: oip_datatype(a.dtype) for name, a in arrays.items()}
+    raw = raw or any(dt not in CONTENTS_FIELD for dt in datatypes.values())
+    for name, array in arrays.items():
+        tensor = msg.inputs.add(name=name, datatype=datatypes[name], shape=array.shape)
+        if raw:
+            msg.raw_input_contents.append(_little_endian_bytes(array))
+        else:
+            field = CONTENTS_FIELD[datatypes[name]]
+            getattr(tensor.contents, field).extend(array.ravel().tolist())
+    for name in outputs:
+        msg.outputs.add(name=name)
+    return msg
+
+
+def outputs_from_proto(msg: pb.ModelInferResponse) -> dict[str, np.ndarray[Any, Any]]:
+    """The response's tensors by name, shaped, from raw or typed contents."""
+    raw = msg.raw_output_contents
+    out: dict[str, np.ndarray[Any, Any]] = {}
+    for i, tensor in enumerate(msg.outputs):
+        dtype = numpy_dtype(tensor.datatype)
+        if raw:
+            data = np.frombuffer(raw[i], dtype=dtype)
+        else:
+            data = np.asarray(getattr(tensor.contents, CONTENTS_FIELD[tensor.datatype]), dtype=dtype)
+        out[tensor.name] = data.reshape(tuple(tensor.shape))
+    return out

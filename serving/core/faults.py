@@ -1,0 +1,62 @@
+"""Fault injection per model version, set through the management API.
+
+It exists so a canary's live analysis can be demonstrated and tested: make version 2 fail half
+its requests (or answer 300 ms late) and watch the rollout controller roll it back, the way
+Istio's fault injection is used. The random source is injected so tests decide the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import threading
+
+from serving.core.errors import InferenceFailed, InvalidInput
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    error_rate: float = 0.0  # share of requests that fail, 0..1
+    extra_latency_ms: float = 0.0  # added before the model runs, milliseconds
+
+    def __post_init__(self) -> None:
+        if isinstance(self.error_rate, bool) or not isinstance(self.error_rate, (int, float)):
+            raise InvalidInput(f"error_rate must be a number in [0, 1], got {self.error_rate!r}")
+        if not 0.0 <= self.error_rate <= 1.0:
+            raise InvalidInput(f"error_rate must be in [0, 1], got {self.error_rate}")
+        if isinstance(self.extra_latency_ms, bool) or not isinstance(
+            self.extra_latency_ms, (int, float)
+        ):
+            raise InvalidInput(f"extra_latency_ms must be a number, got {self.extra_latency_ms!r}")
+        if not 0.0 <= self.extra_latency_ms <= 60_000:
+            raise InvalidInput(f"extra_latency_ms must be in [0, 60000], got {self.extra_latency_ms}")
+
+
+class FaultInjector:
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+        self._faults: dict[tuple[str, int], Fault] = {}
+        self._lock = threading.Lock()
+
+    def set(self, model: str, version: int, fault: Fault) -> None:
+        with self._lock:
+            self._faults[(model, version)] = fault
+
+    def clear(self, model: str, version: int) -> None:
+        with self._lock:
+            self._faults.pop((model, version), None)
+
+    def get(self, model: str, version: int) -> Fault | None:
+        with self._lock:
+            return self._faults.get((model, version))
+
+    async def apply(self, model: str, version: int) -> None:
+        """Delay and/or fail this request as the version's fault says; no-op without one."""
+        fault = self.get(model, version)
+        if fault is None:
+            return
+        if fault.extra_latency_ms > 0:
+            await asyncio.sleep(fault.extra_latency_ms / 1000)
+        if fault.error_rate > 0 and self._rng.random() < fault.error_rate:
+            raise InferenceFailed("injected fault")

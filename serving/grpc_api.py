@@ -1,0 +1,83 @@
+"""The gRPC adapter: the OIP v2 ``GRPCInferenceService`` on ``grpc.aio``.
+
+Registered through the generated ``add_GRPCInferenceServiceServicer_to_server``, whose service
+name is the standard ``inference.GRPCInferenceService`` (see proto/generate.py), so Triton and
+KServe clients reach it unchanged. Each RPC converts (``serving.converters``), delegates to the
+dataplane, and maps a ``ServingError`` to a status code through ``serving.errormap``: nothing
+else happens here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+
+from kloop.pb import inference_pb2 as pb
+from kloop.pb import inference_pb2_grpc as pb_grpc
+from serving import converters
+from serving.core.dataplane import DataPlane
+from serving.core.errors import ServingError
+from serving.errormap import grpc_code_name
+
+PROTOCOL = "grpc"
+_T = TypeVar("_T")
+
+
+async def _call(context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[_T]]) -> _T:
+    try:
+        return await fn()
+    except ServingError as e:
+        await context.abort(grpc.StatusCode[grpc_code_name(e)], e.message)
+        raise  # unreachable: abort raises
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, dataplane: DataPlane) -> None:
+        self._dp = dataplane
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self._dp.live())
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._dp.ready())
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self._dp.model_ready(request.name, request.version or None))
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return converters.server_metadata_to_proto(self._dp.server_metadata())
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        async def run() -> pb.ModelMetadataResponse:
+            meta = self._dp.model_metadata(request.name, request.version or None)
+            return converters.model_metadata_to_proto(meta)
+
+        return await _call(context, run)
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        async def run() -> pb.ModelInferResponse:
+            core_request = converters.infer_request_from_proto(request)
+            response = await self._dp.infer(core_request, PROTOCOL)
+            return converters.infer_response_to_proto(
+                response, raw=bool(request.raw_input_contents)
+            )
+
+        return await _call(context, run)
+
+
+def add_to_server(server: grpc.aio.Server, dataplane: DataPlane) -> None:
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), server)

@@ -1,0 +1,119 @@
+"""The HTTP adapter: OIP v2 REST routes and ``/metrics`` on aiohttp.
+
+Handlers parse the path and body (``serving.rest_codec``), call the dataplane and write JSON;
+one middleware maps every ``ServingError`` (and aiohttp's own 4xx/5xx) to the status from
+``serving.errormap`` with the body ``{"error": "<message>"}``. Health endpoints answer 200 for
+true and 503 for false: the spec asks for "not 200" and 503 is what balancers expect.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from serving import rest_codec
+from serving.core.dataplane import DataPlane
+from serving.core.errors import InvalidInput, ServingError
+from serving.errormap import http_status
+from serving.metrics import CONTENT_TYPE, ServerMetrics
+
+log = logging.getLogger(__name__)
+PROTOCOL = "http"
+DATAPLANE_KEY = web.AppKey("dataplane", DataPlane)
+METRICS_KEY = web.AppKey("metrics", ServerMetrics)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=rest_codec.dumps(body), status=status, content_type="application/json")
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ServingError as e:
+        return error_response(http_status(e), e.message)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return error_response(e.status, e.reason)
+    except Exception:  # a bug: log it, keep the JSON contract, do not leak internals
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(500, "internal server error")
+
+
+def _dp(request: web.Request) -> DataPlane:
+    return request.app[DATAPLANE_KEY]
+
+
+def _version(request: web.Request) -> str | None:
+    return request.match_info.get("version")
+
+
+async def live(request: web.Request) -> web.Response:
+    ok = _dp(request).live()
+    return json_response({"live": ok}, status=200 if ok else 503)
+
+
+async def ready(request: web.Request) -> web.Response:
+    ok = _dp(request).ready()
+    return json_response({"ready": ok}, status=200 if ok else 503)
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return json_response(rest_codec.server_metadata_to_json(_dp(request).server_metadata()))
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    meta = _dp(request).model_metadata(request.match_info["model"], _version(request))
+    return json_response(rest_codec.model_metadata_to_json(meta))
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    model = request.match_info["model"]
+    ok = _dp(request).model_ready(model, _version(request))
+    return json_response({"name": model, "ready": ok}, status=200 if ok else 503)
+
+
+async def infer(request: web.Request) -> web.Response:
+    body = rest_codec.loads_object(await request.read())
+    core_request = rest_codec.infer_request_from_json(
+        body, request.match_info["model"], _version(request)
+    )
+    response = await _dp(request).infer(core_request, PROTOCOL)
+    return json_response(rest_codec.infer_response_to_json(response))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS_KEY].exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def parse_version(text: str) -> int:
+    """A version path segment as an int; ``InvalidInput`` when it is not a number."""
+    if not text.isdigit():
+        raise InvalidInput(f"version {text!r} is not a number")
+    return int(text)
+
+
+def add_routes(app: web.Application) -> None:
+    m, v = "/v2/models/{model}", "/v2/models/{model}/versions/{version}"
+    app.router.add_get("/v2/health/live", live)
+    app.router.add_get("/v2/health/ready", ready)
+    app.router.add_get("/v2", server_metadata)
+    app.router.add_get(m, model_metadata)
+    app.router.add_get(v, model_metadata)
+    app.router.add_get(f"{m}/ready", model_ready)
+    app.router.add_get(f"{v}/ready", model_ready)
+    app.router.add_post(f"{m}/infer", infer)
+    app.router.add_post(f"{v}/infer", infer)
+    app.router.add_get("/metrics", metrics)

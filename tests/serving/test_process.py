@@ -1,0 +1,65 @@
+"""``python -m serving`` as a real process: it writes its ports file once serving, answers on
+both protocols, and exits 0 on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from kloop.pb import inference_pb2 as pb
+from kloop.pb import inference_pb2_grpc as pb_grpc
+from serving.client import AdminClient
+from tests.serving.conftest import MODEL
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early with {proc.returncode}: {proc.stderr.read()!r}")  # type: ignore[union-attr]
+        if path.exists():  # written atomically: once it exists it is complete
+            return dict(json.loads(path.read_text()))
+        time.sleep(0.05)
+    raise AssertionError(f"no ports file at {path} after {timeout}s")
+
+
+def test_subprocess_serves_and_exits_zero_on_sigterm(registry_root: Path, tmp_path: Path) -> None:
+    ports_file = tmp_path / "ports.json"
+    env = {**os.environ, "KLOOP_ADMIN_TOKEN": "proc-token", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving", "--registry", f"file://{registry_root}",
+         "--http-port", "0", "--grpc-port", "0", "--ports-file", str(ports_file)],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        ports = wait_for_file(ports_file, proc)
+        assert ports["pid"] == proc.pid
+        with grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)  # the synchronous stub, for once
+            assert stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+            req = pb.ModelInferRequest(model_name=MODEL)
+            req.inputs.add(name="image", datatype="FP32", shape=[2, 1, 8, 8])
+            req.raw_input_contents.append(np.zeros((2, 1, 8, 8), np.float32).tobytes())
+            resp = stub.ModelInfer(req, timeout=10)
+            assert resp.model_version == "2" and list(resp.outputs[1].shape) == [2]
+        admin = AdminClient(f"http://127.0.0.1:{ports['http']}", "proc-token")  # token from env
+        assert admin.traffic(MODEL) == {"2": 100}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()  # type: ignore[union-attr]
+        assert not ports_file.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
