@@ -1,0 +1,86 @@
+"""Per-epoch checkpoints: written atomically by rank 0, read safely by every rank.
+
+Why this shape:
+
+* A pod can be killed at any instant (``restartPolicy: OnFailure`` then restarts it with
+  ``--resume``), so a checkpoint is written to a temporary file, fsynced, and ``os.replace``d
+  over the previous one: a reader sees the old checkpoint or the new one, never half of one.
+* Only state dicts, tensors and plain numbers are stored, and loading uses
+  ``torch.load(weights_only=True)``: a checkpoint file cannot run code.
+* The checkpoint records the fields of the spec that define the optimisation; resuming with a
+  different model, seed, batch or learning rate is refused instead of silently mixing runs.
+  ``epochs`` is deliberately not among them: extending a run is what ``--resume`` is for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.spec import TrainSpec
+
+_IDENTITY_FIELDS = ("arch", "global_batch_size", "lr", "momentum", "seed", "shuffle_labels")
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint was written by a run with a different training identity."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """State after ``epoch`` (1-based) completed."""
+
+    epoch: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    rng: torch.Tensor
+    identity: dict[str, Any]
+
+
+def identity(spec: TrainSpec) -> dict[str, Any]:
+    return {k: getattr(spec, k) for k in _IDENTITY_FIELDS}
+
+
+def save(path: Path, ckpt: Checkpoint) -> None:
+    """Write ``ckpt`` to ``path`` atomically (temp file in the same directory + os.replace)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "epoch": ckpt.epoch,
+        "model": ckpt.model,
+        "optimizer": ckpt.optimizer,
+        "rng": ckpt.rng,
+        "identity": ckpt.identity,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: Path, spec: TrainSpec) -> Checkpoint | None:
+    """The checkpoint at ``path``, or None when there is none yet (a first start)."""
+    if not path.is_file():
+        return None
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = Checkpoint(
+        epoch=int(raw["epoch"]), model=raw["model"], optimizer=raw["optimizer"],
+        rng=raw["rng"], identity=dict(raw["identity"]),
+    )
+    want = identity(spec)
+    diff = {k: (ckpt.identity.get(k), v) for k, v in want.items() if ckpt.identity.get(k) != v}
+    if diff:
+        raise CheckpointMismatch(
+            f"checkpoint {path} was written by a different run (field: (checkpoint, spec)): {diff}"
+        )
+    return ckpt

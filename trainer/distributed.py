@@ -1,0 +1,98 @@
+"""The process's place in the job, read from the launcher's environment, and the process group.
+
+Why a separate module: the entry point runs under three launchers that describe the job through
+environment variables: ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT),
+the training operator's PyTorchJob pods (the same names, plus PET_* for torchrun itself) and a
+bare ``python -m trainer.main`` (nothing: a world of one). Reading them in one place, into a
+typed ``DistEnv``, keeps the training loop free of ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+
+from trainer.spec import TrainSpec
+
+_TIMEOUT = datetime.timedelta(minutes=10)  # a stuck peer fails the job instead of hanging it
+
+
+@dataclasses.dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> DistEnv:
+        """Read torchrun's variables; fall back to the operator's PET_* ones (one process per
+        pod, run without torchrun) and finally to a world of one."""
+        e = os.environ if env is None else env
+
+        def pick(*names: str, default: str) -> str:
+            for n in names:
+                if e.get(n):
+                    return e[n]
+            return default
+
+        world = int(pick("WORLD_SIZE", "PET_NNODES", default="1"))
+        rank = int(pick("RANK", "PET_NODE_RANK", default="0"))
+        local_rank = int(pick("LOCAL_RANK", default="0"))
+        addr = pick("MASTER_ADDR", "PET_MASTER_ADDR", default="127.0.0.1")
+        port = int(pick("MASTER_PORT", "PET_MASTER_PORT", default="29500"))
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside the world of {world} processes")
+        return cls(rank=rank, world_size=world, local_rank=local_rank, master_addr=addr, master_port=port)
+
+
+def select_device(spec: TrainSpec, env: DistEnv) -> torch.device:
+    """CUDA (one GPU per local rank) when asked for or available under "auto", else CPU."""
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but CUDA is not available in this process")
+    if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def init_process_group(env: DistEnv, device: torch.device) -> None:
+    """gloo on CPU, nccl on CUDA. A world of one gets an in-memory store (no port to bind), so
+    the training loop has a single code path."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    extra = {"device_id": device} if device.type == "cuda" else {}
+    if env.world_size == 1:
+        dist.init_process_group(
+            backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=_TIMEOUT, **extra
+        )
+        return
+    os.environ.setdefault("MASTER_ADDR", env.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    dist.init_process_group(
+        backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+        timeout=_TIMEOUT, **extra,
+    )
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few scalars over all processes (float64, so counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [float(v) for v in t.tolist()]

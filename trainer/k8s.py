@@ -1,0 +1,171 @@
+"""Render a ``TrainSpec`` as a Kubernetes training job: PyTorchJob (kubeflow.org/v1) or TrainJob
+(trainer.kubeflow.org/v1alpha1). Pure functions from spec to dict; applying them is deploy's job.
+
+Why every pod runs ``python -m torch.distributed.run -m trainer.main``: the operators describe
+the job to torchrun through PET_* variables (PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR,
+PET_NPROC_PER_NODE; PET_RDZV_* when elastic), which torchrun reads as its own flags; torchrun
+then gives each process RANK/WORLD_SIZE/LOCAL_RANK exactly as it does locally. So the pod runs
+the same entry point as ``trainer.launch`` with no launcher-specific code.
+
+The spec travels inline (``--spec-json``), so a pod needs no ConfigMap. ``--resume`` is always
+passed: with ``restartPolicy: OnFailure`` a restarted pod continues from the last checkpoint
+on the shared volume instead of starting over (a first start finds none and begins at epoch 1).
+
+Elastic jobs follow the training operator's convention: Workers only, no Master; the rendezvous
+host is ``<job>-worker-0`` and ``elasticPolicy`` carries min/max replicas and the c10d backend.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import yaml
+
+from trainer.spec import TrainSpec
+
+CONTAINER_NAME = "pytorch"  # the training operator finds the training container by this name
+PORT_NAME = "pytorchjob-port"  # the operator's default port name; elastic rdzv uses it too
+PORT = 23456
+TRAINJOB_RUNTIME = "torch-distributed"  # kubeflow/trainer's default ClusterTrainingRuntime
+_VOLUME = "kloop-storage"
+
+
+def labels(spec: TrainSpec, *, name: str, run_id: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "kloop-trainer",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": "training",
+        "app.kubernetes.io/part-of": "kloop",
+        "app.kubernetes.io/managed-by": "kloop",
+        "kloop.dev/run-id": run_id,
+        "kloop.dev/model": spec.model_name,
+    }
+
+
+def run_dir(spec: TrainSpec, run_id: str) -> str:
+    """The run directory inside the pod, on the storage volume shared by all replicas."""
+    return f"{spec.storage.mount_path.rstrip('/')}/runs/{run_id}"
+
+
+def command(spec: TrainSpec, run_id: str, *, publish: bool = True) -> list[str]:
+    """The container command: torchrun (configured by the operator's PET_* env) + the entry point."""
+    cmd = [
+        "python", "-m", "torch.distributed.run", "-m", "trainer.main",
+        "--spec-json", json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":")),
+        "--run-dir", run_dir(spec, run_id),
+        "--resume",
+    ]
+    return [*cmd, "--publish", "--run-id", run_id] if publish else cmd
+
+
+def resources(spec: TrainSpec) -> dict[str, Any]:
+    """Requests = limits (Guaranteed QoS: a training pod should not be the first evicted);
+    ``nvidia.com/gpu`` only when GPUs are asked for (extended resources go in limits)."""
+    r = spec.resources
+    limits: dict[str, Any] = {"cpu": r.cpu, "memory": r.memory}
+    if r.gpus > 0:
+        limits["nvidia.com/gpu"] = r.gpus
+    return {"requests": {"cpu": r.cpu, "memory": r.memory}, "limits": limits}
+
+
+def _env(spec: TrainSpec) -> list[dict[str, str]]:
+    env = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    if spec.resources.gpus == 0:
+        env.append({"name": "OMP_NUM_THREADS", "value": "1"})
+    return env
+
+
+def _volume(spec: TrainSpec) -> dict[str, Any]:
+    if spec.storage.pvc_claim:
+        return {"name": _VOLUME, "persistentVolumeClaim": {"claimName": spec.storage.pvc_claim}}
+    return {"name": _VOLUME, "emptyDir": {}}
+
+
+def _pod_template(spec: TrainSpec, *, name: str, run_id: str) -> dict[str, Any]:
+    container = {
+        "name": CONTAINER_NAME,
+        "image": spec.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": command(spec, run_id),
+        "env": _env(spec),
+        "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
+        "resources": resources(spec),
+        "volumeMounts": [{"name": _VOLUME, "mountPath": spec.storage.mount_path}],
+    }
+    return {
+        "metadata": {"labels": labels(spec, name=name, run_id=run_id)},
+        "spec": {"containers": [container], "volumes": [_volume(spec)]},
+    }
+
+
+def render_pytorchjob(spec: TrainSpec, *, name: str, namespace: str, run_id: str) -> dict[str, Any]:
+    """A ``kubeflow.org/v1`` PyTorchJob: Master (1) + Worker (num_nodes - 1, omitted when 0), or
+    Workers only with an ``elasticPolicy`` when ``spec.elastic`` is set."""
+    template = _pod_template(spec, name=name, run_id=run_id)
+
+    def replica(n: int) -> dict[str, Any]:
+        return {"replicas": n, "restartPolicy": spec.restart_policy, "template": template}
+
+    job_spec: dict[str, Any] = {
+        "nprocPerNode": str(spec.nproc_per_node),
+        "runPolicy": {"cleanPodPolicy": spec.clean_pod_policy, "backoffLimit": spec.backoff_limit},
+    }
+    if spec.elastic is None:
+        replicas = {"Master": replica(1)}
+        if spec.num_nodes > 1:
+            replicas["Worker"] = replica(spec.num_nodes - 1)
+    else:
+        replicas = {"Worker": replica(spec.num_nodes)}
+        job_spec["elasticPolicy"] = {
+            "rdzvBackend": "c10d",
+            "minReplicas": spec.elastic.min_replicas,
+            "maxReplicas": spec.elastic.max_replicas,
+            "maxRestarts": spec.elastic.max_restarts,
+            "nProcPerNode": spec.nproc_per_node,
+        }
+    job_spec["pytorchReplicaSpecs"] = replicas
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels(spec, name=name, run_id=run_id)},
+        "spec": job_spec,
+    }
+
+
+def render_trainjob(spec: TrainSpec, *, name: str, namespace: str, run_id: str) -> dict[str, Any]:
+    """A ``trainer.kubeflow.org/v1alpha1`` TrainJob on the ``torch-distributed`` runtime.
+
+    The runtime owns the pod template and the shared volume; a TrainJob can only set the
+    trainer's image, command, env, node count and resources. Without a volume from the runtime
+    the run directory is pod-local, so publishing needs a runtime that mounts
+    ``spec.storage.mount_path``. Elastic training is not expressible here and is rejected.
+    """
+    if spec.elastic is not None:
+        raise ValueError("TrainJob (v1alpha1) has no elastic policy; render a PyTorchJob instead")
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "TrainJob",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels(spec, name=name, run_id=run_id)},
+        "spec": {
+            "runtimeRef": {
+                "name": TRAINJOB_RUNTIME,
+                "apiGroup": "trainer.kubeflow.org",
+                "kind": "ClusterTrainingRuntime",
+            },
+            "trainer": {
+                "image": spec.image,
+                "command": command(spec, run_id),
+                "env": _env(spec),
+                "numNodes": spec.num_nodes,
+                "numProcPerNode": spec.nproc_per_node,
+                "resourcesPerNode": resources(spec),
+            },
+        },
+    }
+
+
+def to_yaml(obj: dict[str, Any] | list[dict[str, Any]]) -> str:
+    """YAML for ``kubectl apply -f -``: one document, or several separated by ``---``."""
+    docs = obj if isinstance(obj, list) else [obj]
+    return yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False, width=1 << 16)
