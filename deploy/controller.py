@@ -1,0 +1,149 @@
+"""The rollout controller: one repeatable ``tick`` and a loop around it.
+
+A tick reads the world FIRST (actual weights and metrics from the backend), asks the pure
+``decide`` for one decision, applies it with idempotent writes, and saves the rollout ONCE with
+an optimistic-concurrency check. All state lives in the store, so a controller killed at any
+point resumes from the next tick: if it died after writing weights but before saving, the next
+tick sees those weights in the world and adopts the step instead of stepping again.
+
+Time comes from a ``Clock`` so tests tick through a 30-minute rollout in milliseconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from deploy.analysis import GateResult, Verdict, gate
+from deploy.backends import BackendError, RolloutBackend, World
+from deploy.rollout import Action, Applied, Decision, Event, Rollout, decide, transition
+from deploy.store import Conflict, RolloutStore
+from kloop.artifact import ArtifactError, Registry
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Unix seconds."""
+        ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class RealClock:
+    def now(self) -> float:
+        return time.time()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class FakeClock:
+    """Time that moves only when told: ``sleep`` advances it instantly."""
+
+    def __init__(self, start: float = 1_700_000_000.0):
+        self.t = float(start)
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.advance(seconds)
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("time does not go backwards")
+        self.t += seconds
+
+
+def tick(
+    store: RolloutStore,
+    backend: RolloutBackend,
+    registry: Registry,
+    rollout_id: str,
+    clock: Clock,
+) -> Rollout:
+    """Advance one rollout by at most one decision; returns it as stored.
+
+    Raises ``deploy.store.Conflict`` when another writer saved the rollout during this tick;
+    nothing is lost (writes are idempotent), the caller simply ticks again.
+    """
+    r = store.get(rollout_id)
+    if r.phase.terminal:
+        return r
+    world = backend.read(r.model)
+    now = clock.now()
+    d = decide(r, world, r.policy, now)
+    applied = apply(d, r, backend, registry)
+    new = transition(r, d, world, applied, now)
+    if new is r:
+        return r
+    return store.save(new, expected_generation=r.generation)
+
+
+def apply(d: Decision, r: Rollout, backend: RolloutBackend, registry: Registry) -> Applied:
+    """Perform the decision's writes. A backend failure is reported, not raised: it counts as
+    "could not act" toward the error limit. Programming errors still raise."""
+    try:
+        match d.action:
+            case Action.RUN_GATE:
+                return Applied(gate=run_gate(r, registry))
+            case Action.SET_WEIGHTS:
+                backend.ensure_loaded(r.model, r.candidate)
+                if r.champion is not None:
+                    backend.ensure_loaded(r.model, r.champion)
+                backend.set_weights(r.model, d.weights or {})
+            case Action.PROMOTE:
+                backend.promote(r.model, r.candidate)
+            case Action.RETIRE:
+                if r.champion is not None:
+                    backend.retire(r.model, r.champion)
+            case Action.ROLLBACK | Action.ABORT:
+                backend.rollback(r.model, r.champion, r.candidate)
+            case Action.WAIT | Action.NOTHING:
+                pass
+    except (BackendError, OSError) as e:
+        return Applied(error=f"{type(e).__name__}: {e}")
+    return Applied()
+
+
+def run_gate(r: Rollout, registry: Registry) -> GateResult:
+    """The offline gate on the registry's manifests. A missing or corrupt manifest is a gate
+    error (abort, nothing to compare), not a failure of the candidate."""
+    try:
+        cand = registry.manifest(r.model, int(r.candidate))
+        champ = registry.manifest(r.model, int(r.champion)) if r.champion is not None else None
+    except ArtifactError as e:
+        return GateResult(Verdict.ERROR, (f"cannot read manifests: {e}",))
+    return gate(cand, champ, r.policy.gate)
+
+
+def run_until_done(
+    store: RolloutStore,
+    backend: RolloutBackend,
+    registry: Registry,
+    rollout_id: str,
+    clock: Clock,
+    interval_s: float,
+    on_event: Callable[[Rollout, Event], None] | None = None,
+) -> Rollout:
+    """Tick every ``interval_s`` until the rollout is terminal; report each new event."""
+    if interval_s <= 0:
+        raise ValueError("interval_s must be > 0")
+    seen: Event | None = None
+    while True:
+        try:
+            r = tick(store, backend, registry, rollout_id, clock)
+        except Conflict:
+            r = store.get(rollout_id)  # someone else moved it; judge again from their state
+        if on_event is not None and r.history and r.history[-1] != seen:
+            seen = r.history[-1]
+            on_event(r, seen)
+        if r.phase.terminal:
+            return r
+        clock.sleep(interval_s)
+
+
+__all__ = [
+    "Clock", "FakeClock", "RealClock", "World", "apply", "run_gate", "run_until_done", "tick",
+]

@@ -1,0 +1,263 @@
+import dataclasses
+import json
+import math
+
+import pytest
+
+from deploy.analysis import GateResult, Verdict
+from deploy.backends import World
+from deploy.metrics import VersionSample
+from deploy.rollout import (
+    Action,
+    Applied,
+    Phase,
+    Rollout,
+    RolloutPolicy,
+    decide,
+    new_rollout,
+    next_weight,
+    transition,
+)
+
+INF = math.inf
+POLICY = RolloutPolicy(steps=(10, 50, 100), min_requests=100, min_duration_s=60,
+                       step_timeout_s=600, failure_limit=2, error_limit=3, retire_after_s=60)
+ZERO = VersionSample.zero(0)
+
+
+def sample(requests, errors=0, slow=0):
+    fast = requests - slow
+    return VersionSample(requests, errors, ((0.01, fast), (0.5, requests), (INF, requests)), 0)
+
+
+def ro(**kw):
+    base = {"id": "r1", "model": "iris", "candidate": "2", "champion": "1", "policy": POLICY,
+            "created": 0.0, "phase": Phase.PROGRESSING, "step": 0, "weights": {"2": 10, "1": 90},
+            "step_started_at": 0.0, "window_started_at": 0.0, "baseline": {"2": ZERO, "1": ZERO}}
+    return Rollout(**{**base, **kw})
+
+
+def world(weights=None, cand=None, champ=None, error=None):
+    samples = None if error else {"2": cand or ZERO, "1": champ or ZERO}
+    return World(weights=weights if weights is not None else {"2": 10, "1": 90},
+                 loaded=frozenset({"1", "2"}), samples=samples, error=error)
+
+
+GOOD, CHAMP = sample(200), sample(2000)
+
+
+# ---- policy ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "kw, says",
+    [
+        ({"steps": (10, 50)}, "end at 100"),
+        ({"steps": ()}, "end at 100"),
+        ({"steps": (50, 10, 100)}, "strictly increasing"),
+        ({"steps": (10, 10, 100)}, "strictly increasing"),
+        ({"steps": (0, 100)}, "strictly increasing"),
+        ({"min_requests": -1}, "min_requests"),
+        ({"max_error_rate": -0.1}, "max_error_rate"),
+        ({"max_error_rate": 2}, "fraction"),
+        ({"failure_limit": 0}, "failure_limit"),
+        ({"error_limit": -1}, "error_limit"),
+        ({"max_p99_ratio": 0.5}, "max_p99_ratio"),
+        ({"step_timeout_s": 30, "min_duration_s": 60}, "step_timeout_s"),
+        ({"max_accuracy_drop": -0.1}, "max_accuracy_drop"),
+        ({"p99_slack_ms": math.nan}, "p99_slack_ms"),
+    ],
+)
+def test_policy_rejects_bad_combinations(kw, says):
+    with pytest.raises(ValueError, match=says):
+        RolloutPolicy(**kw)
+
+
+def test_policy_round_trip_and_unknown_fields():
+    assert RolloutPolicy.from_dict(POLICY.to_dict()) == POLICY
+    with pytest.raises(ValueError, match="unknown"):
+        RolloutPolicy.from_dict({"stepz": [100]})
+
+
+@pytest.mark.parametrize(
+    "steps, current, want",
+    [((10, 50, 100), 0, 10), ((10, 50, 100), 10, 50), ((10, 50, 100), 50, 100),
+     ((10, 50, 100), 100, None), ((10, 50, 100), 30, 50), ((100,), 0, 100), ((5, 100), 99, 100)],
+)
+def test_next_weight(steps, current, want):
+    assert next_weight(steps, current) == want
+
+
+# ---- decide ------------------------------------------------------------------------------------
+
+def test_pending_runs_the_gate():
+    d = decide(ro(phase=Phase.PENDING, step=-1, weights={}), world(), POLICY, 0)
+    assert d.action is Action.RUN_GATE
+
+
+@pytest.mark.parametrize(
+    "verdict, action, says",
+    [
+        (Verdict.SUCCESSFUL, Action.SET_WEIGHTS, "gate passed"),
+        (Verdict.FAILED, Action.ROLLBACK, "before any traffic"),
+        (Verdict.ERROR, Action.ABORT, "evaluated on different data"),
+    ],
+)
+def test_gating(verdict, action, says):
+    g = GateResult(verdict, ("evaluated on different data" if verdict is Verdict.ERROR else "x",))
+    r = ro(phase=Phase.GATING, step=-1, weights={}, gate=g)
+    d = decide(r, world(weights={"1": 100}), POLICY, 0)
+    assert d.action is action and says in d.reason
+    if action is Action.SET_WEIGHTS:
+        assert d.weights == {"2": 10, "1": 90} and d.step == 0
+
+
+@pytest.mark.parametrize(
+    "r, w, now, action, verdict, says",
+    [
+        # step passes -> next step's weights
+        (ro(), world(cand=GOOD, champ=CHAMP), 60, Action.SET_WEIGHTS, Verdict.SUCCESSFUL, "passed"),
+        # last step passes -> promote
+        (ro(step=2, weights={"2": 100, "1": 0}), world({"2": 100, "1": 0}, GOOD, ZERO), 60,
+         Action.PROMOTE, Verdict.SUCCESSFUL, "step 3/3"),
+        # error spike at the failure limit -> roll back
+        (ro(failed=1), world(cand=sample(200, 20), champ=CHAMP), 60, Action.ROLLBACK,
+         Verdict.FAILED, "error rate 0.1000"),
+        # first failure under the limit -> new window, not yet rollback
+        (ro(), world(cand=sample(200, 20), champ=CHAMP), 60, Action.WAIT, Verdict.FAILED, "1/2"),
+        # too little traffic, even all errors: wait
+        (ro(), world(cand=sample(20, 20), champ=CHAMP), 300, Action.WAIT, Verdict.INCONCLUSIVE,
+         "20/100 requests"),
+        # too little time: wait
+        (ro(), world(cand=GOOD, champ=CHAMP), 59, Action.WAIT, Verdict.INCONCLUSIVE, "59/60 s"),
+        # metrics unreachable: error verdict, waits under the limit
+        (ro(), world(error="connection refused"), 60, Action.WAIT, Verdict.ERROR, "1/3"),
+        # error limit reached: abort, never a rollback
+        (ro(errors=2), world(error="connection refused"), 60, Action.ABORT, Verdict.ERROR,
+         "3 times"),
+        # counter reset: error, not failed
+        (ro(baseline={"2": sample(5000), "1": ZERO}), world(cand=GOOD, champ=CHAMP), 60,
+         Action.WAIT, Verdict.ERROR, "restarted"),
+        # step timeout while inconclusive: abort
+        (ro(), world(cand=sample(5), champ=CHAMP), 600, Action.ABORT, Verdict.INCONCLUSIVE,
+         "timed out"),
+        # world already at the next step (applied, not saved): adopt, do not step twice
+        (ro(), world({"2": 50, "1": 50}, GOOD, CHAMP), 60, Action.SET_WEIGHTS, None, "adopting"),
+        # drift (server restarted with the champion at 100): restore this step
+        (ro(), world({"1": 100}, GOOD, CHAMP), 60, Action.SET_WEIGHTS, None, "drifted"),
+    ],
+)
+def test_decide_progressing(r, w, now, action, verdict, says):
+    d = decide(r, w, POLICY, now)
+    assert (d.action, d.verdict) == (action, verdict), d.reason
+    assert says in d.reason
+
+
+def test_decide_steps_and_adoption_carry_weights():
+    d = decide(ro(), world(cand=GOOD, champ=CHAMP), POLICY, 60)
+    assert d.weights == {"2": 50, "1": 50} and d.step == 1
+    adopt = decide(ro(), world({"2": 50, "1": 50}, GOOD, CHAMP), POLICY, 60)
+    assert adopt.weights == {"2": 50, "1": 50} and adopt.step == 1  # not 100
+    drift = decide(ro(), world({"1": 100}), POLICY, 60)
+    assert drift.weights == {"2": 10, "1": 90} and drift.step == 0
+
+
+def test_error_never_counts_as_failed():
+    r = ro(failed=1)  # one more failure would roll back
+    for _ in range(3):
+        d = decide(r, world(error="down"), POLICY, 60)
+        assert d.action is not Action.ROLLBACK
+        r = transition(r, d, world(error="down"), Applied(), 60)
+        assert r.failed == 1
+    assert r.phase is Phase.ABORTED and r.outcome is Phase.ABORTED
+
+
+def test_promoting_keeps_old_champion_then_retires():
+    r = ro(phase=Phase.PROMOTING, step=2, weights={"2": 100}, promoted_at=100.0)
+    assert decide(r, world(), POLICY, 120).action is Action.WAIT
+    assert decide(r, world(), POLICY, 160).action is Action.RETIRE
+    assert decide(dataclasses.replace(r, promoted_at=None), world(), POLICY, 120).action \
+        is Action.PROMOTE
+
+
+def test_terminal_does_nothing():
+    for p in (Phase.SUCCEEDED, Phase.ROLLED_BACK, Phase.ABORTED):
+        assert decide(ro(phase=p), world(), POLICY, 0).action is Action.NOTHING
+
+
+def test_first_version_goes_straight_to_100():
+    r = ro(champion=None, phase=Phase.GATING, step=-1, weights={},
+           gate=GateResult(Verdict.SUCCESSFUL, ("ok",)))
+    d = decide(r, world(weights={}), POLICY, 0)
+    assert d.weights == {"2": 100} and d.step == 0
+
+
+# ---- transition --------------------------------------------------------------------------------
+
+def test_set_weights_starts_a_step_with_a_baseline():
+    w = world(cand=GOOD, champ=CHAMP)
+    d = decide(ro(), w, POLICY, 60)
+    r = transition(ro(), d, w, Applied(), 60)
+    assert (r.phase, r.step, dict(r.weights)) == (Phase.PROGRESSING, 1, {"2": 50, "1": 50})
+    assert r.step_started_at == 60 and r.window_started_at == 60
+    assert r.baseline == {"2": GOOD, "1": CHAMP}
+    assert r.champion_reference is not None and r.champion_reference.requests == 2000
+    assert r.history[-1].kind == "set_weights"
+
+
+def test_rollback_after_failure_limit():
+    r = ro()
+    bad = world(cand=sample(200, 20), champ=CHAMP)
+    d1 = decide(r, bad, POLICY, 60)
+    r = transition(r, d1, bad, Applied(), 60)
+    assert (r.phase, r.failed, r.window_started_at) == (Phase.PROGRESSING, 1, 60)
+    bad2 = world(cand=sample(400, 40), champ=sample(4000))
+    d2 = decide(r, bad2, POLICY, 120)
+    assert d2.action is Action.ROLLBACK
+    r = transition(r, d2, bad2, Applied(), 120)
+    assert (r.phase, r.failed, dict(r.weights)) == (Phase.ROLLED_BACK, 2, {"1": 100})
+
+
+def test_failed_rollback_write_is_recorded_and_retried():
+    bad = world(cand=sample(200, 20), champ=CHAMP)
+    r = ro(failed=1)
+    d = decide(r, bad, POLICY, 60)
+    r = transition(r, d, bad, Applied(error="server down"), 60)
+    assert (r.phase, r.outcome, r.errors) == (Phase.ROLLING_BACK, Phase.ROLLED_BACK, 1)
+    # however good the next window looks, the decision stands
+    d = decide(r, world(cand=GOOD, champ=CHAMP), POLICY, 70)
+    assert d.action is Action.ROLLBACK
+    r = transition(r, d, world(), Applied(), 70)
+    assert r.phase is Phase.ROLLED_BACK and "error rate" in r.reason
+
+
+def test_gate_fail_rolls_back_before_any_traffic():
+    r = ro(phase=Phase.PENDING, step=-1, weights={})
+    r = transition(r, decide(r, world(), POLICY, 0), world(),
+                   Applied(gate=GateResult(Verdict.FAILED, ("worse",))), 0)
+    assert r.phase is Phase.GATING
+    d = decide(r, world({"1": 100}), POLICY, 1)
+    r = transition(r, d, world({"1": 100}), Applied(), 1)
+    assert r.phase is Phase.ROLLED_BACK and r.step == -1 and "worse" in r.reason
+
+
+def test_waits_are_coalesced_in_history():
+    r = ro()
+    w = world(cand=sample(5), champ=CHAMP)
+    for t in (10, 20, 30):
+        r = transition(r, decide(r, w, POLICY, t), w, Applied(), t)
+    assert len(r.history) == 1 and r.history[0].count == 3 and r.history[0].at == 30
+
+
+def test_rollout_json_round_trip():
+    w = world(cand=GOOD, champ=CHAMP)
+    r = transition(ro(gate=GateResult(Verdict.SUCCESSFUL, ("ok",))), decide(ro(), w, POLICY, 60),
+                   w, Applied(), 60)
+    doc = json.loads(json.dumps(r.to_dict()))
+    assert Rollout.from_dict(doc) == r
+
+
+def test_new_rollout_refuses_candidate_equal_champion():
+    with pytest.raises(ValueError):
+        new_rollout("x", "iris", "1", "1", POLICY, 0)
+    r = new_rollout("x", "iris", 2, 1, POLICY, 5)  # type: ignore[arg-type]
+    assert (r.candidate, r.champion, r.phase) == ("2", "1", Phase.PENDING)
