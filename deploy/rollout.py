@@ -335,9 +335,9 @@ def _promoting(r: Rollout, policy: RolloutPolicy, now: float) -> Decision:
     if r.promoted_at is None:
         return Decision(Action.PROMOTE, f"retrying promotion: {r.reason}")
     if r.champion is None or now - r.promoted_at >= policy.retire_after_s:
-        return Decision(Action.RETIRE, f"promoted {r.candidate}; retiring {r.champion}")
-    return Decision(Action.WAIT, f"keeping {r.champion} loaded for a fast rollback until "
-                                 f"{r.promoted_at + policy.retire_after_s:.0f}")
+        return Decision(Action.RETIRE, f"promoted v{r.candidate}; retiring v{r.champion}")
+    return Decision(Action.WAIT, f"keeping v{r.champion} loaded at weight 0 for a fast rollback "
+                                 f"({policy.retire_after_s:g}s after promotion)")
 
 
 def _progressing(r: Rollout, world: World, policy: RolloutPolicy, now: float) -> Decision:

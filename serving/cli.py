@@ -21,10 +21,12 @@ from serving.core.errors import ServingError
 TOKEN_ENV = "KLOOP_ADMIN_TOKEN"
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+def add_serve_arguments(parser: argparse.ArgumentParser, default_registry: str | None = None) -> None:
+    """``default_registry``: where the caller keeps its registry (``kloop serve`` passes
+    ``$KLOOP_HOME/registry``); without one, ``--registry`` is required."""
     d = ServerConfig.__dataclass_fields__  # defaults come from the config, stated once
-    parser.add_argument("--registry", required=True,
-                        help="registry root: a directory or file:// URI")
+    parser.add_argument("--registry", required=default_registry is None, default=default_registry,
+                        help="registry root: a directory or file:// URI (default: %(default)s)")
     parser.add_argument("--host", default=d["host"].default,
                         help="address to bind (default: %(default)s)")
     parser.add_argument("--http-port", type=int, default=d["http_port"].default,

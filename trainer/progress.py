@@ -30,7 +30,7 @@ def format_event(ev: dict[str, Any]) -> str:
     kind = ev.get("event")
     if kind == "start":
         how = f"resuming at epoch {ev['start_epoch']}" if ev.get("resumed") else "starting"
-        return f"train: {how} of {ev['epochs']} on {ev['world_size']} process(es), {ev['device']}"
+        return f"train: {how}, {ev['epochs']} epochs on {ev['world_size']} process(es), {ev['device']}"
     if kind == "step":
         return f"  epoch {ev['epoch']} step {ev['step']}/{ev['steps']} loss {ev['loss']:.4f}"
     if kind == "epoch":

@@ -1,0 +1,185 @@
+"""``kloop demo``: the whole loop, locally, on embedded defaults — the project's main job.
+
+1. train v1 (DDP, 2 torchrun processes, a short run) → evaluate → publish → champion;
+2. serve it over gRPC and HTTP (a real ``kloop serve`` child process) under live traffic from
+   the built-in client (``deploy.traffic``);
+3. train v2 (longer) → gate vs the champion → canary 10 → 50 → 100 % with live analysis → promote;
+4. train a bad candidate (shuffled labels) → the evaluation gate rolls it back before any traffic;
+5. retrain v2's spec and inject a serving fault into it → the live analysis rolls it back;
+6. print a summary (versions, metrics, decisions, requests served, errors), stop the traffic and
+   the server (SIGTERM), and check that no child process is left.
+
+Everything lives in its own state directory (``<KLOOP_HOME>/demo`` unless ``--dir``), which is
+wiped at the start of each demo, so the demo never touches a user's registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.rule import Rule
+from rich.table import Table
+
+from deploy.localserver import ServerProcess
+from deploy.metrics import parse
+from deploy.pipeline import Fault, Home, Pipeline
+from deploy.rollout import RolloutPolicy
+from deploy.runs import Run
+from deploy.traffic import TrafficConfig, TrafficGenerator
+
+MARKER = ".kloop-demo"
+# Wide enough for the summary table when the output is a file or a CI log (rich assumes 80).
+console = Console(width=None if Console().is_terminal else 160)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", type=Path, help="demo state directory, wiped first "
+                   "(default: $KLOOP_HOME/demo or ~/.kloop/demo)")
+    p.add_argument("--rate", type=float, default=150.0, help="live requests per second (default: %(default)s)")
+    p.add_argument("--v1-epochs", type=int, default=3, help="epochs of the first, weaker version (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=8, help="epochs of the later versions (default: %(default)s)")
+    p.add_argument("--step-seconds", type=float, default=5.0,
+                   help="minimum seconds per canary step (default: %(default)s)")
+    p.add_argument("--min-requests", type=int, default=100,
+                   help="candidate requests per canary step before judging (default: %(default)s)")
+    p.add_argument("--fault-rate", type=float, default=0.3,
+                   help="error rate injected into the faulty candidate (default: %(default)s)")
+
+
+def _demo_dir(args: argparse.Namespace) -> Path:
+    if args.dir:
+        return args.dir.expanduser().resolve()
+    root = args.home or os.environ.get("KLOOP_HOME") or "~/.kloop"
+    return (Path(root).expanduser() / "demo").resolve()
+
+
+def _fresh(d: Path) -> None:
+    if d.exists() and any(d.iterdir()):
+        if not (d / MARKER).exists():
+            raise ValueError(f"{d} is not empty and was not made by `kloop demo`; not wiping it")
+        shutil.rmtree(d)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / MARKER).write_text("made by kloop demo; wiped by the next one\n")
+
+
+def main(args: argparse.Namespace) -> int:
+    from trainer.data import load_split
+    from trainer.spec import TrainSpec
+
+    started = time.monotonic()
+    root = _demo_dir(args)
+    _fresh(root)
+    home = Home(root)
+    policy = RolloutPolicy(
+        steps=(10, 50, 100), min_requests=args.min_requests, min_duration_s=args.step_seconds,
+        step_timeout_s=max(120.0, 10 * args.step_seconds), failure_limit=2, error_limit=5,
+        max_error_rate=0.01, max_p99_ratio=2.0, p99_slack_ms=25.0,  # 2 shared cores: noisy p99
+        max_accuracy_drop=0.01, retire_after_s=2.0,
+    )
+    console.print(Rule("kloop demo: train → publish → serve → canary → promote / roll back"))
+    console.print(f"state: {root}   policy: steps {list(policy.steps)}, ≥{policy.min_requests} requests "
+                  f"and ≥{policy.min_duration_s:.0f}s per step, failure limit {policy.failure_limit}")
+    base = TrainSpec(epochs=args.epochs)
+    runs: list[Run] = []
+
+    console.print(Rule("1. train v1 (2 processes, DDP) → evaluate → publish → champion"))
+    offline = Pipeline(home, server=None, policy=policy, log=_log)
+    runs.append(offline.run(dataclasses.replace(base, epochs=args.v1_epochs), label="v1: short run"))
+    if runs[-1].status != "succeeded":
+        return _fail(runs, "training v1 failed")
+
+    console.print(Rule("2. serve v1 over gRPC + HTTP with live traffic"))
+    split = load_split()
+    server = ServerProcess(home.registry.root, root)
+    handle = server.start()
+    console.print(f"server pid {server.proc.pid}: HTTP {handle.http_url}, gRPC {handle.grpc_target}")
+    traffic = TrafficGenerator(
+        TrafficConfig(model=base.model_name, http_url=handle.http_url, grpc_target=handle.grpc_target,
+                      rate_per_s=args.rate),
+        split.test_images, split.test_labels,
+    ).start()
+    try:
+        _wait_for_traffic(traffic, 100)
+        console.print(f"live traffic: {args.rate:.0f} req/s of held-out digits, half gRPC, half HTTP")
+        online = Pipeline(home, server=handle, policy=policy, log=_log)
+
+        console.print(Rule("3. train v2 (longer) → gate → canary 10→50→100% → promote"))
+        runs.append(online.run(base, label="v2: full run"))
+        console.print(Rule("4. a bad candidate (shuffled labels) → the evaluation gate rolls it back"))
+        runs.append(online.run(dataclasses.replace(base, shuffle_labels=True), label="bad: shuffled labels"))
+        console.print(Rule(f"5. v2's spec again with a serving fault ({args.fault_rate:.0%} errors) "
+                           "→ live analysis rolls it back"))
+        runs.append(online.run(base, fault=Fault(error_rate=args.fault_rate), label="faulty: injected errors"))
+        time.sleep(1.0)  # one more second of traffic on the final champion before the summary
+        metrics_text = handle.admin().metrics_text()
+    finally:
+        traffic.stop()
+        code = server.stop()
+    leftover = server.proc is not None and server.proc.poll() is None
+    console.print(Rule("summary"))
+    _summary(home, runs, metrics_text, traffic, base.model_name)
+    console.print(f"server stopped with exit code {code} (SIGTERM, graceful); "
+                  f"{'a server process is STILL running' if leftover else 'no kloop process left running'}. "
+                  f"Total {time.monotonic() - started:.0f}s.")
+    console.print(f"explore: kloop --home {root} status | kloop --home {root} runs | "
+                  f"kloop --home {root} runs compare {runs[1].id} {runs[-1].id}")
+    expected = ["champion (first version)", "promoted", "rolled back by the gate",
+                "rolled back by live analysis"]
+    got = [r.outcome for r in runs]
+    if got != expected or leftover:
+        console.print(f"[bold red]the demo did not go as designed:[/] expected {expected}, got {got}")
+        return 1
+    return 0
+
+
+def _log(line: str) -> None:
+    console.print(line, markup=False, highlight=False)
+
+
+def _wait_for_traffic(traffic: TrafficGenerator, n: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while sum(s.requests for s in traffic.by_version().values()) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"live traffic did not reach {n} requests in {timeout:.0f}s: "
+                               f"{traffic.failures()}")
+        time.sleep(0.1)
+
+
+def _fail(runs: list[Run], why: str) -> int:
+    console.print(f"[bold red]{why}[/]: {runs[-1].outcome} (see {runs[-1].run_dir}/pipeline.log)")
+    return 1
+
+
+def _summary(home: Home, runs: list[Run], metrics_text: str, traffic: TrafficGenerator, model: str) -> None:
+    served = {v: s for (m, v), s in parse(metrics_text, time.time()).items() if m == model}
+    live = traffic.by_version()
+    aliases = {v: a for a, v in home.registry.aliases(model).items()}
+    t = Table(title=f"model {model}: versions and decisions")
+    for c in ("version", "run", "trained", "held-out acc", "gate", "decision", "requests served",
+              "5xx errors", "live acc", "now"):
+        t.add_column(c, overflow="fold")
+    for r in runs:
+        v = str(r.version) if r.version is not None else "-"
+        spec = r.params["spec"]
+        trained = f"{spec['epochs']} ep{', shuffled labels' if spec['shuffle_labels'] else ''}"
+        if r.params.get("fault"):
+            trained += f", fault {r.params['fault']['error_rate']:.0%}"
+        s = served.get(v)
+        la = live.get(v)
+        gate = r.step("gate")
+        t.add_row(v, r.id[-6:], trained, f"{r.metrics.get('accuracy', float('nan')):.4f}",
+                  gate.status, r.outcome, str(int(s.requests)) if s else "0",
+                  str(int(s.server_errors)) if s else "0",
+                  f"{la.accuracy:.4f}" if la and la.accuracy is not None else "-",
+                  aliases.get(r.version or -1, ""))
+    console.print(t)
+    total = sum(s.requests for s in live.values())
+    errors = sum(s.errors for s in live.values())
+    console.print(f"client side: {total} requests sent, {errors} errors "
+                  f"({', '.join(f'{k} ×{n}' for k, n in traffic.failures().items()) or 'none'})")
