@@ -166,8 +166,8 @@ def _server(args: argparse.Namespace, home: Home) -> ServerHandle | None:
 def cmd_rollout(args: argparse.Namespace) -> int:
     from deploy.backends.local import LocalBackend
     from deploy.controller import RealClock, run_until_done
-    from deploy.store import RolloutStore
     from deploy.rollout import Phase, new_rollout
+    from deploy.store import RolloutStore
 
     home = _home(args)
     reg = home.registry

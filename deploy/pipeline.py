@@ -114,7 +114,7 @@ class Pipeline:
         try:
             self._steps(run, spec, fault)
             run.status = "succeeded"
-        except Exception as e:  # recorded on the run; the caller decides the exit code
+        except Exception as e:  # noqa: BLE001 - any step failure is recorded on the run; the caller sets the exit code
             run.status = "failed"
             run.outcome = run.outcome or f"failed: {e}"
             with open(Path(run.run_dir) / "pipeline.log", "a") as f:

@@ -79,7 +79,7 @@ def print_status(registry: Registry, server: ServerHandle | None, rollouts: Roll
         try:
             weights = server.admin().models().get("models", {})
             console.print(f"server: {server.http_url} (gRPC {server.grpc_target}, pid {server.pid})")
-        except Exception as e:  # status must print even when the server is unhealthy
+        except Exception as e:  # noqa: BLE001 - status must print even when the server is unhealthy
             console.print(f"server: {server.http_url} not answering: {e}")
     else:
         console.print("server: none running (start one with `kloop serve`)")
