@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from deploy import report
-from deploy.localserver import SERVER_FILE, ServerHandle, discover, ensure_token
+from deploy.localserver import SERVER_FILE, TOKEN_FILE, ServerHandle, discover, ensure_token
 from deploy.pipeline import Fault, Home, Pipeline
 from deploy.rollout import RolloutPolicy
 from kloop.artifact import ArtifactError
@@ -156,11 +156,21 @@ def _policy(args: argparse.Namespace) -> RolloutPolicy:
 
 def _server(args: argparse.Namespace, home: Home) -> ServerHandle | None:
     if getattr(args, "server", None):
-        token = os.environ.get("KLOOP_ADMIN_TOKEN") or ensure_token(home.root)
+        token = os.environ.get("KLOOP_ADMIN_TOKEN") or _read_token(home)
+        if not token:
+            raise ValueError(f"--server needs the server's admin token: set KLOOP_ADMIN_TOKEN "
+                             f"or put it in {home.root / TOKEN_FILE}")
         host_port = args.server.removeprefix("http://").rstrip("/")
         grpc = args.grpc_target or host_port
         return ServerHandle(http_url=f"http://{host_port}", grpc_target=grpc, token=token)
     return discover(home.root)
+
+
+def _read_token(home: Home) -> str | None:
+    try:
+        return (home.root / TOKEN_FILE).read_text().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
