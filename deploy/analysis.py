@@ -107,6 +107,11 @@ def gate(
                     ),
                 ),
             )
+        changed = _signature_change(candidate, champion)
+        if changed:
+            # Unversioned requests are shaped for the champion's signature: every one routed
+            # to this candidate would be answered 400, which live analysis does not count.
+            return GateResult(Verdict.FAILED, (f"signature differs from the champion's: {changed}",))
         champ = _metric(champion, policy.metric)
         if champ is None:
             return GateResult(Verdict.ERROR, (f"champion has no numeric {policy.metric!r} metric",))
@@ -120,6 +125,19 @@ def gate(
     if not reasons:
         reasons.append("no champion and no min_accuracy: nothing to compare")
     return GateResult(Verdict.FAILED if failed else Verdict.SUCCESSFUL, tuple(reasons))
+
+
+def _signature_change(candidate: object, champion: object) -> str:
+    """What differs between the two signatures ("" when equal or when either has none)."""
+    def fmt(tensors: Any) -> str:
+        return ", ".join(f"{t.name} {t.datatype} {list(t.shape)}" for t in tensors)
+
+    diffs = []
+    for side in ("inputs", "outputs"):
+        a, b = getattr(candidate, side, None), getattr(champion, side, None)
+        if a is not None and b is not None and tuple(a) != tuple(b):
+            diffs.append(f"{side} [{fmt(a)}] vs [{fmt(b)}]")
+    return "; ".join(diffs)
 
 
 def _metric(m: _HasEvaluation, name: str) -> float | None:

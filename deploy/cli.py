@@ -9,7 +9,9 @@ and, while ``kloop serve`` runs, ``server.json`` + ``admin-token``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -19,8 +21,10 @@ from deploy.localserver import SERVER_FILE, TOKEN_FILE, ServerHandle, discover, 
 from deploy.pipeline import Fault, Home, Pipeline
 from deploy.rollout import RolloutPolicy
 from kloop.artifact import ArtifactError
+from serving.cli import TOKEN_ENV
 
 HOME_ENV = "KLOOP_HOME"
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HOME_REGISTRY = "$KLOOP_HOME/registry"
 
 
@@ -63,27 +67,50 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     k.add_argument("--pvc", help="PersistentVolumeClaim holding runs and the registry in the cluster")
 
 
-def _spec(args: argparse.Namespace):  # -> TrainSpec (import kept lazy: torch is slow to import)
-    from trainer.spec import Elastic, Resources, Storage, TrainSpec
+def _spec(args: argparse.Namespace, base=None):  # -> TrainSpec (lazy import: torch is slow)
+    """The spec the options describe. With ``base`` (a resumed run's spec), only options that
+    differ from their defaults change it, so ``--resume RUN`` needs no flag repeated."""
+    import dataclasses
 
-    elastic = None
+    from trainer.spec import Elastic, Resources, TrainSpec
+
+    default = TrainSpec()
+    given = {
+        "model_name": args.model_name, "arch": args.arch, "epochs": args.epochs,
+        "global_batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+        "nproc_per_node": args.nproc, "num_nodes": args.num_nodes,
+        "shuffle_labels": args.shuffle_labels, "device": args.device, "image": args.image,
+        "restart_policy": args.restart_policy, "clean_pod_policy": args.clean_pod_policy,
+        "backoff_limit": args.backoff_limit,
+        "resources": Resources(cpu=args.cpu, memory=args.memory, gpus=args.gpus),
+    }
+    changes = {k: v for k, v in given.items() if v != getattr(default, k)}
+    base = base or default
     if args.elastic:
         lo, _, hi = args.elastic.partition(":")
-        elastic = Elastic(min_replicas=int(lo), max_replicas=int(hi or lo))
-    return TrainSpec(
-        model_name=args.model_name, arch=args.arch, epochs=args.epochs,
-        global_batch_size=args.batch_size, lr=args.lr, seed=args.seed, nproc_per_node=args.nproc,
-        num_nodes=args.num_nodes, shuffle_labels=args.shuffle_labels, device=args.device,
-        resources=Resources(cpu=args.cpu, memory=args.memory, gpus=args.gpus), image=args.image,
-        restart_policy=args.restart_policy, clean_pod_policy=args.clean_pod_policy,
-        backoff_limit=args.backoff_limit, elastic=elastic,
-        storage=Storage(pvc_claim=args.pvc) if args.pvc else Storage(),
-    )
+        changes["elastic"] = Elastic(min_replicas=int(lo), max_replicas=int(hi or lo))
+    if args.pvc:
+        changes["storage"] = dataclasses.replace(base.storage, pvc_claim=args.pvc)
+    return base.replace(**changes)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    spec = _spec(args)
-    run_id = args.run_id or time.strftime("train-%Y%m%d-%H%M%S")
+    home = _home(args)
+    base = None
+    if args.resume:
+        if not _RUN_ID.match(args.resume):
+            raise ValueError(f"--resume {args.resume!r}: not a run id")
+        saved = home.runs_dir / args.resume / "train" / "spec.json"
+        if not saved.is_file():
+            print(f"kloop train: no run {args.resume!r} to resume in {home.runs_dir}", file=sys.stderr)
+            return 2
+        from trainer.spec import TrainSpec
+
+        base = TrainSpec.from_dict(json.loads(saved.read_text()))
+    spec = _spec(args, base)
+    run_id = args.resume or args.run_id or time.strftime("train-%Y%m%d-%H%M%S")
+    if not _RUN_ID.match(run_id):
+        raise ValueError(f"run id {run_id!r}: use letters, digits, '.', '_' and '-'")
     if args.target == "kubernetes":
         from trainer import k8s
 
@@ -98,11 +125,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainer.launch import TrainingFailed, run_local
     from trainer.publish import publish
 
-    home = _home(args)
-    run_dir = home.runs_dir / (args.resume or run_id) / "train"
-    if args.resume and not run_dir.is_dir():
-        print(f"kloop train: no run {args.resume!r} to resume in {home.runs_dir}", file=sys.stderr)
-        return 2
+    run_dir = home.runs_dir / run_id / "train"
     try:
         result = run_local(spec, run_dir, resume=bool(args.resume), progress=True)
     except TrainingFailed as e:
@@ -111,7 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"trained in {result.duration_s:.1f}s: held-out accuracy {result.metrics['accuracy']:.4f}, "
           f"loss {result.metrics['loss']:.4f} (run dir {run_dir})")
     if args.publish:
-        m = publish(home.registry, spec, run_dir, args.resume or run_id)
+        m = publish(home.registry, spec, run_dir, run_id)
         print(f"published {m.name} v{m.version} to {home.registry.root}")
     return 0
 
@@ -156,9 +179,9 @@ def _policy(args: argparse.Namespace) -> RolloutPolicy:
 
 def _server(args: argparse.Namespace, home: Home) -> ServerHandle | None:
     if getattr(args, "server", None):
-        token = os.environ.get("KLOOP_ADMIN_TOKEN") or _read_token(home)
+        token = os.environ.get(TOKEN_ENV) or _read_token(home)
         if not token:
-            raise ValueError(f"--server needs the server's admin token: set KLOOP_ADMIN_TOKEN "
+            raise ValueError(f"--server needs the server's admin token: set {TOKEN_ENV} "
                              f"or put it in {home.root / TOKEN_FILE}")
         host_port = args.server.removeprefix("http://").rstrip("/")
         grpc = args.grpc_target or host_port
@@ -190,7 +213,10 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             print("kloop rollout --target kserve: applying needs a cluster; use --dry-run to print "
                   "the objects", file=sys.stderr)
             return 2
-        weights = {str(candidate): args.weight} | ({str(champion): 100 - args.weight} if champion else {})
+        if champion is None:  # the first version takes all traffic; nothing to split with
+            weights = {str(candidate): 100}
+        else:
+            weights = {str(candidate): args.weight, str(champion): 100 - args.weight}
         objs = render_kserve(
             args.model, reg.manifest(args.model, champion) if champion else None,
             reg.manifest(args.model, candidate), weights, mode=args.mode, namespace=args.namespace,
@@ -269,7 +295,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     home = _home(args)
     if args.ports_file is None:
         args.ports_file = home.root / SERVER_FILE
-        if args.admin_token is None and not os.environ.get(serving_cli.TOKEN_ENV):
+        if args.admin_token is None and not os.environ.get(TOKEN_ENV):
             args.admin_token = ensure_token(home.root)
     return serving_cli.run(args)
 
@@ -277,6 +303,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from deploy import demo
 
+    if args.dir is None:
+        args.dir = _home(args).root / "demo"
     return demo.main(args)
 
 
@@ -326,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="with --target kserve: print the objects")
     p.add_argument("--mode", choices=("Standard", "Serverless"), default="Standard",
                    help="KServe deployment mode (default: %(default)s)")
-    p.add_argument("--weight", type=int, default=10, help="candidate percent to render (default: %(default)s)")
+    p.add_argument("--weight", type=int, default=10, choices=range(0, 101), metavar="0..100",
+                   help="candidate percent to render (default: %(default)s)")
     p.add_argument("-n", "--namespace", default="default")
     p.add_argument("--storage-uri-prefix", default="pvc://kloop-registry",
                    help="where the cluster reads the registry (s3://, gs://, pvc://; default: %(default)s)")

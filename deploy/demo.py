@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import shutil
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ console = Console(width=None if Console().is_terminal else 160)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", type=Path, help="demo state directory, wiped first "
-                   "(default: $KLOOP_HOME/demo or ~/.kloop/demo)")
+                   "(default: $KLOOP_HOME/demo, i.e. ~/.kloop/demo)")
     p.add_argument("--rate", type=float, default=150.0, help="live requests per second (default: %(default)s)")
     p.add_argument("--v1-epochs", type=int, default=3, help="epochs of the first, weaker version (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=8, help="epochs of the later versions (default: %(default)s)")
@@ -50,13 +49,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="candidate requests per canary step before judging (default: %(default)s)")
     p.add_argument("--fault-rate", type=float, default=0.3,
                    help="error rate injected into the faulty candidate (default: %(default)s)")
-
-
-def _demo_dir(args: argparse.Namespace) -> Path:
-    if args.dir:
-        return args.dir.expanduser().resolve()
-    root = args.home or os.environ.get("KLOOP_HOME") or "~/.kloop"
-    return (Path(root).expanduser() / "demo").resolve()
 
 
 def _fresh(d: Path) -> None:
@@ -73,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
     from trainer.spec import TrainSpec
 
     started = time.monotonic()
-    root = _demo_dir(args)
+    root = args.dir.expanduser().resolve()
     _fresh(root)
     home = Home(root)
     policy = RolloutPolicy(
@@ -132,7 +124,9 @@ def main(args: argparse.Namespace) -> int:
     expected = ["champion (first version)", "promoted", "rolled back by the gate",
                 "rolled back by live analysis"]
     got = [r.outcome for r in runs]
-    if got != expected or leftover:
+    if traffic.error is not None:
+        console.print(f"[bold red]the traffic generator died:[/] {traffic.error!r}")
+    if got != expected or leftover or traffic.error is not None:
         console.print(f"[bold red]the demo did not go as designed:[/] expected {expected}, got {got}")
         return 1
     return 0

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from serving.cli import TOKEN_ENV
 from serving.client import AdminClient
 
 SERVER_FILE = "server.json"
@@ -104,7 +105,7 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "serving", "--registry", str(self.registry),
                "--http-port", "0", "--grpc-port", "0", "--ports-file", str(self.ports_file),
                *self.extra_args]
-        env = {**os.environ, "KLOOP_ADMIN_TOKEN": self.token}
+        env = {**os.environ, TOKEN_ENV: self.token}
         with open(self.log_file, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)

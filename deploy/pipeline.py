@@ -31,7 +31,7 @@ from deploy.controller import Clock, RealClock, run_until_done
 from deploy.localserver import ServerHandle
 from deploy.rollout import Event, Phase, Rollout, RolloutPolicy, new_rollout
 from deploy.runs import Run, RunStore, Step
-from deploy.store import RolloutStore
+from deploy.store import DB_FILE, RolloutStore
 from kloop.artifact import Manifest, Registry
 from trainer.data import load_split
 from trainer.evaluate import evaluate
@@ -77,7 +77,7 @@ class Home:
 
     @property
     def db(self) -> Path:
-        return self.root / "kloop.db"
+        return self.root / DB_FILE
 
 
 class Pipeline:

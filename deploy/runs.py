@@ -19,8 +19,6 @@ from typing import Any
 from deploy.store import DB_FILE, connect, migrate
 
 STEPS = ("train", "evaluate", "publish", "gate", "canary", "decide")
-STEP_STATES = ("pending", "running", "succeeded", "failed", "skipped")
-RUN_STATES = ("running", "succeeded", "failed")
 
 _SCHEMA = (
     """
@@ -113,12 +111,18 @@ class RunStore:
             )
 
     def get(self, run_id: str) -> Run:
+        """The run with this id, or the only run whose id ends with it (a short id)."""
         with connect(self.path) as db:
-            row = db.execute("SELECT doc FROM runs WHERE id = ? OR id LIKE ? ORDER BY created DESC",
-                             (run_id, f"%{run_id}")).fetchone()
-        if row is None:
+            rows = db.execute("SELECT id, doc FROM runs WHERE id = ?", (run_id,)).fetchall()
+            if not rows:
+                suffix = run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                rows = db.execute("SELECT id, doc FROM runs WHERE id LIKE ? ESCAPE '\\'",
+                                  (f"%{suffix}",)).fetchall()
+        if not rows:
             raise KeyError(f"no run {run_id!r} in {self.path}")
-        return Run.from_dict(json.loads(row[0]))
+        if len(rows) > 1:
+            raise KeyError(f"{run_id!r} matches several runs: {', '.join(r[0] for r in rows)}")
+        return Run.from_dict(json.loads(rows[0][1]))
 
     def list(self, model: str | None = None, limit: int = 50) -> list[Run]:
         q = "SELECT doc FROM runs"

@@ -20,13 +20,14 @@ import threading
 import time
 from collections.abc import Sequence
 
+import aiohttp
 import numpy as np
 
 from serving.client import GrpcClient, HttpClient, InferenceError
 
 
 @dataclasses.dataclass
-class VersionStats:
+class LiveStats:
     requests: int = 0
     errors: int = 0
     correct: int = 0
@@ -62,10 +63,11 @@ class TrafficGenerator:
         self._images = np.ascontiguousarray(images, dtype=np.float32)
         self._labels = np.asarray(labels)
         self._lock = threading.Lock()
-        self._stats: dict[tuple[str, str], VersionStats] = collections.defaultdict(VersionStats)
+        self._stats: dict[tuple[str, str], LiveStats] = collections.defaultdict(LiveStats)
         self._failures: collections.Counter[str] = collections.Counter()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.error: Exception | None = None  # set when the generator died of an unexpected error
 
     # ---- control ------------------------------------------------------------------------
 
@@ -87,13 +89,13 @@ class TrafficGenerator:
 
     # ---- results ------------------------------------------------------------------------
 
-    def stats(self) -> dict[tuple[str, str], VersionStats]:
+    def stats(self) -> dict[tuple[str, str], LiveStats]:
         """(protocol, version) -> counts so far. Version "?" holds requests no version answered."""
         with self._lock:
             return {k: dataclasses.replace(v) for k, v in self._stats.items()}
 
-    def by_version(self) -> dict[str, VersionStats]:
-        out: dict[str, VersionStats] = collections.defaultdict(VersionStats)
+    def by_version(self) -> dict[str, LiveStats]:
+        out: dict[str, LiveStats] = collections.defaultdict(LiveStats)
         for (_, version), s in self.stats().items():
             o = out[version]
             o.requests += s.requests
@@ -122,6 +124,9 @@ class TrafficGenerator:
                 for i in range(cfg.concurrency)
             ]
             await asyncio.gather(*workers)
+        except Exception as e:  # a bug: keep it visible instead of silently stopping traffic
+            self.error = e
+            raise
         finally:
             await grpc_client.close()
             await http_client.close()
@@ -135,7 +140,9 @@ class TrafficGenerator:
             if delay > 0:
                 await asyncio.sleep(min(delay, 0.25))
                 continue
-            next_at += interval
+            # Keep the rate, never catch up in a burst after a stall (a slow server must not be
+            # hit harder for being slow).
+            next_at = max(next_at + interval, time.monotonic())
             i = int(rng.integers(len(self._images)))
             started = time.perf_counter()
             try:
@@ -145,8 +152,10 @@ class TrafficGenerator:
                 # attributed to their version by the server's own metrics.
                 self._record(protocol, "?", time.perf_counter() - started, error=f"{e.code}: {e.message}")
                 continue
-            except OSError as e:  # server gone (e.g. while shutting down): count, keep bounded
-                self._record(protocol, "?", time.perf_counter() - started, error=f"connection: {e}")
+            except (TimeoutError, OSError, aiohttp.ClientError) as e:
+                # server gone or unreachable (e.g. while shutting down): count it, back off
+                self._record(protocol, "?", time.perf_counter() - started,
+                             error=f"connection: {type(e).__name__}: {e}")
                 await asyncio.sleep(0.2)
                 continue
             correct = int(np.asarray(result.outputs["label"]).reshape(-1)[0]) == int(self._labels[i])

@@ -30,6 +30,9 @@ from kloop.pb import inference_pb2 as pb
 from kloop.pb import inference_pb2_grpc as pb_grpc
 from serving import converters, rest_codec
 
+# The bearer token must never travel through an http(s)_proxy from the environment.
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 
 class ClientError(Exception):
     """Root of the clients' errors."""
@@ -222,7 +225,7 @@ class AdminClient:
         if auth:
             req.add_header("Authorization", f"Bearer {self._token}")
         try:
-            with urllib.request.urlopen(req, timeout=self._timeout) as resp:
+            with _NO_PROXY.open(req, timeout=self._timeout) as resp:
                 return bytes(resp.read())
         except urllib.error.HTTPError as e:
             try:

@@ -9,6 +9,7 @@ else happens here.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -22,6 +23,7 @@ from serving.core.errors import ServingError
 from serving.errormap import grpc_code_name
 
 PROTOCOL = "grpc"
+log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
@@ -31,6 +33,10 @@ async def _call(context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[_T
     except ServingError as e:
         await context.abort(grpc.StatusCode[grpc_code_name(e)], e.message)
         raise  # unreachable: abort raises
+    except Exception:  # a bug must not leak internals to the client
+        log.exception("unexpected error in a gRPC handler")
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        raise
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -50,7 +56,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=self._dp.model_ready(request.name, request.version or None))
+        async def run() -> pb.ModelReadyResponse:
+            return pb.ModelReadyResponse(ready=self._dp.model_ready(request.name, request.version or None))
+
+        return await _call(context, run)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext

@@ -100,7 +100,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 def parse_version(text: str) -> int:
     """A version path segment as an int; ``InvalidInput`` when it is not a number."""
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise InvalidInput(f"version {text!r} is not a number")
     return int(text)
 

@@ -48,6 +48,13 @@ class DistEnv:
                     return e[n]
             return default
 
+        if "WORLD_SIZE" not in e and (":" in e.get("PET_NNODES", "") or e.get("PET_NPROC_PER_NODE", "1") != "1"):
+            # Without torchrun, PET_NNODES counts processes only with one process per node and
+            # a fixed size; an elastic range ("1:4") or several processes need torchrun.
+            raise ValueError(
+                f"PET_NNODES={e.get('PET_NNODES')!r}, PET_NPROC_PER_NODE={e.get('PET_NPROC_PER_NODE')!r}: "
+                "run the entry point under torchrun (python -m torch.distributed.run -m trainer.main)"
+            )
         world = int(pick("WORLD_SIZE", "PET_NNODES", default="1"))
         rank = int(pick("RANK", "PET_NODE_RANK", default="0"))
         local_rank = int(pick("LOCAL_RANK", default="0"))

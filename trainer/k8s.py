@@ -79,7 +79,12 @@ def _env(spec: TrainSpec) -> list[dict[str, str]]:
 def _volume(spec: TrainSpec) -> dict[str, Any]:
     if spec.storage.pvc_claim:
         return {"name": _VOLUME, "persistentVolumeClaim": {"claimName": spec.storage.pvc_claim}}
-    return {"name": _VOLUME, "emptyDir": {}}
+    if spec.num_nodes > 1 or spec.elastic is not None:
+        # Rank 0 writes the checkpoint every rank resumes from, and publishes the version:
+        # with one emptyDir per pod, a restarted job's ranks would resume at different epochs.
+        raise ValueError("a job with several pods needs a shared volume for checkpoints and the "
+                         "registry: set storage.pvc_claim (kloop train --pvc CLAIM)")
+    return {"name": _VOLUME, "emptyDir": {}}  # one pod: checkpoints survive container restarts
 
 
 def _pod_template(spec: TrainSpec, *, name: str, run_id: str) -> dict[str, Any]:

@@ -105,7 +105,14 @@ def run_local(
             raise
     duration = time.monotonic() - started
     if proc.returncode != 0:
-        raise TrainingFailed(proc.returncode, _tail(run_dir / LOG_FILE), run_dir)
+        if not any(ev.get("event") == "done" for ev in events):
+            raise TrainingFailed(proc.returncode, _tail(run_dir / LOG_FILE), run_dir)
+        # Every rank passed the final barrier and rank 0 exported and evaluated ("done"):
+        # a process that then dies while the process group is torn down (gloo can abort in
+        # its destructor) leaves a complete, correct result behind. Say so; do not lose it.
+        print(f"train: warning: torchrun exited with code {proc.returncode} after training "
+              f"completed (a process crashed during shutdown; see {run_dir / LOG_FILE})",
+              file=sys.stderr)
     result = json.loads((run_dir / RESULT_FILE).read_text())
     return TrainResult(
         run_dir=run_dir,

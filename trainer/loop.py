@@ -113,6 +113,8 @@ def _train(
                 rng=torch.get_rng_state(), identity=checkpoint.identity(spec),
             ))
         dist.barrier()  # no rank runs ahead of the checkpoint it would resume from
+    # Drop DDP's reducer (and its communication hooks) before the process group goes away.
+    del ddp
     if not env.is_main:
         return None
     return _finish(model.cpu(), split, spec, run_dir, env, log, started, last)

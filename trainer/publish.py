@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kloop import modelfile
 from kloop.artifact import ArtifactCorrupt, Manifest, Registry, TensorSpec
 from trainer.data import IMAGE_SHAPE, NUM_CLASSES
 from trainer.rundir import EXPORT_DIR, METRICS_FILE, MODEL_FILE
@@ -58,4 +59,4 @@ def load_published(registry: Registry, name: str, version: int | str) -> nn.Modu
     manifest = registry.verify(name, v)
     if manifest.format != FORMAT:
         raise ArtifactCorrupt(f"{name} v{v} is {manifest.format!r}, this loader reads {FORMAT!r}")
-    return torch.export.load(registry.path(name, v) / manifest.model_file).module()
+    return modelfile.load_exported(registry.path(name, v) / manifest.model_file)

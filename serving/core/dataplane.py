@@ -65,6 +65,13 @@ class DataPlane:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=infer_workers, thread_name_prefix="kloop-infer"
         )
+        # Loads (hashing, deserialising) get their own thread, so a slow load never takes an
+        # inference worker away while a canary's latency is being measured; concurrent loads
+        # of one version share a single future.
+        self._load_executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="kloop-load"
+        )
+        self._loading: dict[tuple[str, int], asyncio.Future[LoadedVersion]] = {}
         self._max_inflight = max_inflight
         self._inflight = 0
         self._expected = tuple(expected_models)
@@ -76,7 +83,7 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        """Ready when not shutting down and every expected model has a version with traffic."""
+        """Ready when not shutting down and every expected model has a loaded version."""
         if self._shutting_down:
             return False
         loaded = set(self.repository.models())
@@ -99,7 +106,11 @@ class DataPlane:
 
     def model_metadata(self, model: str, version: str | None = None) -> ModelMetadata:
         versions = self.repository.versions(model)  # ModelNotFound when not loaded
-        loaded = self.repository.get(model, version or str(versions[-1]))
+        if version is None:
+            # Unversioned: the version most requests get (highest weight; the newest on a tie).
+            weights = self.repository.weights(model)
+            version = str(max(versions, key=lambda v: (weights.get(v, 0), v)))
+        loaded = self.repository.get(model, version)
         m = loaded.manifest
         return ModelMetadata(
             name=model,
@@ -130,6 +141,9 @@ class DataPlane:
         except ServingError as e:
             error = e
             raise
+        except Exception as e:  # a bug or an unexpected torch error: still the version's 500
+            error = InferenceFailed(f"model {loaded.model} v{version} failed: {type(e).__name__}: {e}")
+            raise error from e
         finally:
             self._inflight -= 1
             if self._recorder:
@@ -141,8 +155,15 @@ class DataPlane:
 
     async def load(self, model: str, version: int) -> LoadedVersion:
         """Verify and load a version without blocking the loop (hashing and torch are slow)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.repository.load, model, version)
+        key = (model, version)
+        pending = self._loading.get(key)
+        if pending is None:
+            loop = asyncio.get_running_loop()
+            pending = asyncio.ensure_future(
+                loop.run_in_executor(self._load_executor, self.repository.load, model, version))
+            self._loading[key] = pending
+            pending.add_done_callback(lambda _: self._loading.pop(key, None))
+        return await asyncio.shield(pending)
 
     def unload(self, model: str, version: int) -> None:
         self.repository.unload(model, version)
@@ -182,6 +203,7 @@ class DataPlane:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=False)
+        self._load_executor.shutdown(wait=True, cancel_futures=False)
 
 
 def _run(loaded: LoadedVersion, request: InferenceRequest) -> tuple[InferOutput, ...]:
@@ -211,8 +233,12 @@ def _run(loaded: LoadedVersion, request: InferenceRequest) -> tuple[InferOutput,
     for spec, value in zip(manifest.outputs, results, strict=True):
         if spec.name not in wanted:
             continue
-        array = np.ascontiguousarray(value.detach().cpu().numpy())
-        datatype = oip_datatype(array.dtype)
+        try:  # what the model returned is the model's fault, never the client's
+            array = np.ascontiguousarray(value.detach().cpu().numpy())
+            datatype = oip_datatype(array.dtype)
+        except (ServingError, AttributeError, TypeError, RuntimeError) as e:
+            raise InferenceFailed(f"model {loaded.model} v{loaded.version} returned an output "
+                                  f"{spec.name!r} that cannot be sent: {e}") from e
         if datatype != spec.datatype:
             raise InferenceFailed(
                 f"model {loaded.model} v{loaded.version} produced {datatype} for output "

@@ -42,8 +42,8 @@ def _check_tensor(tensor: InferInput, spec: TensorSpec) -> None:
             f"input {name!r} has datatype {tensor.datatype}, the model expects {spec.datatype}"
         )
     shape = tensor.shape
-    if any(d < 0 for d in shape):
-        raise InvalidInput(f"input {name!r} has shape {list(shape)}: dimensions must be >= 0")
+    if any(d < 1 for d in shape):
+        raise InvalidInput(f"input {name!r} has shape {list(shape)}: dimensions must be >= 1")
     if len(shape) != len(spec.shape) or any(
         want != -1 and got != want for got, want in zip(shape, spec.shape, strict=True)
     ):

@@ -118,3 +118,19 @@ def test_first_version_is_judged_on_absolute_limits_only():
     assert ok.verdict is Verdict.SUCCESSFUL and "absolute" in ok.message
     bad = analyse(s(200, 10, 200), ZERO, None, None, AP, 60)
     assert bad.verdict is Verdict.FAILED
+
+
+def test_gate_fails_a_candidate_whose_signature_differs() -> None:
+    from kloop.artifact import TensorSpec
+
+    class M:
+        def __init__(self, name: str):
+            self.metrics = {"accuracy": 0.99}
+            self.data_fingerprint = "same"
+            self.inputs = (TensorSpec(name, "FP32", (-1, 1, 8, 8)),)
+            self.outputs = (TensorSpec("logits", "FP32", (-1, 10)),)
+
+    r = gate(M("pixels"), M("image"), GatePolicy())
+    assert r.verdict is Verdict.FAILED
+    assert "pixels" in r.reasons[0] and "image" in r.reasons[0]
+    assert gate(M("image"), M("image"), GatePolicy()).verdict is Verdict.SUCCESSFUL

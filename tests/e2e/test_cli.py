@@ -23,7 +23,7 @@ def test_every_command_has_help(command: list[str]) -> None:
     assert out.returncode == 0 and "usage: kloop" in out.stdout
 
 
-@pytest.mark.parametrize("extra", [[], ["--gpus", "2", "--num-nodes", "4"], ["--elastic", "1:4", "--num-nodes", "2", "--batch-size", "96"],
+@pytest.mark.parametrize("extra", [[], ["--gpus", "2", "--num-nodes", "4", "--pvc", "runs"], ["--elastic", "1:4", "--num-nodes", "2", "--batch-size", "96", "--pvc", "runs"],
                                    ["--kind", "trainjob", "--gpus", "1", "--nproc", "1"]])
 def test_train_kubernetes_dry_run_is_a_valid_job(extra: list[str]) -> None:
     out = kloop("train", "--target", "kubernetes", "--dry-run", "--run-id", "r1", *extra)
@@ -43,10 +43,14 @@ def test_train_kubernetes_dry_run_is_a_valid_job(extra: list[str]) -> None:
             assert job["spec"]["elasticPolicy"]["maxReplicas"] == 4
 
 
-def test_bad_spec_is_a_clear_error_not_a_traceback() -> None:
-    out = kloop("train", "--target", "kubernetes", "--dry-run", "--batch-size", "63")
+@pytest.mark.parametrize(("args", "message"), [
+    (["--batch-size", "63"], "not divisible"),
+    (["--num-nodes", "2"], "shared volume"),
+])
+def test_bad_spec_is_a_clear_error_not_a_traceback(args: list[str], message: str) -> None:
+    out = kloop("train", "--target", "kubernetes", "--dry-run", *args)
     assert out.returncode == 2
-    assert "not divisible" in out.stderr and "Traceback" not in out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
 
 
 def test_rollout_without_a_server_says_how_to_start_one(tmp_path) -> None:

@@ -11,8 +11,9 @@ from tests.crds import validate
 from trainer.k8s import render_pytorchjob, render_trainjob, to_yaml
 from trainer.spec import Elastic, Resources, Storage, TrainSpec
 
-CPU = TrainSpec(num_nodes=3, global_batch_size=96, resources=Resources(cpu="2", memory="2Gi"), clean_pod_policy="Running")
-GPU = TrainSpec(num_nodes=2, nproc_per_node=4, device="cuda", resources=Resources(cpu="8", memory="32Gi", gpus=4))
+SHARED = Storage(pvc_claim="kloop-runs")
+CPU = TrainSpec(num_nodes=3, global_batch_size=96, resources=Resources(cpu="2", memory="2Gi"), clean_pod_policy="Running", storage=SHARED)
+GPU = TrainSpec(num_nodes=2, nproc_per_node=4, device="cuda", resources=Resources(cpu="8", memory="32Gi", gpus=4), storage=SHARED)
 ELASTIC = TrainSpec(num_nodes=2, global_batch_size=48, elastic=Elastic(min_replicas=1, max_replicas=4), storage=Storage(pvc_claim="kloop-runs"))
 
 
@@ -81,3 +82,8 @@ def test_crd_validation_catches_a_typo() -> None:
     job["spec"]["runPolicy"]["cleanPodPolicyy"] = "All"
     with pytest.raises(AssertionError, match="cleanPodPolicyy"):
         validate(job)
+
+
+def test_several_pods_without_a_shared_volume_are_refused() -> None:
+    with pytest.raises(ValueError, match="shared volume"):
+        render_pytorchjob(TrainSpec(num_nodes=2), name="j", namespace="default", run_id="r")

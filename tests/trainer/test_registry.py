@@ -116,3 +116,31 @@ def test_crashed_publish_is_never_listed(tmp_path: Path, src: Path) -> None:
     assert reg.versions("toy") == [1]  # ...and is invisible
     assert reg.resolve("toy", "latest") == 1
     assert _publish(reg, src).version == 2  # and does not block the next publisher
+
+
+def test_a_manifest_cannot_point_outside_its_hashed_files(tmp_path) -> None:
+    import json as _json
+
+    from kloop.artifact import ArtifactCorrupt, Manifest
+
+    m = _json.loads(_json.dumps(Manifest(
+        name="m", version=1, created=0.0, framework="pytorch", torch_version="x", format="torch.export",
+        model_file="model.pt2", inputs=(), outputs=(), metrics={}, params={}, data_fingerprint="f",
+        run_id="r", files={"model.pt2": "0" * 64}).to_dict()))
+    Manifest.from_dict(m)
+    with pytest.raises(ArtifactCorrupt, match="not among its hashed files"):
+        Manifest.from_dict({**m, "model_file": "../../elsewhere.pt2"})
+    with pytest.raises(ArtifactCorrupt, match="outside the version"):
+        Manifest.from_dict({**m, "model_file": "../x", "files": {"../x": "0" * 64}})
+
+
+def test_alias_names_are_checked_and_bad_alias_files_are_artifact_errors(tmp_path) -> None:
+    from kloop.artifact import ArtifactCorrupt, Registry
+
+    reg = Registry(tmp_path)
+    (tmp_path / "m" / "aliases").mkdir(parents=True)
+    with pytest.raises(ValueError, match="not valid"):
+        reg.alias("m", "../../etc")
+    (tmp_path / "m" / "aliases" / "champion.json").write_text("{not json")
+    with pytest.raises(ArtifactCorrupt):
+        reg.alias("m", "champion")
