@@ -87,7 +87,12 @@ def apply(d: Decision, r: Rollout, backend: RolloutBackend, registry: Registry) 
     try:
         match d.action:
             case Action.RUN_GATE:
-                return Applied(gate=run_gate(r, registry))
+                g = run_gate(r, registry)
+                if g.verdict in (Verdict.SUCCESSFUL, Verdict.INCONCLUSIVE):
+                    _prepare(r, backend)  # start loading now: readiness may take minutes
+                return Applied(gate=g)
+            case Action.PREPARE:
+                _prepare(r, backend)
             case Action.SET_WEIGHTS:
                 backend.ensure_loaded(r.model, r.candidate)
                 if r.champion is not None:
@@ -105,6 +110,12 @@ def apply(d: Decision, r: Rollout, backend: RolloutBackend, registry: Registry) 
     except (BackendError, OSError) as e:
         return Applied(error=f"{type(e).__name__}: {e}")
     return Applied()
+
+
+def _prepare(r: Rollout, backend: RolloutBackend) -> None:
+    backend.ensure_loaded(r.model, r.candidate)
+    if r.champion is not None:
+        backend.ensure_loaded(r.model, r.champion)
 
 
 def run_gate(r: Rollout, registry: Registry) -> GateResult:

@@ -64,7 +64,10 @@ def render_kserve(
 ) -> list[dict[str, Any]]:
     """The objects that serve ``model`` split by ``weights`` ({version: percent}, sum 100).
 
-    ``grpc_port`` is the predictor Service's h2c port, i.e. the runtime's second container port.
+    Ports follow the ``kloop`` ClusterServingRuntime (deploy/k8s/runtime): in Standard mode
+    KServe gives the predictor Service port 80 for the runtime's FIRST container port (``http1``,
+    8080) and keeps the number of the others, so ``http_port`` is 80 and ``grpc_port`` is the
+    ``h2c`` port, 8081. Serverless uses the ``kloop-knative`` runtime (Knative allows one port).
     """
     cand = _version(candidate)
     champ = _version(champion) if champion is not None else None
@@ -113,7 +116,7 @@ def isvc_name(model: str, version: str) -> str:
 
 def _version(ref: VersionRef) -> str:
     v = str(ref.version) if isinstance(ref, Manifest) else str(ref)
-    if not v.isdigit():
+    if not (v.isascii() and v.isdigit()):
         raise ValueError(f"version {ref!r} is not a version number")
     return v
 

@@ -2,12 +2,19 @@
 
 A rollout is a persisted state machine (see ``Phase``)::
 
-    Pending --run gate--> Gating --gate ok--> Progressing (step 0 .. n-1) --last step ok-->
-        Promoting --old champion retired--> Succeeded
+    Pending --run gate--> Gating --gate ok, candidate ready--> Progressing (step 0 .. n-1)
+        --last step ok--> Promoting --old champion retired--> Succeeded
     Gating --gate failed--> RolledBack            (before any traffic)
+    Gating --candidate FailedToLoad | not ready after ready_timeout_s--> RolledBack
     Gating --gate error--> Aborted                (e.g. evaluated on different data)
     Progressing --failed checks reach failure_limit--> RollingBack --> RolledBack
     Progressing --errors reach error_limit | step timeout--> RollingBack --> Aborted
+
+Readiness: a candidate that passed the gate is loaded at once (the gate's write, or PREPARE),
+but it takes traffic only once the backend reports it READY (``World.loaded``); locally that
+is the next tick, on KServe whenever the InferenceService says so. Until then the rollout
+WAITs in Gating, and gives up (blaming the candidate) when the backend reports it failed or
+``ready_timeout_s`` passes.
 
 ``RollingBack`` is where a decided rollback/abort waits while its write has not succeeded;
 ``RolledBack`` blames the candidate, ``Aborted`` does not (the controller could not measure).
@@ -83,6 +90,10 @@ class RolloutPolicy:
       error_limit: consecutive "could not measure" verdicts before the rollout aborts.
     Gate (offline, before any traffic):
       max_accuracy_drop, min_accuracy: see ``deploy.analysis.GatePolicy``.
+    Readiness (before the first step):
+      ready_timeout_s: seconds the candidate may take to become ready after the gate passed
+        (pull an image, download the model, start a pod); 600 covers a cold node pulling a
+        multi-GB image. Then it is rolled back and cleaned up.
     After promotion:
       retire_after_s: seconds the old champion stays loaded at weight 0, so a rollback soon
         after promotion needs no model load; then it is unloaded.
@@ -102,6 +113,7 @@ class RolloutPolicy:
     max_accuracy_drop: float = 0.01
     min_accuracy: float | None = None
     retire_after_s: float = 60.0
+    ready_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
@@ -111,10 +123,12 @@ class RolloutPolicy:
         if s[0] <= 0 or any(b <= a for a, b in itertools.pairwise(s)):
             raise ValueError(f"steps {s} must be strictly increasing percents in 1..100")
         for name in ("min_requests", "min_duration_s", "max_error_rate", "error_rate_slack",
-                     "p99_slack_ms", "retire_after_s"):
+                     "p99_slack_ms", "retire_after_s", "ready_timeout_s"):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        if not self.ready_timeout_s > 0:
+            raise ValueError(f"ready_timeout_s must be > 0, got {self.ready_timeout_s}")
         if self.max_error_rate > 1:
             raise ValueError(f"max_error_rate {self.max_error_rate} is a fraction in [0, 1]")
         for name in ("max_error_ratio", "max_p99_ratio"):
@@ -187,7 +201,9 @@ class Event:
 
 @dataclasses.dataclass(frozen=True)
 class Rollout:
-    """Spec (id .. created) and status (the rest). ``generation`` belongs to the store."""
+    """Spec (id .. created) and status (the rest). ``generation`` belongs to the store: its
+    optimistic-concurrency token, opaque to everyone else (SQLite: a counter; a Rollout custom
+    resource: the object's resourceVersion, a string)."""
 
     id: str
     model: str
@@ -206,11 +222,12 @@ class Rollout:
     gate: GateResult | None = None
     champion_reference: VersionStats | None = None
     promoted_at: float | None = None
+    preparing_since: float | None = None  # candidate asked to load; ready_timeout_s runs from here
     outcome: Phase | None = None  # where RollingBack ends: RolledBack or Aborted
     reason: str = ""
     updated: float = 0.0
     history: tuple[Event, ...] = ()
-    generation: int = 0
+    generation: int | str = 0
 
     @property
     def steps(self) -> tuple[int, ...]:
@@ -229,14 +246,14 @@ class Rollout:
             "champion_reference": (
                 self.champion_reference.to_dict() if self.champion_reference else None
             ),
-            "promoted_at": self.promoted_at,
+            "promoted_at": self.promoted_at, "preparing_since": self.preparing_since,
             "outcome": self.outcome.value if self.outcome else None,
             "reason": self.reason, "updated": self.updated,
             "history": [e.to_dict() for e in self.history],
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], generation: int = 0) -> Rollout:
+    def from_dict(cls, d: Mapping[str, Any], generation: int | str = 0) -> Rollout:
         return cls(
             id=d["id"], model=d["model"], candidate=d["candidate"], champion=d["champion"],
             policy=RolloutPolicy.from_dict(d["policy"]), created=d["created"],
@@ -248,7 +265,7 @@ class Rollout:
             champion_reference=(
                 VersionStats.from_dict(d["champion_reference"]) if d["champion_reference"] else None
             ),
-            promoted_at=d["promoted_at"],
+            promoted_at=d["promoted_at"], preparing_since=d.get("preparing_since"),
             outcome=Phase(d["outcome"]) if d["outcome"] else None,
             reason=d["reason"], updated=d["updated"],
             history=tuple(Event.from_dict(e) for e in d["history"]),
@@ -270,7 +287,8 @@ def new_rollout(
 
 
 class Action(enum.Enum):
-    RUN_GATE = "run_gate"  # evaluate the offline gate; result lands in status.gate
+    RUN_GATE = "run_gate"  # evaluate the offline gate (status.gate); if it passed, load candidate
+    PREPARE = "prepare"  # load the candidate (and champion) without routing anything to it
     SET_WEIGHTS = "set_weights"  # load the candidate, route ``weights``, start a window
     WAIT = "wait"  # nothing to write; maybe start a fresh analysis window
     PROMOTE = "promote"  # 100% to the candidate, champion alias moved
@@ -327,8 +345,28 @@ def _after_gate(r: Rollout, world: World, policy: RolloutPolicy, now: float) -> 
         return Decision(Action.ROLLBACK, f"gate failed before any traffic: {msg}", verdict=g.verdict)
     if world.error is not None or world.samples is None:
         return _could_not_measure(r, policy, now, f"cannot read the world: {world.error}")
-    return Decision(Action.SET_WEIGHTS, f"gate passed ({msg}); first step",
-                    weights=step_weights(r, 0), step=0, verdict=g.verdict)
+    if r.candidate in world.loaded:
+        return Decision(Action.SET_WEIGHTS, f"gate passed ({msg}); v{r.candidate} ready; "
+                                            "first step",
+                        weights=step_weights(r, 0), step=0, verdict=g.verdict)
+    return _awaiting_ready(r, world, policy, now)
+
+
+def _awaiting_ready(r: Rollout, world: World, policy: RolloutPolicy, now: float) -> Decision:
+    """The gate passed but the candidate is not ready: load it, wait, or give up."""
+    v = r.candidate
+    if v in world.failed:
+        return Decision(Action.ROLLBACK, f"candidate never became ready: v{v} failed to load: "
+                                         f"{world.failed[v]}", verdict=Verdict.FAILED)
+    if r.preparing_since is None:
+        return Decision(Action.PREPARE, f"loading v{v} before it takes traffic")
+    waited = now - r.preparing_since
+    if waited >= policy.ready_timeout_s:
+        return Decision(Action.ROLLBACK, f"candidate never became ready: v{v} not ready "
+                                         f"{waited:g}s after it was deployed (ready_timeout_s "
+                                         f"{policy.ready_timeout_s:g})", verdict=Verdict.FAILED)
+    return Decision(Action.WAIT, f"waiting for v{v} to become ready "
+                                 f"({waited:g}s of {policy.ready_timeout_s:g}s)")
 
 
 def _promoting(r: Rollout, policy: RolloutPolicy, now: float) -> Decision:
@@ -433,7 +471,10 @@ def transition(r: Rollout, d: Decision, world: World, applied: Applied, now: flo
     r = dataclasses.replace(r, updated=now)
     match d.action:
         case Action.RUN_GATE:
-            r = dataclasses.replace(r, phase=Phase.GATING, gate=applied.gate)
+            passed = applied.gate is not None and applied.gate.verdict in (
+                Verdict.SUCCESSFUL, Verdict.INCONCLUSIVE)
+            r = dataclasses.replace(r, phase=Phase.GATING, gate=applied.gate,
+                                    preparing_since=now if passed else r.preparing_since)
             message = "; ".join(applied.gate.reasons) if applied.gate else d.reason
             verdict = applied.gate.verdict if applied.gate else None
             return _log(r, now, d.action.value, message, verdict)
@@ -446,6 +487,8 @@ def transition(r: Rollout, d: Decision, world: World, applied: Applied, now: flo
                 window_started_at=now, baseline=_baseline(r, world, now),
                 champion_reference=_reference(r, d.analysis),
             )
+        case Action.PREPARE:
+            r = dataclasses.replace(r, preparing_since=now, errors=0)
         case Action.WAIT:
             r = _waited(r, d, world, now)
         case Action.PROMOTE:

@@ -25,6 +25,7 @@ This module knows nothing of torch: the model file's format is named in the mani
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -117,7 +118,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
         try:
-            return cls(
+            m = cls(
                 name=str(d["name"]),
                 version=int(d["version"]),
                 created=float(d["created"]),
@@ -137,6 +138,13 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactCorrupt(f"manifest is malformed: {e}") from e
+        unsafe = [f for f in m.files if Path(f).is_absolute() or ".." in Path(f).parts]
+        if unsafe:
+            raise ArtifactCorrupt(f"manifest lists files outside the version directory: {unsafe}")
+        if m.model_file not in m.files:
+            # Only hashed files may be loaded: the model file must be one of them.
+            raise ArtifactCorrupt(f"manifest's model_file {m.model_file!r} is not among its hashed files")
+        return m
 
     @property
     def digest(self) -> str:
@@ -193,7 +201,7 @@ class Registry:
         d = self.root / name
         if not d.is_dir():
             return []
-        return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir())
+        return sorted(int(p.name) for p in d.iterdir() if p.name.isascii() and p.name.isdigit() and p.is_dir())
 
     def path(self, name: str, version: int) -> Path:
         p = self.root / check_name(name) / str(int(version))
@@ -203,15 +211,7 @@ class Registry:
 
     def manifest(self, name: str, version: int) -> Manifest:
         """The manifest, after checking it against MANIFEST.sha256 (not the other files)."""
-        p = self.path(name, version)
-        raw = _read_bytes(p / MANIFEST_FILE)
-        want = _read_bytes(p / MANIFEST_DIGEST_FILE).decode(errors="replace").strip()
-        if hashlib.sha256(raw).hexdigest() != want:
-            raise ArtifactCorrupt(f"{name} v{version}: manifest.json does not match MANIFEST.sha256")
-        try:
-            m = Manifest.from_dict(json.loads(raw))
-        except json.JSONDecodeError as e:
-            raise ArtifactCorrupt(f"{name} v{version}: manifest.json is not JSON: {e}") from e
+        m = read_manifest(self.path(name, version), f"{name} v{version}")
         if m.name != name or m.version != int(version):
             raise ArtifactCorrupt(f"{name} v{version}: manifest says {m.name} v{m.version}")
         return m
@@ -219,22 +219,12 @@ class Registry:
     def verify(self, name: str, version: int) -> Manifest:
         """The manifest, after checking the sha256 of every file and that no file was added."""
         m = self.manifest(name, version)
-        p = self.path(name, version)
-        present = {
-            str(f.relative_to(p)) for f in p.rglob("*") if f.is_file()
-        } - {MANIFEST_FILE, MANIFEST_DIGEST_FILE}
-        missing = sorted(set(m.files) - present)
-        extra = sorted(present - set(m.files))
-        if missing or extra:
-            raise ArtifactCorrupt(f"{name} v{version}: missing files {missing}, unlisted files {extra}")
-        for rel, want in m.files.items():
-            if sha256_file(p / rel) != want:
-                raise ArtifactCorrupt(f"{name} v{version}: sha256 of {rel} does not match the manifest")
+        _verify_files(self.path(name, version), m, f"{name} v{version}")
         return m
 
     def resolve(self, name: str, ref: str | int) -> int:
         """A version number from ``3``, ``"3"``, ``"latest"`` or an alias name."""
-        if isinstance(ref, int) or str(ref).isdigit():
+        if isinstance(ref, int) or (str(ref).isascii() and str(ref).isdigit()):
             v = int(ref)
             self.path(name, v)
             return v
@@ -249,9 +239,9 @@ class Registry:
         return alias
 
     def alias(self, name: str, alias: str) -> int | None:
-        p = self.root / check_name(name) / ALIASES_DIR / f"{alias}.json"
+        p = self.root / check_name(name) / ALIASES_DIR / f"{_check_alias(alias)}.json"
         try:
-            return int(json.loads(p.read_text())["version"])
+            return _alias_version(p)
         except FileNotFoundError:
             return None
 
@@ -259,13 +249,12 @@ class Registry:
         d = self.root / check_name(name) / ALIASES_DIR
         if not d.is_dir():
             return {}
-        return {p.stem: int(json.loads(p.read_text())["version"]) for p in sorted(d.glob("*.json"))}
+        return {p.stem: _alias_version(p) for p in sorted(d.glob("*.json"))}
 
     # ---- writing -------------------------------------------------------------------------
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
-        if not _ALIAS_RE.match(alias) or alias == "latest":
-            raise ValueError(f"alias {alias!r} is not valid: lower-case letters, digits and '-', not 'latest'")
+        _check_alias(alias)
         m = self.manifest(name, version)
         d = self.root / name / ALIASES_DIR
         d.mkdir(parents=True, exist_ok=True)
@@ -273,7 +262,7 @@ class Registry:
         _atomic_write(d / f"{alias}.json", _canonical(body))
 
     def remove_alias(self, name: str, alias: str) -> None:
-        (self.root / check_name(name) / ALIASES_DIR / f"{alias}.json").unlink(missing_ok=True)
+        (self.root / check_name(name) / ALIASES_DIR / f"{_check_alias(alias)}.json").unlink(missing_ok=True)
 
     def publish(
         self,
@@ -297,6 +286,7 @@ class Registry:
         src = Path(source_dir)
         model_dir = self.root / name
         model_dir.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_staging(model_dir)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
         try:
             shutil.copytree(src, staging, dirs_exist_ok=True)
@@ -335,6 +325,69 @@ class Registry:
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
+
+
+def verify_dir(path: str | os.PathLike[str]) -> Manifest:
+    """Verify ONE version directory outside a registry (what KServe's storage initializer puts
+    in ``/mnt/models``): the same checks as ``Registry.verify`` -- manifest against
+    MANIFEST.sha256, the sha256 of every listed file, no file missing or added. The name and
+    version come from the manifest, since the directory's own name means nothing there."""
+    p = Path(path)
+    if not p.is_dir():
+        raise VersionNotFound(f"{p} is not a directory")
+    m = read_manifest(p, str(p))
+    _verify_files(p, m, f"{m.name} v{m.version} in {p}")
+    return m
+
+
+def read_manifest(p: Path, what: str) -> Manifest:
+    """``p``'s manifest, checked against MANIFEST.sha256; ``what`` names it in errors."""
+    raw = _read_bytes(p / MANIFEST_FILE)
+    want = _read_bytes(p / MANIFEST_DIGEST_FILE).decode(errors="replace").strip()
+    if hashlib.sha256(raw).hexdigest() != want:
+        raise ArtifactCorrupt(f"{what}: manifest.json does not match MANIFEST.sha256")
+    try:
+        return Manifest.from_dict(json.loads(raw))
+    except json.JSONDecodeError as e:
+        raise ArtifactCorrupt(f"{what}: manifest.json is not JSON: {e}") from e
+
+
+def _verify_files(p: Path, m: Manifest, what: str) -> None:
+    present = {str(f.relative_to(p)) for f in p.rglob("*") if f.is_file()} - {
+        MANIFEST_FILE, MANIFEST_DIGEST_FILE}
+    missing = sorted(set(m.files) - present)
+    extra = sorted(present - set(m.files))
+    if missing or extra:
+        raise ArtifactCorrupt(f"{what}: missing files {missing}, unlisted files {extra}")
+    for rel, want in m.files.items():
+        if sha256_file(p / rel) != want:
+            raise ArtifactCorrupt(f"{what}: sha256 of {rel} does not match the manifest")
+
+
+STAGING_MAX_AGE_S = 24 * 3600  # a publisher still copying after a day has died
+
+
+def _remove_abandoned_staging(model_dir: Path) -> None:
+    """Staging directories of publishers that died (crash, kill -9) are never read; old ones
+    are removed so they do not pile up. Young ones may belong to a live publisher."""
+    cutoff = time.time() - STAGING_MAX_AGE_S
+    for d in model_dir.glob(".staging-*"):
+        with contextlib.suppress(OSError):
+            if d.stat().st_mtime < cutoff:
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def _check_alias(alias: str) -> str:
+    if not _ALIAS_RE.match(alias) or alias == "latest":
+        raise ValueError(f"alias {alias!r} is not valid: lower-case letters, digits and '-', not 'latest'")
+    return alias
+
+
+def _alias_version(p: Path) -> int:
+    try:
+        return int(json.loads(p.read_text())["version"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ArtifactCorrupt(f"alias file {p} is malformed: {e}") from e
 
 
 def _read_bytes(p: Path) -> bytes:

@@ -3,6 +3,12 @@
 Both protocols share one dataplane, so a weight change made over HTTP applies to gRPC traffic
 at the same instant. Inference runs in the dataplane's thread pool; the loop only moves bytes.
 
+Two ways to find models: ``registry`` (a kloop registry; versions load and unload at runtime
+through the admin API) or ``model_dir`` (exactly one version directory, as KServe's storage
+initializer leaves it in ``/mnt/models``; that version takes all traffic and load/unload are
+refused with 409, because a KServe pod serves one version and a rollout changes
+InferenceServices, not the pod).
+
 Lifecycle: load each model's ``champion`` version (else its latest) with all its traffic; start
 both listeners; write the ports file (tests and the CLI bind port 0 and read it back). On stop
 (SIGTERM/SIGINT under ``serve``): report not ready, stop accepting, let in-flight requests
@@ -24,10 +30,10 @@ import grpc
 import torch
 from aiohttp import web
 
-from kloop.artifact import Registry
+from kloop.artifact import ArtifactError, Registry, read_manifest
 from serving import admin_api, grpc_api, http_api
 from serving.core.dataplane import DataPlane
-from serving.core.errors import ModelNotFound
+from serving.core.errors import ArtifactRejected, ModelNotFound
 from serving.core.repository import ModelRepository
 from serving.metrics import ServerMetrics
 
@@ -38,7 +44,14 @@ log = logging.getLogger(__name__)
 class ServerConfig:
     """Everything the server needs, validated at construction (only the CLI reads argv/env)."""
 
-    registry: Path  # registry root directory (a local path; file:// is resolved by the CLI)
+    registry: Path | None = None  # registry root directory (file:// is resolved by the CLI)
+    # One version directory instead of a registry (KServe: /mnt/models); see the module doc.
+    model_dir: Path | None = None
+    # With model_dir: what the deployer meant to serve (KLOOP_MODEL_NAME / KLOOP_MODEL_VERSION,
+    # set by deploy.kserve's renderer). A manifest that says otherwise refuses to start, so a
+    # wrong storageUri cannot serve one version's model under another version's label.
+    expect_model: str | None = None
+    expect_version: str | None = None
     host: str = "127.0.0.1"  # loopback by default: exposing a model server is a decision
     http_port: int = 8080  # 0 = any free port (see ports_file)
     grpc_port: int = 8081  # 0 = any free port
@@ -53,6 +66,12 @@ class ServerConfig:
     ports_file: Path | None = None  # written atomically once serving: {"http", "grpc", "pid"}
 
     def __post_init__(self) -> None:
+        if (self.registry is None) == (self.model_dir is None):
+            raise ValueError("give exactly one of registry and model_dir")
+        if self.model_dir is not None and self.models:
+            raise ValueError("models cannot be chosen with model_dir: it holds one version")
+        if self.model_dir is None and (self.expect_model or self.expect_version):
+            raise ValueError("expect_model/expect_version apply only with model_dir")
         for name in ("http_port", "grpc_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
@@ -76,9 +95,11 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.metrics = ServerMetrics()
-        self.registry = Registry(config.registry)
+        self.registry = Registry(config.registry) if config.registry is not None else None
         self.repository = ModelRepository(self.registry, observer=self.metrics)
-        self.initial_models = config.models or tuple(self.registry.models())
+        self.initial_models = (
+            () if self.registry is None else config.models or tuple(self.registry.models())
+        )
         self.dataplane = DataPlane(
             self.repository,
             recorder=self.metrics,
@@ -121,6 +142,10 @@ class Server:
             self.config.ports_file.unlink(missing_ok=True)
 
     async def _load_initial_models(self) -> None:
+        if self.config.model_dir is not None:
+            await self._load_model_dir(self.config.model_dir)
+            return
+        assert self.registry is not None  # ServerConfig: exactly one of the two
         for name in self.initial_models:
             versions = self.registry.versions(name)
             if not versions:
@@ -128,6 +153,22 @@ class Server:
             version = self.registry.alias(name, "champion") or versions[-1]
             await self.dataplane.load(name, version)
             log.info("loaded %s v%d", name, version)
+
+    async def _load_model_dir(self, path: Path) -> None:
+        try:
+            m = read_manifest(path, str(path))  # cheap: the cross-check before hashing it all
+        except ArtifactError as e:
+            raise ArtifactRejected(f"refusing to serve {path}: {e}") from e
+        want = (self.config.expect_model, self.config.expect_version)
+        if (want[0] and want[0] != m.name) or (want[1] and want[1] != str(m.version)):
+            raise ArtifactRejected(
+                f"{path} holds {m.name} v{m.version}, but the deployment expects "
+                f"{want[0] or m.name} v{want[1] or m.version} (KLOOP_MODEL_NAME/"
+                "KLOOP_MODEL_VERSION): refusing to serve one version under another's name"
+            )
+        loop = asyncio.get_running_loop()
+        loaded = await loop.run_in_executor(None, self.repository.load_dir, path)
+        log.info("loaded %s v%d from %s", loaded.model, loaded.version, path)
 
     async def _start_grpc(self) -> None:
         server = grpc.aio.server()

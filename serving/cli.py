@@ -1,6 +1,7 @@
 """``kloop serve``: the command line of the model server.
 
-The only place that reads argv and the environment (``KLOOP_ADMIN_TOKEN``); everything else
+The only place that reads argv and the environment (``KLOOP_ADMIN_TOKEN``, and with
+``--model-dir`` the cross-check ``KLOOP_MODEL_NAME``/``KLOOP_MODEL_VERSION``); everything else
 receives a ``ServerConfig``. ``deploy``'s CLI wires ``add_serve_arguments`` and ``run`` into
 ``kloop serve``; ``python -m serving`` uses them directly.
 """
@@ -19,14 +20,21 @@ from serving.app import ServerConfig, serve
 from serving.core.errors import ServingError
 
 TOKEN_ENV = "KLOOP_ADMIN_TOKEN"
+MODEL_NAME_ENV = "KLOOP_MODEL_NAME"
+MODEL_VERSION_ENV = "KLOOP_MODEL_VERSION"
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser, default_registry: str | None = None) -> None:
     """``default_registry``: where the caller keeps its registry (``kloop serve`` passes
     ``$KLOOP_HOME/registry``); without one, ``--registry`` is required."""
     d = ServerConfig.__dataclass_fields__  # defaults come from the config, stated once
-    parser.add_argument("--registry", required=default_registry is None, default=default_registry,
+    source = parser.add_mutually_exclusive_group(required=default_registry is None)
+    source.add_argument("--registry", default=default_registry,
                         help="registry root: a directory or file:// URI (default: %(default)s)")
+    source.add_argument("--model-dir", type=Path, default=None,
+                        help="serve exactly the one version in this directory (KServe runtime: "
+                             f"/mnt/models); ${MODEL_NAME_ENV}/${MODEL_VERSION_ENV}, if set, "
+                             "must match its manifest")
     parser.add_argument("--host", default=d["host"].default,
                         help="address to bind (default: %(default)s)")
     parser.add_argument("--http-port", type=int, default=d["http_port"].default,
@@ -51,8 +59,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser, default_registry: str |
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     token = args.admin_token if args.admin_token is not None else os.environ.get(TOKEN_ENV)
+    model_dir = getattr(args, "model_dir", None)
     return ServerConfig(
-        registry=registry_path(args.registry),
+        registry=registry_path(args.registry) if model_dir is None else None,
+        model_dir=model_dir,
+        expect_model=os.environ.get(MODEL_NAME_ENV) or None if model_dir else None,
+        expect_version=os.environ.get(MODEL_VERSION_ENV) or None if model_dir else None,
         host=args.host,
         http_port=args.http_port,
         grpc_port=args.grpc_port,

@@ -5,9 +5,9 @@ writes. Idempotent matters because the controller may crash between a write and 
 rollout's status: the next tick repeats the write, and a write that is already true must be a
 no-op, not a second step.
 
-Implementations: ``deploy.backends.local.LocalBackend`` (the local kloop server's admin API).
-The KServe side renders manifests (``deploy.kserve``); applying them belongs to the one module
-that talks to the Kubernetes API.
+Implementations: ``deploy.backends.local.LocalBackend`` (the local kloop server's admin API)
+and ``deploy.backends.kserve.KServeBackend`` (InferenceServices and Gateway API routes, through
+``deploy.kube``; readiness is whatever KServe reports, so it may lag ``ensure_loaded``).
 """
 
 from __future__ import annotations
@@ -30,13 +30,17 @@ class World:
     ``samples`` holds one cumulative metrics sample per loaded version; it is ``None`` and
     ``error`` says why when the metrics could not be read. ``weights`` are the serving side's
     actual traffic weights (percent, summing to 100), read before acting so the controller
-    never trusts its own memory of what it wrote.
+    never trusts its own memory of what it wrote. ``loaded`` are the versions READY to serve
+    (a backend that loads asynchronously reports a version only once it is); ``failed`` maps a
+    version that will not become ready without a new deployment (KServe's ``FailedToLoad``) to
+    why, so the rollout gives up at once instead of waiting for its deadline.
     """
 
     weights: Mapping[str, int]
     loaded: frozenset[str]
     samples: Mapping[str, VersionSample] | None
     error: str | None = None
+    failed: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @runtime_checkable
@@ -46,7 +50,8 @@ class RolloutBackend(Protocol):
         ...
 
     def ensure_loaded(self, model: str, version: str) -> None:
-        """Load ``version`` unless it already is."""
+        """Start loading ``version`` unless it already is; ``read().loaded`` says when it is
+        ready (at once for a synchronous backend, later for KServe)."""
         ...
 
     def set_weights(self, model: str, weights: Mapping[str, int]) -> None:

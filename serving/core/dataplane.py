@@ -77,6 +77,11 @@ class DataPlane:
         self._expected = tuple(expected_models)
         self._shutting_down = False
 
+    @property
+    def inflight(self) -> int:
+        """Inference requests admitted and not yet answered."""
+        return self._inflight
+
     # ---- health and metadata -------------------------------------------------------------
 
     def live(self) -> bool:

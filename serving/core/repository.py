@@ -6,7 +6,8 @@ not is sent to a version drawn by the model's traffic weights (integers summing 
 unit a rollout controller speaks). The random source is injected so tests can pin the draw.
 
 Loading reads a ``kloop.artifact.Registry``: ``verify`` checks the sha256 of every file first,
-then the model is rebuilt with ``torch.export.load``; nothing is ever unpickled.
+then the archive is checked entry by entry (``kloop.modelfile``: nothing in it may need
+unpickling) and only then rebuilt with ``torch.export.load``.
 
 Loads are slow and blocking (hashing, deserialising): callers run ``load`` off the event loop.
 A lock keeps routing consistent with concurrent management changes; a route only reads.
@@ -21,7 +22,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from kloop.artifact import ArtifactCorrupt, ArtifactError, Manifest, Registry, VersionNotFound
+from kloop.artifact import (
+    ArtifactCorrupt,
+    ArtifactError,
+    Manifest,
+    Registry,
+    VersionNotFound,
+    verify_dir,
+)
 from serving.core.errors import (
     ArtifactRejected,
     Conflict,
@@ -31,6 +39,8 @@ from serving.core.errors import (
 
 SUPPORTED_FORMAT = "torch.export"
 TOTAL_WEIGHT = 100
+FIXED = ("this server serves one fixed version from its model directory (--model-dir), as a "
+         "KServe runtime does; roll out another InferenceService instead")
 
 # A loaded model: called with one tensor per manifest input, in manifest order.
 Runnable = Callable[..., Any]
@@ -46,11 +56,10 @@ class RepositoryObserver(Protocol):
 
 
 def load_exported(version_dir: Path, manifest: Manifest) -> Runnable:
-    """Rebuild a ``torch.export`` program. Imported lazily: only loading needs torch here."""
-    import torch
+    """Rebuild a ``torch.export`` program after refusing anything in it that would unpickle."""
+    from kloop.modelfile import load_exported as load_checked
 
-    program = torch.export.load(str(version_dir / manifest.model_file))
-    return program.module()
+    return load_checked(version_dir / manifest.model_file)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,13 +79,13 @@ class _Model:
 class ModelRepository:
     def __init__(
         self,
-        registry: Registry,
+        registry: Registry | None,
         *,
         rng: random.Random | None = None,
         loader: Loader = load_exported,
         observer: RepositoryObserver | None = None,
     ) -> None:
-        self.registry = registry
+        self.registry = registry  # None: one fixed version from a model directory (``load_dir``)
         self._rng = rng or random.Random()
         self._loader = loader
         self._observer = observer
@@ -127,6 +136,21 @@ class ModelRepository:
             if existing and version in existing.versions:
                 return existing.versions[version]
         loaded = self._read(model, version)
+        return self._add(loaded)
+
+    def load_dir(self, version_dir: Path) -> LoadedVersion:
+        """Verify and load the one version in ``version_dir`` (KServe's ``/mnt/models``): name
+        and version come from its manifest, checked like a registry version. Blocking."""
+        try:
+            manifest = verify_dir(version_dir)
+        except ArtifactCorrupt as e:
+            raise ArtifactRejected(f"refusing to load {version_dir}: {e}") from e
+        except (ArtifactError, ValueError) as e:
+            raise ArtifactRejected(f"cannot read {version_dir}: {e}") from e
+        return self._add(self._build(version_dir, manifest))
+
+    def _add(self, loaded: LoadedVersion) -> LoadedVersion:
+        model, version = loaded.model, loaded.version
         with self._lock:
             m = self._models.setdefault(model, _Model())
             m.versions.setdefault(version, loaded)
@@ -141,6 +165,8 @@ class ModelRepository:
 
     def unload(self, model: str, version: int) -> None:
         """Drop a version. Refused while it carries traffic, unless it is the model's last."""
+        if self.registry is None:
+            raise Conflict(f"{FIXED}: unloading its version is not applicable")
         with self._lock:
             m = self._get_model(model)
             self._get_version(model, version)
@@ -185,6 +211,8 @@ class ModelRepository:
     # ---- helpers -------------------------------------------------------------------------
 
     def _read(self, model: str, version: int) -> LoadedVersion:
+        if self.registry is None:
+            raise Conflict(f"{FIXED}: loading another version is not applicable")
         try:
             manifest = self.registry.verify(model, version)
         except VersionNotFound as e:
@@ -193,13 +221,17 @@ class ModelRepository:
             raise ArtifactRejected(f"refusing to load {model} v{version}: {e}") from e
         except (ArtifactError, ValueError) as e:
             raise ArtifactRejected(f"cannot read {model} v{version}: {e}") from e
+        return self._build(self.registry.path(model, version), manifest)
+
+    def _build(self, version_dir: Path, manifest: Manifest) -> LoadedVersion:
+        model, version = manifest.name, manifest.version
         if manifest.format != SUPPORTED_FORMAT:
             raise ArtifactRejected(
                 f"{model} v{version} is stored as {manifest.format!r}; this server loads only "
                 f"{SUPPORTED_FORMAT!r}"
             )
         try:
-            runnable = self._loader(self.registry.path(model, version), manifest)
+            runnable = self._loader(version_dir, manifest)
         except Exception as e:  # torch raises many kinds; the cause is chained
             raise ArtifactRejected(f"{model} v{version}: the model file did not load: {e}") from e
         return LoadedVersion(model=model, version=version, manifest=manifest, runnable=runnable)
@@ -233,4 +265,4 @@ def _parse_version(v: str | int) -> int | None:
         return None
     if isinstance(v, int):
         return v
-    return int(v) if v.isdigit() else None
+    return int(v) if v.isascii() and v.isdigit() else None

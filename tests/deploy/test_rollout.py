@@ -261,3 +261,86 @@ def test_new_rollout_refuses_candidate_equal_champion():
         new_rollout("x", "iris", "1", "1", POLICY, 0)
     r = new_rollout("x", "iris", 2, 1, POLICY, 5)  # type: ignore[arg-type]
     assert (r.candidate, r.champion, r.phase) == ("2", "1", Phase.PENDING)
+
+
+# ---- readiness of the candidate before its first traffic ----------------------------------------
+
+PASSED = GateResult(Verdict.SUCCESSFUL, ("ok",))
+
+
+def gated(**kw):
+    return ro(**{"phase": Phase.GATING, "step": -1, "weights": {}, "gate": PASSED,
+                 "step_started_at": None, "window_started_at": None, "baseline": {}, **kw})
+
+
+def not_ready(failed=None):
+    return World(weights={"1": 100}, loaded=frozenset({"1"}), samples={"1": ZERO},
+                 failed=failed or {})
+
+
+@pytest.mark.parametrize(
+    "r, w, now, action, says",
+    [
+        # ready at once (a synchronous backend): first step
+        (gated(preparing_since=0.0), world({"1": 100}), 0, Action.SET_WEIGHTS, "v2 ready"),
+        # not ready, never asked to load (e.g. the gate's load failed): prepare
+        (gated(), not_ready(), 0, Action.PREPARE, "loading v2"),
+        # asked, still loading: wait, saying how long
+        (gated(preparing_since=0.0), not_ready(), 30, Action.WAIT, "30s of 600s"),
+        # deadline over: roll back, blaming the candidate
+        (gated(preparing_since=0.0), not_ready(), 600, Action.ROLLBACK,
+         "candidate never became ready: v2 not ready 600s"),
+        # the backend says it failed: roll back at once, with its message
+        (gated(preparing_since=0.0), not_ready({"2": "FailedToLoad: bad model"}), 1,
+         Action.ROLLBACK, "candidate never became ready: v2 failed to load: FailedToLoad: bad"),
+        # the world cannot be read: could not measure, not a readiness failure
+        (gated(preparing_since=0.0), world(error="timeout"), 700, Action.WAIT, "could not measure"),
+    ],
+)
+def test_candidate_readiness(r, w, now, action, says):
+    d = decide(r, w, POLICY, now)
+    assert d.action is action and says in d.reason, d.reason
+    if action is Action.ROLLBACK:
+        assert d.verdict is Verdict.FAILED
+    if action is Action.SET_WEIGHTS:
+        assert d.weights == {"2": 10, "1": 90}
+
+
+def test_no_traffic_to_a_candidate_that_is_not_ready():
+    """Whatever the time, the first SET_WEIGHTS comes only once the candidate is loaded."""
+    r = gated(preparing_since=0.0)
+    for now in (0, 10, 100, 599):
+        assert decide(r, not_ready(), POLICY, now).action is Action.WAIT
+
+
+def test_passing_gate_starts_the_ready_clock_and_failing_gate_does_not():
+    r = ro(phase=Phase.PENDING, step=-1, weights={})
+    d = decide(r, world(), POLICY, 5)
+    assert transition(r, d, world(), Applied(gate=PASSED), 5).preparing_since == 5
+    bad = Applied(gate=GateResult(Verdict.FAILED, ("worse",)))
+    assert transition(r, d, world(), bad, 5).preparing_since is None
+
+
+def test_prepare_then_wait_then_rollback_on_deadline():
+    r = gated()
+    d = decide(r, not_ready(), POLICY, 0)
+    r = transition(r, d, not_ready(), Applied(), 0)
+    assert (r.phase, r.preparing_since, r.history[-1].kind) == (Phase.GATING, 0, "prepare")
+    for now in (10, 20):
+        r = transition(r, decide(r, not_ready(), POLICY, now), not_ready(), Applied(), now)
+    assert r.history[-1].kind == "wait" and r.history[-1].count == 2  # coalesced
+    d = decide(r, not_ready(), POLICY, 600)
+    r = transition(r, d, not_ready(), Applied(), 600)
+    assert (r.phase, dict(r.weights)) == (Phase.ROLLED_BACK, {"1": 100})
+    assert r.reason.startswith("candidate never became ready")
+
+
+def test_ready_timeout_is_validated_and_round_trips():
+    with pytest.raises(ValueError, match="ready_timeout_s"):
+        RolloutPolicy(ready_timeout_s=0)
+    p = RolloutPolicy(ready_timeout_s=42)
+    assert RolloutPolicy.from_dict(p.to_dict()) == p
+    r = gated(preparing_since=7.0)
+    assert Rollout.from_dict(r.to_dict()).preparing_since == 7.0
+    old = {k: v for k, v in r.to_dict().items() if k != "preparing_since"}
+    assert Rollout.from_dict(old).preparing_since is None  # stored before the field existed

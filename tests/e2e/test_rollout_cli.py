@@ -65,3 +65,49 @@ def test_serve_then_rollout_promotes_under_traffic(tmp_path: Path) -> None:
         rc = server.wait(30)
     assert rc == 0, server.stdout.read() if server.stdout else ""
     assert not (home / "server.json").exists()
+
+
+def test_rollout_killed_mid_way_resumes_where_it_was(tmp_path: Path) -> None:
+    """SIGKILL ``kloop rollout`` during the canary, start it again: it finds the active rollout,
+    resumes at the same step and finishes; no step is applied twice."""
+    from deploy.rollout import Phase
+    from deploy.store import RolloutStore
+
+    home = tmp_path / "home"
+    reg = Registry(home / "registry")
+    publish_exported(reg.root, "digits", seed=1, accuracy=0.90, tmp=tmp_path)
+    publish_exported(reg.root, "digits", seed=2, accuracy=0.91, tmp=tmp_path)
+    reg.set_alias("digits", "champion", 1)
+    kloop = [sys.executable, "-m", "deploy.cli", "--home", str(home)]
+    server = subprocess.Popen([*kloop, "serve", "--http-port", "0", "--grpc-port", "0"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rollout_args = [*kloop, "rollout", "digits", "--candidate", "2", "--steps", "10,50,100",
+                    "--min-requests", "15", "--min-duration", "1", "--interval", "0.3",
+                    "--retire-after", "0", "--max-p99-ratio", "3"]
+    try:
+        _wait_for(lambda: discover(home) is not None, 60, "kloop serve did not start")
+        handle = discover(home)
+        assert handle is not None
+        images = np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32)
+        cfg = TrafficConfig(model="digits", http_url=handle.http_url, grpc_target=handle.grpc_target,
+                            rate_per_s=120)
+        store = RolloutStore(home / "kloop.db")
+        with TrafficGenerator(cfg, images, [0] * 32):
+            first = subprocess.Popen(rollout_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            _wait_for(lambda: (r := store.active("digits")) is not None and r.step >= 1, 120,
+                      "the rollout did not reach its second step")
+            first.kill()
+            first.wait(10)
+            killed = store.active("digits")
+            assert killed is not None and killed.phase is Phase.PROGRESSING
+            again = subprocess.run(rollout_args, check=False, capture_output=True, text=True, timeout=180)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert f"resuming rollout {killed.id}" in again.stdout
+        final = store.get(killed.id)
+        assert final.phase is Phase.SUCCEEDED
+        steps = [e.weights.get("2") for e in final.history if e.kind == "set_weights"]
+        assert steps == [10, 50, 100], steps  # each step once, none repeated after the restart
+        assert handle.admin().traffic("digits") == {"2": 100}
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)

@@ -3,6 +3,7 @@ trip, and failures surfacing with the processes' output. Each run takes a few se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -139,3 +140,57 @@ def test_bare_entry_point_is_a_world_of_one(tmp_path: Path) -> None:
     assert "epoch 1/1" in proc.stdout
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["world_size"] == 1 and np.isfinite(result["metrics"]["loss"])
+
+
+def test_resume_after_a_killed_run(tmp_path: Path, two: TrainResult) -> None:
+    """Kill torchrun (SIGKILL, whole process group) once epoch 2 is checkpointed: a resumed run
+    continues at epoch 3 and ends where an uninterrupted run ends."""
+    import os
+    import signal
+    import time
+
+    from trainer.launch import _child_env, _free_port, torchrun_command
+    from trainer.progress import read_events
+
+    run_dir = tmp_path / "killed"
+    run_dir.mkdir()
+    (run_dir / "spec.json").write_text(json.dumps(SPEC.to_dict()))
+    proc = subprocess.Popen(torchrun_command(SPEC, run_dir, resume=False, port=_free_port()),
+                            env=_child_env(SPEC), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    offset, epochs_done = 0, 0
+    try:
+        while epochs_done < RESUME_AFTER:
+            assert proc.poll() is None, "training ended before it could be killed"
+            assert time.monotonic() < deadline, f"epoch {RESUME_AFTER} never finished"
+            events, offset = read_events(run_dir / "progress.jsonl", offset)
+            epochs_done = max([epochs_done] + [e["epoch"] for e in events if e["event"] == "epoch"])
+            time.sleep(0.02)
+    finally:
+        # torchrun's workers run in their own process groups: kill the whole tree, like a
+        # node that loses power.
+        for pid in _descendants(proc.pid) + [proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(30)
+    assert not (run_dir / "result.json").exists()  # it really died mid-run
+    resumed = run_local(SPEC, run_dir, resume=True, progress=False)
+    start = resumed.events[0]
+    assert start["event"] == "start" and start["resumed"] is True and start["start_epoch"] >= RESUME_AFTER + 1
+    assert resumed.metrics["loss"] == pytest.approx(two.metrics["loss"], abs=1e-5)
+    assert resumed.metrics["accuracy"] == two.metrics["accuracy"]
+
+
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], check=True, capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.append(c)
+            todo.append(c)
+    return found
