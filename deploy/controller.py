@@ -17,7 +17,7 @@ from typing import Protocol
 
 from deploy.analysis import GateResult, Verdict, gate
 from deploy.backends import BackendError, RolloutBackend, World
-from deploy.rollout import Action, Applied, Decision, Event, Rollout, decide, transition
+from deploy.rollout import Action, Applied, Decision, Event, Phase, Rollout, decide, transition
 from deploy.store import Conflict, RolloutStore
 from kloop.artifact import ArtifactError, Registry
 
@@ -103,8 +103,10 @@ def apply(d: Decision, r: Rollout, backend: RolloutBackend, registry: Registry) 
             case Action.RETIRE:
                 if r.champion is not None:
                     backend.retire(r.model, r.champion)
-            case Action.ROLLBACK | Action.ABORT:
+            case Action.ROLLBACK | Action.ABORT if r.phase is Phase.ROLLING_BACK:
                 backend.rollback(r.model, r.champion, r.candidate)
+            case Action.ROLLBACK | Action.ABORT:
+                pass  # first the decision is saved (RollingBack); the writes come next tick
             case Action.WAIT | Action.NOTHING:
                 pass
     except (BackendError, OSError) as e:

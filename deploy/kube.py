@@ -106,6 +106,7 @@ KINDS: dict[str, Kind] = {k.kind: k for k in (
     Kind("", "v1", "namespaces", "Namespace", namespaced=False),
     Kind("", "v1", "serviceaccounts", "ServiceAccount"),
     Kind("", "v1", "configmaps", "ConfigMap"),
+    Kind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim"),
     Kind("", "v1", "services", "Service"),
     Kind("apps", "v1", "deployments", "Deployment"),
     Kind("rbac.authorization.k8s.io", "v1", "roles", "Role"),
@@ -179,22 +180,28 @@ class Kube:
 
     def _call(self, method: str, path: str, *, body: Any = None, query: Mapping[str, Any] | None = None,
               content_type: str = "application/json", stream: bool = False) -> Any:
+        # kubernetes >= 31 (the OpenAPI generator v7 client): param_serialize builds the URL,
+        # auth and headers; call_api sends it and returns the raw response for any status.
         from kubernetes.client.rest import ApiException
+        from urllib3.exceptions import HTTPError
 
         headers = {"Accept": "application/json", "Content-Type": content_type}
         try:
-            resp = self._api.call_api(
-                path, method, query_params=list((query or {}).items()), header_params=headers,
-                body=body, auth_settings=["BearerToken"], _preload_content=False,
-                _return_http_data_only=True, _request_timeout=None if stream else 30,
+            m, url, hdrs, payload, _ = self._api.param_serialize(
+                method, path, query_params=list((query or {}).items()), header_params=headers,
+                body=body, auth_settings=["BearerToken"],
             )
+            resp = self._api.call_api(m, url, header_params=hdrs, body=payload,
+                                      _request_timeout=None if stream else 30)
         except ApiException as e:
             raise _translate(e) from e
-        except OSError as e:
+        except (OSError, HTTPError) as e:
             raise KubeError(f"{method} {path}: {e}") from e
+        if not 200 <= resp.status <= 299:
+            raise _translate(resp, resp.read())
         if stream:
-            return resp
-        data = resp.data
+            return resp.response  # the urllib3 response, read incrementally by _lines
+        data = resp.read()
         return json.loads(data) if data else {}
 
     def served(self, kind: Kind) -> bool:
@@ -286,13 +293,16 @@ class Kube:
 
     def watch(self, kind: Kind, namespace: str | None = None, *, name: str | None = None,
               label_selector: str | None = None, timeout_s: float | None = None,
-              stop: Callable[[], bool] | None = None) -> Iterator[tuple[str, Obj]]:
+              stop: Callable[[], bool] | None = None,
+              resource_version: str | None = None) -> Iterator[tuple[str, Obj]]:
         """Events ``(type, object)`` for ``kind``, forever or until ``timeout_s``/``stop()``.
 
         Starts with a list (each existing object as a synthetic ``ADDED``), then watches from
         the list's resourceVersion. A watch that ends (server timeout, dropped connection) is
         resumed from the last seen resourceVersion; one whose version expired (410 Gone) lists
         again, so no change is missed, at the cost of repeating current objects as ``ADDED``.
+        ``resource_version`` resumes a watch from a version seen earlier instead of listing first
+        (when it has expired, the 410 path lists as above).
         """
         kind, _ = self._effective(kind)
         ns = self._ns(kind, namespace)
@@ -302,7 +312,7 @@ class Kube:
         if label_selector:
             selectors["labelSelector"] = label_selector
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        version: str | None = None
+        version: str | None = resource_version
         while not (stop and stop()) and (deadline is None or time.monotonic() < deadline):
             if version is None:
                 listing = self._call("GET", kind.path(ns), query=selectors)
@@ -387,7 +397,10 @@ def _meta_ns(obj: Obj) -> str | None:
 
 
 def _lines(resp: Any, decode_json: bool = True) -> Iterator[str]:
+    from urllib3.exceptions import HTTPError
+
     buf = b""
+    done = False
     try:
         for chunk in resp.stream(4096, decode_content=True):
             buf += chunk
@@ -397,16 +410,20 @@ def _lines(resp: Any, decode_json: bool = True) -> Iterator[str]:
                     yield line.decode()
         if buf.strip():
             yield buf.decode()
-    except OSError as e:  # connection dropped mid-stream
+        done = True
+    except (OSError, HTTPError) as e:  # connection dropped mid-stream (urllib3: ProtocolError)
         raise KubeError(f"stream interrupted: {e}") from e
     finally:
+        if not done:  # the caller stopped early: a half-read stream must not go back to the pool
+            resp.close()
         resp.release_conn()
 
 
-def _translate(e: Any) -> KubeError:
+def _translate(e: Any, body: Any = None) -> KubeError:
+    """A ``KubeError`` from an ``ApiException`` or a raw response (``body``: its bytes)."""
     status = int(getattr(e, "status", 0) or 0)
     message = getattr(e, "reason", "") or ""
-    body = getattr(e, "body", None)
+    body = body if body is not None else getattr(e, "body", None)
     if body:
         try:
             doc = json.loads(body)

@@ -327,7 +327,7 @@ def decide(r: Rollout, world: World, policy: RolloutPolicy, now: float) -> Decis
         return _after_gate(r, world, policy, now)
     if r.phase is Phase.ROLLING_BACK:
         action = Action.ABORT if r.outcome is Phase.ABORTED else Action.ROLLBACK
-        return Decision(action, f"retrying: {r.reason}")
+        return Decision(action, f"restoring the champion: {r.reason}")
     if r.phase is Phase.PROMOTING:
         return _promoting(r, policy, now)
     return _progressing(r, world, policy, now)
@@ -496,13 +496,19 @@ def transition(r: Rollout, d: Decision, world: World, applied: Applied, now: flo
                                     weights={r.candidate: 100}, reason=d.reason)
         case Action.RETIRE:
             r = dataclasses.replace(r, phase=Phase.SUCCEEDED, reason=d.reason)
-        case Action.ROLLBACK | Action.ABORT:
+        case Action.ROLLBACK | Action.ABORT if r.phase is not Phase.ROLLING_BACK:
+            # Two phases: the decision is saved before anything is written, so a controller
+            # that dies after the writes finds "RollingBack" and finishes it -- it never
+            # mistakes the restored champion weights for drift and re-routes to the candidate.
             outcome = Phase.ABORTED if d.action is Action.ABORT else Phase.ROLLED_BACK
             r = dataclasses.replace(
-                r, phase=outcome, outcome=outcome,
+                r, phase=Phase.ROLLING_BACK, outcome=outcome, reason=d.reason,
                 failed=r.failed + (d.verdict is Verdict.FAILED and r.phase is Phase.PROGRESSING),
+            )
+        case Action.ROLLBACK | Action.ABORT:
+            r = dataclasses.replace(
+                r, phase=r.outcome or Phase.ROLLED_BACK,
                 weights={r.champion: 100} if r.champion is not None else {},
-                reason=r.reason if r.phase is Phase.ROLLING_BACK else d.reason,
             )
     return _log(r, now, d.action.value, d.reason, d.verdict)
 

@@ -334,6 +334,8 @@ def test_candidate_never_ready_rolls_back_and_is_deleted(kube, registry_root, se
         play_kserve(kube, isvc_name(MODEL, "2"), failure=failure)
     else:
         clock.advance(POLICY.ready_timeout_s)
+    r = step()  # the decision is saved first (RollingBack); the cleanup is the next tick
+    assert r.phase is Phase.ROLLING_BACK and exists(kube, ISVC, isvc_name(MODEL, "2"))
     r = step()
     assert r.phase is Phase.ROLLED_BACK and r.reason.startswith("candidate never became ready")
     assert (failure or "not ready 300s") in r.reason

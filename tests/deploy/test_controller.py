@@ -89,6 +89,8 @@ def test_error_spike_rolls_back(tmp_path):
     e.tick(), e.tick()
     e.admin.error_rate["2"] = 0.3
     e.traffic()
+    r = e.tick()  # the decision is saved first, nothing written yet
+    assert r.phase is Phase.ROLLING_BACK and e.admin.weights["iris"] == {"1": 90, "2": 10}
     r = e.tick()
     assert r.phase is Phase.ROLLED_BACK and "error rate" in r.reason
     assert e.admin.weights["iris"] == {"1": 100} and e.admin.loaded["iris"] == {"1"}
@@ -97,7 +99,7 @@ def test_error_spike_rolls_back(tmp_path):
 
 def test_gate_failure_rolls_back_before_any_traffic(tmp_path):
     e = Env(tmp_path, candidate_accuracy=0.80)
-    e.tick()
+    e.tick(), e.tick()
     r = e.tick()
     assert r.phase is Phase.ROLLED_BACK and "gate failed" in r.reason
     assert ("load", "iris", "2") not in e.admin.calls
@@ -106,7 +108,7 @@ def test_gate_failure_rolls_back_before_any_traffic(tmp_path):
 
 def test_gate_error_aborts_with_the_reason(tmp_path):
     e = Env(tmp_path, fingerprint="other-data")
-    e.tick()
+    e.tick(), e.tick()
     r = e.tick()
     assert r.phase is Phase.ABORTED
     assert "evaluated on different data; cannot compare" in r.reason
@@ -132,6 +134,7 @@ def test_step_timeout_aborts(tmp_path):
     e = Env(tmp_path)
     e.tick(), e.tick()
     e.clock.advance(600)  # no traffic at all
+    e.tick()
     r = e.tick()
     assert r.phase is Phase.ABORTED and "timed out" in r.reason
 
@@ -165,3 +168,17 @@ def test_run_until_done_without_sleeping(tmp_path):
     assert events[0] == "run_gate" and events[-1] == "retire" and "promote" in events
     with pytest.raises(ValueError):
         run_until_done(RolloutStore(e.db), e.backend(), e.registry, "r1", e.clock, interval_s=0)
+
+
+def test_killed_after_the_rollback_writes_the_rollback_still_completes(tmp_path):
+    """The controller dies after restoring the champion but before saving: the next one finds
+    RollingBack and finishes it; it never treats the champion's 100 % as drift."""
+    e = Env(tmp_path)
+    e.tick(), e.tick()
+    e.admin.error_rate["2"] = 0.3
+    e.traffic()
+    assert e.tick().phase is Phase.ROLLING_BACK
+    e.backend().rollback("iris", "1", "2")  # the writes of a tick that then died unsaved
+    r = e.tick()
+    assert r.phase is Phase.ROLLED_BACK
+    assert e.admin.weights["iris"] == {"1": 100} and e.admin.loaded["iris"] == {"1"}

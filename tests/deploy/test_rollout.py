@@ -163,7 +163,7 @@ def test_decide_steps_and_adoption_carry_weights():
 
 def test_error_never_counts_as_failed():
     r = ro(failed=1)  # one more failure would roll back
-    for _ in range(3):
+    for _ in range(4):
         d = decide(r, world(error="down"), POLICY, 60)
         assert d.action is not Action.ROLLBACK
         r = transition(r, d, world(error="down"), Applied(), 60)
@@ -214,6 +214,12 @@ def test_rollback_after_failure_limit():
     d2 = decide(r, bad2, POLICY, 120)
     assert d2.action is Action.ROLLBACK
     r = transition(r, d2, bad2, Applied(), 120)
+    # decided and saved first: nothing is written until the next tick
+    assert (r.phase, r.outcome, r.failed) == (Phase.ROLLING_BACK, Phase.ROLLED_BACK, 2)
+    assert dict(r.weights) == {"1": 90, "2": 10}
+    d3 = decide(r, bad2, POLICY, 121)
+    assert d3.action is Action.ROLLBACK
+    r = transition(r, d3, bad2, Applied(), 121)
     assert (r.phase, r.failed, dict(r.weights)) == (Phase.ROLLED_BACK, 2, {"1": 100})
 
 
@@ -235,8 +241,9 @@ def test_gate_fail_rolls_back_before_any_traffic():
     r = transition(r, decide(r, world(), POLICY, 0), world(),
                    Applied(gate=GateResult(Verdict.FAILED, ("worse",))), 0)
     assert r.phase is Phase.GATING
-    d = decide(r, world({"1": 100}), POLICY, 1)
-    r = transition(r, d, world({"1": 100}), Applied(), 1)
+    for now in (1, 2):  # decide (saved), then restore the champion
+        d = decide(r, world({"1": 100}), POLICY, now)
+        r = transition(r, d, world({"1": 100}), Applied(), now)
     assert r.phase is Phase.ROLLED_BACK and r.step == -1 and "worse" in r.reason
 
 
@@ -329,8 +336,9 @@ def test_prepare_then_wait_then_rollback_on_deadline():
     for now in (10, 20):
         r = transition(r, decide(r, not_ready(), POLICY, now), not_ready(), Applied(), now)
     assert r.history[-1].kind == "wait" and r.history[-1].count == 2  # coalesced
-    d = decide(r, not_ready(), POLICY, 600)
-    r = transition(r, d, not_ready(), Applied(), 600)
+    for now in (600, 601):
+        d = decide(r, not_ready(), POLICY, now)
+        r = transition(r, d, not_ready(), Applied(), now)
     assert (r.phase, dict(r.weights)) == (Phase.ROLLED_BACK, {"1": 100})
     assert r.reason.startswith("candidate never became ready")
 

@@ -1,0 +1,92 @@
+"""Leader election on a real coordination.k8s.io/v1 Lease: real writes and 409s, fake time."""
+
+from __future__ import annotations
+
+import pytest
+
+from deploy import kube as k
+from deploy.controller import FakeClock
+from deploy.leader import LEASE, LeaderElector
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture
+def kube(cluster, namespace) -> k.Kube:
+    return k.Kube.connect(k.KubeConfig(kubeconfig=cluster.kubeconfig, namespace=namespace))
+
+
+def electors(kube: k.Kube, namespace: str, clock: FakeClock) -> tuple[LeaderElector, LeaderElector]:
+    mk = lambda ident: LeaderElector(kube, "kloop-controller", namespace, ident, clock,  # noqa: E731
+                                     lease_duration_s=15, renew_s=5)
+    return mk("a"), mk("b")
+
+
+def holder(kube: k.Kube, namespace: str) -> str | None:
+    return kube.get(LEASE, "kloop-controller", namespace)["spec"].get("holderIdentity")
+
+
+def test_one_holder_and_takeover_after_expiry(kube, namespace):
+    clock = FakeClock()
+    a, b = electors(kube, namespace, clock)
+    assert a.step() is True
+    assert b.step() is False
+    lease = kube.get(LEASE, "kloop-controller", namespace)
+    assert lease["spec"]["holderIdentity"] == "a" and lease["spec"]["leaseDurationSeconds"] == 15
+    assert lease["spec"]["leaseTransitions"] == 0 and lease["spec"]["renewTime"]
+
+    for _ in range(4):  # a renews every 5 s; b never gets in
+        clock.advance(5)
+        assert a.step() and not b.step()
+    renewed = kube.get(LEASE, "kloop-controller", namespace)["spec"]["renewTime"]
+    assert renewed != lease["spec"]["renewTime"]
+
+    # a stops renewing (hung or partitioned); b takes over only after a full lease duration
+    # of b's own clock since the record last changed, and never while a still thinks it leads.
+    for _ in range(14):
+        clock.advance(1)
+        b.step()
+        assert not (a.is_leader() and b.is_leader())
+    assert holder(kube, namespace) == "a" and not b.is_leader()
+    clock.advance(1)
+    assert b.try_acquire_or_renew() is True
+    assert not a.is_leader()
+    spec = kube.get(LEASE, "kloop-controller", namespace)["spec"]
+    assert spec["holderIdentity"] == "b" and spec["leaseTransitions"] == 1
+    assert a.try_acquire_or_renew() is False  # a comes back: sees b's fresh record, stays out
+
+
+def test_conflicting_write_on_renew_steps_down(cluster, kube, namespace):
+    clock = FakeClock()
+
+    class Racing(k.Kube):
+        """Our own wrapper: just before a's write lands, somebody else writes the Lease."""
+
+        race = False
+
+        def replace(self, obj, namespace=None):
+            if self.race:
+                other = kube.get(LEASE, obj["metadata"]["name"], namespace)
+                other["metadata"].setdefault("annotations", {})["touched"] = "by-someone-else"
+                kube.replace(other, namespace)
+            return super().replace(obj, namespace)
+
+    racing = Racing.connect(k.KubeConfig(kubeconfig=cluster.kubeconfig, namespace=namespace))
+    a = LeaderElector(racing, "kloop-controller", namespace, "a", clock, lease_duration_s=15,
+                      renew_s=5)
+    assert a.step()
+    clock.advance(5)
+    racing.race = True
+    with pytest.raises(AssertionError):  # the real API server answered 409 ...
+        assert a.try_acquire_or_renew()
+    assert not a.is_leader()  # ... and a stepped down at once, not at expiry
+
+
+def test_release_hands_over_at_once(kube, namespace):
+    clock = FakeClock()
+    a, b = electors(kube, namespace, clock)
+    assert a.step() and not b.step()
+    a.release()
+    assert not a.is_leader() and holder(kube, namespace) is None
+    assert b.try_acquire_or_renew() is True  # no wait for expiry
+    assert holder(kube, namespace) == "b"
