@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from deploy import report
+from deploy.kube import KubeError
 from deploy.localserver import SERVER_FILE, TOKEN_FILE, ServerHandle, discover, ensure_token
 from deploy.pipeline import Fault, Home, Pipeline
 from deploy.rollout import RolloutPolicy
@@ -94,7 +95,22 @@ def _spec(args: argparse.Namespace, base=None):  # -> TrainSpec (lazy import: to
     return base.replace(**changes)
 
 
+def _kube(args: argparse.Namespace):
+    from deploy.kube import Kube, KubeConfig
+
+    return Kube.connect(KubeConfig(kubeconfig=args.kubeconfig, context=args.context,
+                                   namespace=args.namespace))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.action == "cancel":
+        from deploy import k8s_training
+
+        if not args.name:
+            raise ValueError("kloop train cancel NAME: name the job")
+        gone = k8s_training.cancel(_kube(args), args.name, kind=args.kind)
+        print(f"{args.kind} {args.name}: {'deleted' if gone else 'no such job'}")
+        return 0 if gone else 1
     home = _home(args)
     base = None
     if args.resume:
@@ -114,13 +130,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.target == "kubernetes":
         from trainer import k8s
 
-        if not args.dry_run:
-            print("kloop train --target kubernetes: submitting needs a cluster; use --dry-run to print "
-                  "the manifest (applying it is `kubectl apply -f -`)", file=sys.stderr)
-            return 2
-        render = k8s.render_trainjob if args.kind == "trainjob" else k8s.render_pytorchjob
-        name = f"{spec.model_name}-{run_id}".lower().replace("_", "-")[:63]
-        print(k8s.to_yaml(render(spec, name=name, namespace=args.namespace, run_id=run_id)), end="")
+        name = args.name or re.sub(r"[^a-z0-9-]", "-", f"{spec.model_name}-{run_id}".lower())[:50].strip("-")
+        if args.dry_run:
+            render = k8s.render_trainjob if args.kind == "trainjob" else k8s.render_pytorchjob
+            ns = args.namespace or "default"
+            print(k8s.to_yaml(render(spec, name=name, namespace=ns, run_id=run_id)), end="")
+            return 0
+        from deploy import k8s_training
+        from deploy.kube import KubeError
+
+        try:
+            m = k8s_training.run_on_kubernetes(_kube(args), spec, name=name, run_id=run_id,
+                                               kind=args.kind, deadline_s=args.deadline)
+        except (k8s_training.TrainingError, KubeError) as e:
+            print(f"kloop train: {e}", file=sys.stderr)
+            return 1
+        if m is not None:
+            print(f"published {m.name} v{m.version}")
         return 0
     from trainer.launch import TrainingFailed, run_local
     from trainer.publish import publish
@@ -140,6 +166,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ---- rollout ----------------------------------------------------------------------------
+
+
+def _add_kube_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster (kubectl's habits)")
+    g.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config)")
+    g.add_argument("--context", help="kubeconfig context")
+    g.add_argument("-n", "--namespace", help="namespace (default: the context's)")
 
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
@@ -204,22 +237,24 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
     home = _home(args)
     reg = home.registry
+    if args.target == "kserve" and not args.dry_run and args.candidate.isdecimal() and not reg.versions(args.model):
+        # The cluster's registry is on its PVC, not here: the controller resolves the champion.
+        return _rollout_in_cluster(args, int(args.candidate), None)
     candidate = reg.resolve(args.model, args.candidate)
     champion = reg.alias(args.model, "champion")
     if args.target == "kserve":
         from deploy.kserve import render_kserve, to_yaml
 
         if not args.dry_run:
-            print("kloop rollout --target kserve: applying needs a cluster; use --dry-run to print "
-                  "the objects", file=sys.stderr)
-            return 2
+            return _rollout_in_cluster(args, candidate, champion)
         if champion is None:  # the first version takes all traffic; nothing to split with
             weights = {str(candidate): 100}
         else:
             weights = {str(candidate): args.weight, str(champion): 100 - args.weight}
         objs = render_kserve(
             args.model, reg.manifest(args.model, champion) if champion else None,
-            reg.manifest(args.model, candidate), weights, mode=args.mode, namespace=args.namespace,
+            reg.manifest(args.model, candidate), weights, mode=args.mode,
+            namespace=args.namespace or "default",
             storage_uri_prefix=args.storage_uri_prefix, min_replicas=args.min_replicas,
             max_replicas=args.max_replicas, autoscaler=args.autoscaler,
         )
@@ -300,6 +335,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serving_cli.run(args)
 
 
+def _rollout_in_cluster(args: argparse.Namespace, candidate: int, champion: int | None) -> int:
+    """Create a kloop Rollout resource; the in-cluster controller (`kloop controller`) runs it."""
+    from deploy.crstore import CRRolloutStore
+    from deploy.rollout import new_rollout
+
+    kube = _kube(args)
+    rid = f"{args.model}-v{candidate}-{time.strftime('%Y%m%d%H%M%S')}"
+    r = new_rollout(rid, args.model, str(candidate), None if champion is None else str(champion),
+                    _policy(args), time.time())
+    backend = {"mode": args.mode, "storageUriPrefix": args.storage_uri_prefix,
+               "minReplicas": args.min_replicas, "maxReplicas": args.max_replicas,
+               "autoscaler": args.autoscaler}
+    CRRolloutStore(kube, args.namespace or kube.namespace).create(r, backend=backend)
+    print(f"rollout.kloop.dev/{rid} created; follow it with `kloop get rollouts` and "
+          f"`kloop describe rollout {rid}`")
+    return 0
+
+
+def cmd_controller(args: argparse.Namespace) -> int:
+    from deploy import controller_cli
+
+    return controller_cli.run(args)
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from deploy import controller_cli
+
+    print(controller_cli.format_table(controller_cli.get_rollouts(_kube(args), args.namespace)))
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from deploy import controller_cli
+
+    print(controller_cli.describe_rollout(_kube(args), args.name, args.namespace))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from deploy import demo
 
@@ -326,11 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train locally under torchrun, or print the Kubernetes job the "
                                    "same spec renders to.")
     _add_train_args(p)
+    p.add_argument("action", nargs="?", choices=("cancel",),
+                   help="`kloop train cancel NAME`: delete a training job in the cluster")
+    p.add_argument("name", nargs="?", help="job name (cancel; or the name to submit under)")
     p.add_argument("--target", choices=("local", "kubernetes"), default="local")
     p.add_argument("--dry-run", action="store_true", help="with --target kubernetes: print the manifest")
     p.add_argument("--kind", choices=("pytorchjob", "trainjob"), default="pytorchjob",
                    help="Kubernetes job kind (default: %(default)s)")
-    p.add_argument("-n", "--namespace", default="default")
+    p.add_argument("--deadline", type=float, help="seconds the job may run before it is cancelled")
+    _add_kube_args(p)
     p.add_argument("--run-id", help="run id (default: train-<timestamp>)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue RUN_ID from its last checkpoint")
     p.add_argument("--publish", action="store_true", help="publish the result to the registry")
@@ -356,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KServe deployment mode (default: %(default)s)")
     p.add_argument("--weight", type=int, default=10, choices=range(0, 101), metavar="0..100",
                    help="candidate percent to render (default: %(default)s)")
-    p.add_argument("-n", "--namespace", default="default")
+    _add_kube_args(p)
     p.add_argument("--storage-uri-prefix", default="pvc://kloop-registry",
                    help="where the cluster reads the registry (s3://, gs://, pvc://; default: %(default)s)")
     p.add_argument("--min-replicas", type=int, default=1)
@@ -390,6 +467,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("controller", help="run the in-cluster rollout controller",
+                       description="Reconcile kloop Rollout resources with leader election.")
+    from deploy import controller_cli
+
+    controller_cli.add_arguments(p)
+    p.set_defaults(func=cmd_controller)
+
+    p = sub.add_parser("get", help="list kloop resources in the cluster (kubectl get)")
+    p.add_argument("resource", choices=("rollouts", "rollout", "klr"))
+    _add_kube_args(p)
+    p.set_defaults(func=cmd_get)
+
+    p = sub.add_parser("describe", help="show a kloop resource with its history and events")
+    p.add_argument("resource", choices=("rollout", "rollouts", "klr"))
+    p.add_argument("name")
+    _add_kube_args(p)
+    p.set_defaults(func=cmd_describe)
+
     p = sub.add_parser("demo", help="the whole loop, locally, on embedded defaults (the main job)",
                        description="Train v1 → serve it under live traffic → canary a better v2 and "
                                    "promote it → reject a bad candidate at the gate → roll back a "
@@ -413,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, LookupError, ArtifactError) as e:
         print(f"kloop {args.command}: {e}", file=sys.stderr)
         return 2
+    except KubeError as e:
+        print(f"kloop {args.command}: the cluster said: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
