@@ -55,7 +55,7 @@ def render_kserve(
     max_replicas: int = 3,
     autoscaler: Literal["hpa", "external"] = "hpa",
     cpu_target_percent: int = 70,
-    runtime: str = "kloop",
+    runtime: str | None = None,
     gateway: str = "kloop-gateway",
     gateway_namespace: str | None = None,
     hostnames: Sequence[str] = (),
@@ -73,6 +73,8 @@ def render_kserve(
     champ = _version(champion) if champion is not None else None
     weights = {str(v): int(w) for v, w in weights.items()}
     _check(model, cand, champ, weights, min_replicas, max_replicas, cpu_target_percent)
+    if runtime is None:  # Knative allows one container port: its runtime serves HTTP only
+        runtime = "kloop" if mode == "Standard" else "kloop-knative"
     common: dict[str, Any] = {
         "model": model, "namespace": namespace, "prefix": storage_uri_prefix.rstrip("/"),
         "resources": dict(resources if resources is not None else DEFAULT_RESOURCES),
@@ -80,7 +82,7 @@ def render_kserve(
     }
     if mode in ("Serverless", "Knative"):
         return [_serverless_isvc(version=cand, canary=weights.get(cand, 100) if champ else None,
-                                 **common)]
+                                 autoscaler=autoscaler, cpu_target=cpu_target_percent, **common)]
     if mode != "Standard":
         raise ValueError(f"mode {mode!r}: expected 'Standard' or 'Serverless'")
     versions = [v for v in (champ, cand) if v is not None]
@@ -192,7 +194,17 @@ def _standard_isvc(*, model: str, version: str, namespace: str, prefix: str,
 
 def _serverless_isvc(*, model: str, version: str, canary: int | None, namespace: str,
                      prefix: str, resources: Mapping[str, Any], min_replicas: int,
-                     max_replicas: int, runtime: str) -> dict[str, Any]:
+                     max_replicas: int, runtime: str, autoscaler: str,
+                     cpu_target: int) -> dict[str, Any]:
+    annotations = {"serving.kserve.io/deploymentMode": "Knative"}
+    if autoscaler == "hpa":
+        # Knative's HPA class scales on CPU like Standard mode's HPA (instead of KPA's
+        # request concurrency), so both modes scale on the same signal.
+        annotations.update({
+            "autoscaling.knative.dev/class": "hpa.autoscaling.knative.dev",
+            "autoscaling.knative.dev/metric": "cpu",
+            "autoscaling.knative.dev/target": str(cpu_target),
+        })
     predictor: dict[str, Any] = {
         "minReplicas": min_replicas,
         "maxReplicas": max_replicas,
@@ -207,7 +219,7 @@ def _serverless_isvc(*, model: str, version: str, canary: int | None, namespace:
             "name": _dns(model),
             "namespace": namespace,
             "labels": _labels(model),
-            "annotations": {"serving.kserve.io/deploymentMode": "Knative"},
+            "annotations": annotations,
         },
         "spec": {"predictor": predictor},
     }

@@ -59,3 +59,19 @@ def test_rollout_without_a_server_says_how_to_start_one(tmp_path) -> None:
     publish_dummy(tmp_path / "registry", "digits", 2)
     out = kloop("--home", str(tmp_path), "rollout", "digits", "--candidate", "2")
     assert out.returncode == 2 and "kloop serve" in out.stderr
+
+
+def test_kserve_dry_run_of_a_first_version_routes_everything_to_it(tmp_path) -> None:
+    from tests.e2e.artifacts import publish_dummy
+
+    publish_dummy(tmp_path / "registry", "digits", 1)
+    out = kloop("--home", str(tmp_path), "rollout", "digits", "--candidate", "1", "--target", "kserve",
+                "--dry-run")
+    assert out.returncode == 0, out.stderr
+    objs = [o for o in yaml.safe_load_all(out.stdout) if o]
+    assert sorted(o["kind"] for o in objs) == ["GRPCRoute", "HTTPRoute", "InferenceService"]
+    for o in objs:
+        validate(o)
+        if o["kind"] == "HTTPRoute":
+            refs = o["spec"]["rules"][0]["backendRefs"]
+            assert [r["weight"] for r in refs] == [100]

@@ -114,6 +114,9 @@ def test_kserve_dry_run_validates_against_crds(demo: tuple[Path, subprocess.Comp
         else:
             assert kinds == ["InferenceService"]
             assert objs[0]["spec"]["predictor"]["canaryTrafficPercent"] == 10
+            annotations = objs[0]["metadata"]["annotations"]
+            assert annotations["autoscaling.knative.dev/class"] == "hpa.autoscaling.knative.dev"
+            assert objs[0]["spec"]["predictor"]["model"]["runtime"] == "kloop-knative"
         for o in objs:
             if o["apiVersion"] != "autoscaling/v2":
                 validate(o)
