@@ -38,6 +38,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from kloop.fsutil import atomic_write_bytes
+
 MANIFEST_FILE = "manifest.json"
 MANIFEST_DIGEST_FILE = "MANIFEST.sha256"
 ALIASES_DIR = "aliases"
@@ -259,7 +261,7 @@ class Registry:
         d = self.root / name / ALIASES_DIR
         d.mkdir(parents=True, exist_ok=True)
         body = {"version": m.version, "digest": m.digest, "updated": time.time()}
-        _atomic_write(d / f"{alias}.json", _canonical(body))
+        atomic_write_bytes(d / f"{alias}.json", _canonical(body))
 
     def remove_alias(self, name: str, alias: str) -> None:
         (self.root / check_name(name) / ALIASES_DIR / f"{_check_alias(alias)}.json").unlink(missing_ok=True)
@@ -395,19 +397,6 @@ def _read_bytes(p: Path) -> bytes:
         return p.read_bytes()
     except FileNotFoundError as e:
         raise ArtifactCorrupt(f"{p} is missing") from e
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fsync_tree(root: Path) -> None:

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import signal
-import tempfile
 from pathlib import Path
 
 import grpc
@@ -31,6 +30,7 @@ import torch
 from aiohttp import web
 
 from kloop.artifact import ArtifactError, Registry, read_manifest
+from kloop.fsutil import atomic_write_bytes
 from serving import admin_api, grpc_api, http_api
 from serving.core.dataplane import DataPlane
 from serving.core.errors import ArtifactRejected, ModelNotFound
@@ -226,12 +226,4 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
 
 def _write_ports_file(path: Path, http_port: int, grpc_port: int) -> None:
     body = json.dumps({"http": http_port, "grpc": grpc_port, "pid": os.getpid()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(body)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, body.encode())

@@ -15,13 +15,12 @@ Why this shape:
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kloop.fsutil import atomic_path
 from trainer.spec import TrainSpec
 
 _IDENTITY_FIELDS = ("arch", "global_batch_size", "lr", "momentum", "seed", "shuffle_labels")
@@ -56,16 +55,8 @@ def save(path: Path, ckpt: Checkpoint) -> None:
         "rng": ckpt.rng,
         "identity": ckpt.identity,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load(path: Path, spec: TrainSpec) -> Checkpoint | None:

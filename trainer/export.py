@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from kloop import modelfile
+from kloop.fsutil import atomic_path
 from trainer.data import IMAGE_SHAPE
 from trainer.models import ServingWrapper
 from trainer.rundir import EXPORT_DIR, MODEL_FILE
@@ -27,10 +28,8 @@ def export_model(model: nn.Module, run_dir: Path) -> Path:
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(wrapper, (example,), dynamic_shapes=({0: batch},))
     out = run_dir / EXPORT_DIR / MODEL_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{MODEL_FILE}.tmp")
-    torch.export.save(program, tmp)
-    tmp.replace(out)
+    with atomic_path(out, suffix=".pt2") as tmp:
+        torch.export.save(program, tmp)
     return out
 
 

@@ -16,7 +16,6 @@ and the checkpoint holds the model, the optimizer's momentum and the RNG state a
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from kloop.fsutil import atomic_write_bytes
 from trainer import checkpoint
 from trainer.data import DigitsSplit, load_split
 from trainer.distributed import (
@@ -192,6 +192,4 @@ def _finish(
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
