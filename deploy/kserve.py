@@ -225,10 +225,16 @@ def _serverless_isvc(*, model: str, version: str, canary: int | None, namespace:
     }
 
 
+INFLIGHT_METRIC = "kloop_inference_inflight_requests"
+INFLIGHT_TARGET = 8  # in-flight requests per predictor pod before the HPA adds one
+
+
 def _hpa(model: str, version: str, namespace: str, min_replicas: int, max_replicas: int,
          cpu_target: int) -> dict[str, Any]:
-    """kloop's own HPA for ``autoScalerClass: external`` (KServe then creates none); the place
-    to add custom metrics (queue depth, p99) later."""
+    """kloop's own HPA for ``autoScalerClass: external`` (KServe then creates none): it scales
+    on the server's in-flight requests per pod (a Pods metric, served to the HPA by a custom
+    metrics adapter such as prometheus-adapter from the scraped kloop metrics) and on CPU; the
+    HPA follows whichever asks for more replicas."""
     name = isvc_name(model, version)
     return {
         "apiVersion": "autoscaling/v2",
@@ -239,9 +245,15 @@ def _hpa(model: str, version: str, namespace: str, min_replicas: int, max_replic
                                "name": f"{name}-predictor"},
             "minReplicas": max(min_replicas, 1),
             "maxReplicas": max_replicas,
-            "metrics": [{"type": "Resource", "resource": {
-                "name": "cpu", "target": {"type": "Utilization", "averageUtilization": cpu_target},
-            }}],
+            "metrics": [
+                {"type": "Pods", "pods": {
+                    "metric": {"name": INFLIGHT_METRIC},
+                    "target": {"type": "AverageValue", "averageValue": str(INFLIGHT_TARGET)},
+                }},
+                {"type": "Resource", "resource": {
+                    "name": "cpu", "target": {"type": "Utilization", "averageUtilization": cpu_target},
+                }},
+            ],
         },
     }
 

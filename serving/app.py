@@ -107,6 +107,7 @@ class Server:
             max_inflight=config.max_inflight,
             expected_models=self.initial_models,
         )
+        self.metrics.inflight.set_function(lambda: self.dataplane.inflight)
         self.http_port = 0
         self.grpc_port = 0
         self._grpc: grpc.aio.Server | None = None

@@ -61,6 +61,12 @@ class ServerMetrics:
             "kloop_model_loaded", "1 while a version is loaded.",
             ["model", "version"], registry=self.registry,
         )
+        # The load signal an HPA scales a predictor on (KServe `autoscalerClass: external` with
+        # kloop's own HPA): read at scrape time, so it is exact when sampled.
+        self.inflight = Gauge(
+            "kloop_inference_inflight_requests", "Inference requests admitted and not yet answered.",
+            registry=self.registry,
+        )
 
     def observe(
         self, model: str, version: str, protocol: str, seconds: float, error: ServingError | None

@@ -129,6 +129,12 @@ def render_pytorchjob(spec: TrainSpec, *, name: str, namespace: str, run_id: str
             "maxRestarts": spec.elastic.max_restarts,
             "nProcPerNode": spec.nproc_per_node,
         }
+        if spec.elastic.cpu_target_percent is not None:
+            # The training operator creates an HPA on the job's scale subresource from these.
+            job_spec["elasticPolicy"]["metrics"] = [{"type": "Resource", "resource": {
+                "name": "cpu",
+                "target": {"type": "Utilization", "averageUtilization": spec.elastic.cpu_target_percent},
+            }}]
     job_spec["pytorchReplicaSpecs"] = replicas
     return {
         "apiVersion": "kubeflow.org/v1",

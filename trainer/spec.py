@@ -57,6 +57,9 @@ class Elastic:
     min_replicas: int = 1  # nodes below which the job waits instead of training
     max_replicas: int = 2  # nodes the job can grow to
     max_restarts: int = 3  # worker-group restarts torchrun allows before failing the pod
+    # The operator's HPA grows the job between min and max at this CPU utilization (percent);
+    # None: no HPA, the replica count changes only when nodes come and go.
+    cpu_target_percent: int | None = 80
 
     def __post_init__(self) -> None:
         _require(self.min_replicas >= 1, f"elastic.min_replicas must be >= 1, got {self.min_replicas}")
@@ -65,6 +68,8 @@ class Elastic:
             f"elastic.max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})",
         )
         _require(self.max_restarts >= 0, f"elastic.max_restarts must be >= 0, got {self.max_restarts}")
+        _require(self.cpu_target_percent is None or 1 <= self.cpu_target_percent <= 100,
+                 f"elastic.cpu_target_percent must be in 1..100, got {self.cpu_target_percent}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,6 +54,8 @@ def test_standard_first_version_and_external_autoscaler():
     assert "serving.kserve.io/metric" not in ann
     hpa = k["HorizontalPodAutoscaler"][0]
     assert hpa["spec"]["scaleTargetRef"]["name"] == "iris-v1-predictor"
+    pods = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    assert pods and pods[0]["metric"]["name"] == "kloop_inference_inflight_requests"
     for o in objs:
         if o["kind"] != "HorizontalPodAutoscaler":  # a built-in API, not a CRD
             validate(o)

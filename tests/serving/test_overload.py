@@ -39,3 +39,28 @@ async def test_requests_past_max_inflight_are_refused_not_queued(registry_root: 
         await http.close()
         await grpc_client.close()
         await srv.stop()
+
+
+
+async def test_inflight_gauge_counts_requests_being_served(server, http_client, admin) -> None:
+    """The gauge kloop's own HPA scales on (``kloop_inference_inflight_requests``) reads the
+    live count at scrape time: 0 when idle, the held requests while a fault delays them."""
+    import aiohttp
+
+    url = f"http://127.0.0.1:{server.http_port}/metrics"
+
+    async def gauge() -> float:
+        async with aiohttp.ClientSession() as s, s.get(url) as r:
+            text = await r.text()
+        line = next(x for x in text.splitlines() if x.startswith("kloop_inference_inflight_requests "))
+        return float(line.split()[1])
+
+    image = {"image": np.zeros((1, 1, 8, 8), dtype=np.float32)}
+    assert await gauge() == 0
+    await asyncio.to_thread(admin.set_fault, MODEL, "2", 0.0, 400)
+    held = [asyncio.create_task(http_client.infer(MODEL, image)) for _ in range(3)]
+    while server.dataplane.inflight < 3:
+        await asyncio.sleep(0.005)
+    assert await gauge() == 3
+    await asyncio.gather(*held)
+    assert await gauge() == 0

@@ -57,7 +57,10 @@ def test_pytorchjob_elastic_is_workers_only() -> None:
     assert set(job["spec"]["pytorchReplicaSpecs"]) == {"Worker"}
     assert job["spec"]["elasticPolicy"] == {
         "rdzvBackend": "c10d", "minReplicas": 1, "maxReplicas": 4, "maxRestarts": 3, "nProcPerNode": 2,
+        "metrics": [{"type": "Resource", "resource": {
+            "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}}}],
     }
+    validate(job)
     pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
     assert pod["volumes"][0]["persistentVolumeClaim"] == {"claimName": "kloop-runs"}
 
