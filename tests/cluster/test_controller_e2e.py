@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import http.client
 import json
 import os
@@ -143,6 +144,7 @@ class KServe(Loop):
         super().__init__("play-kserve")
         self.kube, self.ns, self.urls = kube, namespace, urls
         self.served: list[str] = []  # versions made ready, in order
+        self.failing: dict[str, str] = {}  # version -> why its model fails to load
 
     def body(self) -> None:
         items = self.kube.list(ISVC, self.ns, label_selector="app.kubernetes.io/managed-by=kloop")
@@ -151,6 +153,10 @@ class KServe(Loop):
             version = meta.get("labels", {}).get("kloop.dev/version")
             status = isvc.get("status") or {}
             url = self.urls.get(version or "")
+            if version in self.failing:
+                if (status.get("modelStatus") or {}).get("transitionStatus") != "BlockedByFailedLoad":
+                    self._fail(meta, self.failing[version])
+                continue
             if url is None or (status.get("observedGeneration") == meta["generation"]
                                and (status.get("address") or {}).get("url") == url):
                 continue
@@ -169,6 +175,22 @@ class KServe(Loop):
                 continue  # deleted since the list (a rollback, a retire)
             self.served.append(version)
         self.stopping.wait(0.1)
+
+
+    def _fail(self, meta: dict[str, Any], why: str) -> None:
+        """What KServe writes for a predictor whose model cannot load."""
+        status = {
+            "observedGeneration": meta["generation"], "deploymentMode": "Standard",
+            "conditions": [{"type": t, "status": "False", "reason": "ModelLoadFailed",
+                            "message": why, "lastTransitionTime": NOW}
+                           for t in ("PredictorReady", "Ready")],
+            "modelStatus": {"transitionStatus": "BlockedByFailedLoad",
+                            "states": {"activeModelState": "FailedToLoad",
+                                       "targetModelState": "FailedToLoad"},
+                            "lastFailureInfo": {"reason": "ModelLoadFailed", "message": why}},
+        }
+        with contextlib.suppress(k.NotFound):
+            self.kube.patch(ISVC, meta["name"], {"status": status}, self.ns, status=True)
 
 
 def route_weights(kube: k.Kube, namespace: str) -> dict[str, int]:
@@ -519,3 +541,20 @@ def test_two_replicas_only_the_lease_holder_acts(world):
     assert any("/rollouts/digits-v2/status" in ln for ln in writes(h_led))
     assert writes(h_after) == [], writes(h_after)
     assert h_led.index("leading: reconciling") < h_led.index("/rollouts/digits-v2/status")
+
+
+def test_candidate_that_never_loads_fails_and_is_cleaned_up(world):
+    """KServe reports FailedToLoad for the candidate: no traffic ever reaches it, the rollout
+    ends RolledBack with KServe's reason, and its InferenceService is deleted."""
+    w = world
+    w.kserve.failing["3"] = "out of memory while loading the model"
+    w.controller("ctl-1")
+    w.create("digits-v3-broken", candidate="3", champion="2")
+    r = w.wait("digits-v3-broken", "RolledBack", lambda r: r.phase.terminal)
+    assert r.phase is Phase.ROLLED_BACK, w.diagnose(r.id)
+    assert r.reason.startswith("candidate never became ready") and "out of memory" in r.reason
+    assert not any(e.kind == "set_weights" for e in r.history)  # never got traffic
+    assert w.gateway.served("3") == 0 and w.gateway.served("3", 500) == 0
+    wait_for("the broken candidate's InferenceService to be deleted",
+             lambda: not w.exists("3") or None, 10)
+    assert w.exists("2") and w.registry.alias(MODEL, "champion") == 2
