@@ -1,8 +1,14 @@
-"""Management routes: load and unload versions, set traffic weights, inject faults.
+"""Management routes: load and unload versions, set traffic weights, inject faults; and the
+OIP/Triton model repository extension (``/v2/repository/...``).
 
 This is the surface the rollout controller drives, so it is guarded by a bearer token
 (compared in constant time). A server started without a token refuses every management call
 with 403: an open management port on a shared machine would let anyone reroute traffic.
+
+The repository extension's ``load`` and ``unload`` change what is served, so they take the
+same token (``Authorization: Bearer <token>``; tritonclient passes it through ``headers=``).
+``POST /v2/repository/index`` only reads and is open, like model metadata. Semantics in
+``serving.core.model_index``.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from serving import rest_codec
+from serving.core import model_index
 from serving.core.errors import InvalidInput, Unauthorized
 from serving.core.faults import Fault
 from serving.http_api import DATAPLANE_KEY, Handler, error_response, json_response, parse_version
@@ -20,11 +27,14 @@ from serving.http_api import DATAPLANE_KEY, Handler, error_response, json_respon
 TOKEN_KEY = web.AppKey("admin_token", str)
 NO_TOKEN = ""
 PREFIX = "/admin/"
+# Repository extension routes that change what is served (index is read-only and open).
+REPOSITORY_PREFIX = "/v2/repository/models/"
+PROTECTED = (PREFIX, REPOSITORY_PREFIX)
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if not request.path.startswith(PREFIX):
+    if not request.path.startswith(PROTECTED):
         return await handler(request)
     token = request.app[TOKEN_KEY]
     if token == NO_TOKEN:
@@ -92,6 +102,53 @@ async def clear_fault(request: web.Request) -> web.Response:
     return json_response({"cleared": True})
 
 
+# ---- the model repository extension ---------------------------------------------------------
+
+
+async def _optional_body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    return rest_codec.loads_object(raw) if raw.strip() else {}
+
+
+def _parameters(body: dict[str, Any]) -> dict[str, Any]:
+    params = body.get("parameters", {})
+    if not isinstance(params, dict):
+        raise InvalidInput("'parameters' must be an object")
+    return params
+
+
+async def repository_index(request: web.Request) -> web.Response:
+    ready_only = (await _optional_body(request)).get("ready", False)
+    if not isinstance(ready_only, bool):
+        raise InvalidInput("'ready' must be a boolean")
+    entries = model_index.index(request.app[DATAPLANE_KEY], ready_only=ready_only)
+    return json_response([
+        {"name": e.name, "version": e.version, "state": e.state}
+        | ({"reason": e.reason} if e.reason else {})
+        for e in entries
+    ])
+
+
+async def repository_load(request: web.Request) -> web.Response:
+    params = _parameters(await _optional_body(request))
+    unsupported = sorted(k for k in params if k == "config" or k.startswith("file:"))
+    if unsupported:
+        raise InvalidInput(
+            f"parameter(s) {unsupported} are not supported: kloop loads published, verified "
+            "versions from its registry (choose one with parameters.version)"
+        )
+    model = request.match_info["model"]
+    versions = await model_index.load(request.app[DATAPLANE_KEY], model, params.get("version"))
+    return json_response({"model": model, "versions": [str(v) for v in versions]})
+
+
+async def repository_unload(request: web.Request) -> web.Response:
+    _parameters(await _optional_body(request))  # unload_dependents: kloop models have none
+    model = request.match_info["model"]
+    versions = model_index.unload(request.app[DATAPLANE_KEY], model)
+    return json_response({"model": model, "unloaded": [str(v) for v in versions]})
+
+
 def add_routes(app: web.Application) -> None:
     v = "/admin/models/{model}/versions/{version}"
     app.router.add_get("/admin/models", list_models)
@@ -101,3 +158,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_put("/admin/models/{model}/traffic", set_traffic)
     app.router.add_put(f"{v}/faults", set_fault)
     app.router.add_delete(f"{v}/faults", clear_fault)
+    app.router.add_post("/v2/repository/index", repository_index)
+    app.router.add_post(REPOSITORY_PREFIX + "{model}/load", repository_load)
+    app.router.add_post(REPOSITORY_PREFIX + "{model}/unload", repository_unload)

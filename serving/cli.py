@@ -53,8 +53,29 @@ def add_serve_arguments(parser: argparse.ArgumentParser, default_registry: str |
                         help="requests admitted at once before 503 (default: %(default)s)")
     parser.add_argument("--grace-seconds", type=float, default=d["grace_seconds"].default,
                         help="time in-flight requests get to finish on stop (default: %(default)s)")
+    batching = parser.add_argument_group(
+        "dynamic batching", "for models whose signature has a batch dimension (-1 first)")
+    batching.add_argument("--max-batch-size", type=int, default=d["max_batch_size"].default,
+                          help="rows per forward pass; 1 disables batching (default: %(default)s)")
+    batching.add_argument("--max-queue-delay-ms", type=float,
+                          default=d["max_queue_delay_ms"].default,
+                          help="longest wait for a fuller batch while the model is busy; an idle "
+                               "model runs a lone request at once (default: %(default)s)")
+    batching.add_argument("--preferred-batch-sizes", type=_sizes, default=(),
+                          help="comma-separated batch sizes cut without waiting, e.g. 8,16,32")
+    batching.add_argument("--max-queue-size", type=int, default=d["max_queue_size"].default,
+                          help="rows waiting per model version before 503 / RESOURCE_EXHAUSTED "
+                               "(default: %(default)s)")
     parser.add_argument("--ports-file", type=Path, default=None,
                         help='write {"http": N, "grpc": M, "pid": P} here once serving')
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -74,6 +95,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         infer_workers=args.infer_workers,
         max_inflight=args.max_inflight,
         grace_seconds=args.grace_seconds,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_ms=args.max_queue_delay_ms,
+        preferred_batch_sizes=args.preferred_batch_sizes,
+        max_queue_size=args.max_queue_size,
         ports_file=args.ports_file,
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from serving.core.errors import (
     ArtifactRejected,
     Conflict,
+    DeadlineExceeded,
     InferenceFailed,
     InvalidInput,
     ModelNotFound,
@@ -27,6 +28,7 @@ _TABLE: dict[type, tuple[int, str]] = {
     Unauthorized: (401, "UNAUTHENTICATED"),
     Overloaded: (503, "RESOURCE_EXHAUSTED"),
     InferenceFailed: (500, "INTERNAL"),
+    DeadlineExceeded: (504, "DEADLINE_EXCEEDED"),
     Conflict: (409, "FAILED_PRECONDITION"),
     ArtifactRejected: (422, "FAILED_PRECONDITION"),
     ServingError: (500, "INTERNAL"),

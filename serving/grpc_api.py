@@ -18,7 +18,7 @@ import grpc
 from kloop.pb import inference_pb2 as pb
 from kloop.pb import inference_pb2_grpc as pb_grpc
 from serving import converters
-from serving.core.dataplane import DataPlane
+from serving.core.dataplane import DataPlane, deadline_in
 from serving.core.errors import ServingError
 from serving.errormap import grpc_code_name
 
@@ -80,7 +80,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         async def run() -> pb.ModelInferResponse:
             core_request = converters.infer_request_from_proto(request)
-            response = await self._dp.infer(core_request, PROTOCOL)
+            response = await self._dp.infer(
+                core_request, PROTOCOL, deadline=deadline_in(context.time_remaining()))
             return converters.infer_response_to_proto(
                 response, raw=bool(request.raw_input_contents)
             )

@@ -1,6 +1,8 @@
 """The HTTP adapter: OIP v2 REST routes and ``/metrics`` on aiohttp.
 
-Handlers parse the path and body (``serving.rest_codec``), call the dataplane and write JSON;
+Handlers parse the path and body (``serving.rest_codec``: JSON, or Triton's binary tensor
+format when ``Inference-Header-Content-Length`` is set), call the dataplane and answer in the
+format the client asked for;
 one middleware maps every ``ServingError`` (and aiohttp's own 4xx/5xx) to the status from
 ``serving.errormap`` with the body ``{"error": "<message>"}``. Health endpoints answer 200 for
 true and 503 for false: the spec asks for "not 200" and 503 is what balancers expect.
@@ -15,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from serving import rest_codec
-from serving.core.dataplane import DataPlane
+from serving.core.dataplane import DataPlane, deadline_from_ms
 from serving.core.errors import InvalidInput, ServingError
 from serving.errormap import http_status
 from serving.metrics import CONTENT_TYPE, ServerMetrics
@@ -85,12 +87,23 @@ async def model_ready(request: web.Request) -> web.Response:
 
 
 async def infer(request: web.Request) -> web.Response:
-    body = rest_codec.loads_object(await request.read())
-    core_request = rest_codec.infer_request_from_json(
-        body, request.match_info["model"], _version(request)
+    body = await request.read()
+    header_length = rest_codec.parse_header_length(
+        request.headers.get(rest_codec.HEADER_LENGTH), len(body)
     )
-    response = await _dp(request).infer(core_request, PROTOCOL)
-    return json_response(rest_codec.infer_response_to_json(response))
+    core_request, fmt = rest_codec.decode_infer_request(
+        body, header_length, request.match_info["model"], _version(request)
+    )
+    deadline = deadline_from_ms(request.headers.get("X-Request-Timeout-Ms"))
+    response = await _dp(request).infer(core_request, PROTOCOL, deadline=deadline)
+    payload, json_length = rest_codec.encode_infer_response(response, fmt)
+    if json_length is None:
+        return web.Response(body=payload, content_type="application/json")
+    return web.Response(
+        body=payload,
+        content_type=rest_codec.BINARY_CONTENT_TYPE,
+        headers={rest_codec.HEADER_LENGTH: str(json_length)},
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:

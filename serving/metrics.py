@@ -10,6 +10,12 @@ do not collide and nothing else in the process leaks into ``/metrics``.
   ``code`` is the HTTP status as a string, for both protocols
 * ``kloop_inference_request_duration_seconds{model,version,protocol}``: latency histogram
 * ``kloop_model_traffic_weight{model,version}``, ``kloop_model_loaded{model,version}``: gauges
+* ``kloop_inference_queue_seconds{model,version}``: per request, from joining a version's queue
+  to its forward pass starting (batching delay plus waiting for a worker thread)
+* ``kloop_inference_compute_seconds{model,version}``: per forward pass (one per batch)
+* ``kloop_inference_batch_size{model,version}``: rows per forward pass (1 for a model without a
+  batch dimension)
+* ``kloop_inference_inflight_requests``: admitted and not yet answered (queued ones included)
 
 Requests that never reach a version (unknown model, version not loaded) are not counted: their
 labels would come from the client, and unbounded label values would swell the registry.
@@ -17,7 +23,7 @@ labels would come from the client, and unbounded label values would swell the re
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -31,6 +37,12 @@ from serving.errormap import http_status
 DURATION_BUCKETS: tuple[float, ...] = tuple(
     float(f"{b:.3g}") for b in np.geomspace(0.0005, 10.0, num=20)
 )
+# Queue time is often far below a millisecond (a lone request runs at once): start at 20 us.
+QUEUE_BUCKETS: tuple[float, ...] = tuple(
+    float(f"{b:.3g}") for b in np.geomspace(0.00002, 10.0, num=24)
+)
+# Rows per forward pass: powers of two up to 4096 (the largest batch a -1 dim is exported for).
+BATCH_SIZE_BUCKETS: tuple[float, ...] = tuple(float(2**i) for i in range(13))
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -61,6 +73,19 @@ class ServerMetrics:
             "kloop_model_loaded", "1 while a version is loaded.",
             ["model", "version"], registry=self.registry,
         )
+        self.queue = Histogram(
+            "kloop_inference_queue_seconds",
+            "Time an inference request waited between joining the queue and its forward pass.",
+            ["model", "version"], buckets=QUEUE_BUCKETS, registry=self.registry,
+        )
+        self.compute = Histogram(
+            "kloop_inference_compute_seconds", "Duration of one forward pass (one batch).",
+            ["model", "version"], buckets=DURATION_BUCKETS, registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "kloop_inference_batch_size", "Rows per forward pass (the executed batch's size).",
+            ["model", "version"], buckets=BATCH_SIZE_BUCKETS, registry=self.registry,
+        )
         # The load signal an HPA scales a predictor on (KServe `autoscalerClass: external` with
         # kloop's own HPA): read at scrape time, so it is exact when sampled.
         self.inflight = Gauge(
@@ -75,6 +100,16 @@ class ServerMetrics:
         self.duration.labels(model, version, protocol).observe(seconds)
         if error is not None:
             self.errors.labels(model, version, protocol, str(http_status(error))).inc()
+
+    def observe_batch(
+        self, model: str, version: str, rows: int, queue_seconds: Sequence[float],
+        compute_seconds: float,
+    ) -> None:
+        queue = self.queue.labels(model, version)
+        for seconds in queue_seconds:
+            queue.observe(seconds)
+        self.compute.labels(model, version).observe(compute_seconds)
+        self.batch_size.labels(model, version).observe(rows)
 
     def model_loaded(self, model: str, version: int, loaded: bool) -> None:
         self.loaded.labels(model, str(version)).set(1 if loaded else 0)

@@ -1,12 +1,25 @@
-"""JSON bodies of the OIP v2 REST API <-> the core's types (the HTTP twin of ``converters``).
+"""HTTP bodies of the OIP v2 REST API <-> the core's types (the HTTP twin of ``converters``).
 
-Tensor ``data`` may be flat or nested row-major lists; numpy converts a whole list at once.
-Output arrays are written by orjson straight from numpy (``OPT_SERIALIZE_NUMPY``), without a
-Python list in between.
+Two request formats, told apart by one header:
+
+* JSON: tensor ``data`` as flat or nested row-major lists (numpy converts a whole list at
+  once); BYTES elements as strings; BF16 has no JSON input (send it binary).
+* Triton's binary tensor data extension (what tritonclient sends by default): the body is a
+  JSON header of ``Inference-Header-Content-Length`` bytes followed by the binary tensors of
+  every input whose ``parameters.binary_data_size`` is set, in input order, raw as gRPC's
+  ``raw_input_contents`` (``serving.core.types``). The binary part is decoded with
+  ``np.frombuffer`` on slices of the body: no copy, no Python loop over elements.
+
+Responses are JSON unless binary outputs were asked for (``parameters.binary_data: true`` on an
+output, or ``parameters.binary_data_output: true`` on the request for every output not named
+otherwise); then the same layout as a binary request comes back, with the header's length in
+``Inference-Header-Content-Length``. JSON is written by orjson straight from numpy
+(``OPT_SERIALIZE_NUMPY``); BF16 outputs appear in JSON as their exact float values.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,15 +28,23 @@ import orjson
 
 from serving.core.errors import InvalidInput
 from serving.core.types import (
+    RAW_ONLY_DATATYPES,
     InferenceRequest,
     InferenceResponse,
     InferInput,
     ModelMetadata,
     ServerMetadata,
+    as_bytes_array,
+    bf16_to_float32,
+    decode_raw,
+    encode_raw,
     numpy_dtype,
     oip_datatype,
+    to_bytes,
 )
 
+HEADER_LENGTH = "Inference-Header-Content-Length"
+BINARY_CONTENT_TYPE = "application/octet-stream"
 _DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
 
@@ -31,7 +52,7 @@ def dumps(body: Any) -> bytes:
     return orjson.dumps(body, option=_DUMPS_OPTIONS)
 
 
-def loads_object(raw: bytes) -> dict[str, Any]:
+def loads_object(raw: bytes | memoryview) -> dict[str, Any]:
     """Parse a request body that must be a JSON object; ``InvalidInput`` otherwise."""
     try:
         body = orjson.loads(raw)
@@ -42,16 +63,94 @@ def loads_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
+def parse_header_length(value: str | None, body_length: int) -> int | None:
+    """The JSON header's length from the ``Inference-Header-Content-Length`` header (None when
+    absent: the whole body is JSON); ``InvalidInput`` when it is not in 0..len(body)."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()):
+        raise InvalidInput(f"{HEADER_LENGTH} must be a non-negative integer, got {value!r}")
+    n = int(text)
+    if n > body_length:
+        raise InvalidInput(f"{HEADER_LENGTH} is {n}, but the body has only {body_length} bytes")
+    return n
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputFormat:
+    """Which outputs go back as binary data (Triton's binary tensor data extension)."""
+
+    binary: Mapping[str, bool] = dataclasses.field(default_factory=dict)  # per named output
+    binary_default: bool = False  # ``binary_data_output``: outputs not named above
+
+    def is_binary(self, name: str) -> bool:
+        return self.binary.get(name, self.binary_default)
+
+
+# ---- server side: requests -----------------------------------------------------------------
+
+
 def _field(obj: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
     if key not in obj:
         raise InvalidInput(f"{where}: missing field {key!r}")
     value = obj[key]
-    if not isinstance(value, kind):
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise InvalidInput(f"{where}: field {key!r} must be a {kind.__name__}")
     return value
 
 
-def _decode_input(obj: Any, index: int) -> InferInput:
+def _parameters(obj: Mapping[str, Any], where: str) -> dict[str, Any]:
+    params = obj.get("parameters", {})
+    if not isinstance(params, dict):
+        raise InvalidInput(f"{where}: 'parameters' must be an object")
+    return params
+
+
+def _json_data(data: Any, datatype: str, where: str) -> np.ndarray[Any, Any]:
+    if datatype in RAW_ONLY_DATATYPES:
+        raise InvalidInput(f"{where}: {datatype} has no JSON form; send it as binary data "
+                           f"(parameters.binary_data_size and {HEADER_LENGTH})")
+    if datatype == "BYTES":
+        try:
+            flat = np.array(data, dtype=object).reshape(-1)
+        except ValueError as e:  # ragged nesting
+            raise InvalidInput(f"{where}: data is not a (nested) list of strings: {e}") from e
+        return as_bytes_array([to_bytes(x) for x in flat])
+    try:
+        return np.asarray(data, dtype=numpy_dtype(datatype)).reshape(-1)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise InvalidInput(f"{where}: data is not a (nested) list of {datatype} values: {e}") from e
+
+
+class _Binary:
+    """The binary part of a request, handed out in input order."""
+
+    def __init__(self, data: memoryview | None) -> None:
+        self._data = data
+        self._offset = 0
+
+    def take(self, size: Any, where: str) -> memoryview:
+        if self._data is None:
+            raise InvalidInput(f"{where}: binary_data_size is set, but the request has no "
+                               f"binary part ({HEADER_LENGTH} header missing)")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise InvalidInput(f"{where}: binary_data_size must be a non-negative integer")
+        end = self._offset + size
+        if end > len(self._data):
+            raise InvalidInput(f"{where}: binary_data_size {size} runs past the body's end "
+                               f"({len(self._data) - self._offset} binary bytes left)")
+        chunk = self._data[self._offset:end]
+        self._offset = end
+        return chunk
+
+    def check_consumed(self) -> None:
+        if self._data is not None and self._offset != len(self._data):
+            raise InvalidInput(f"the body has {len(self._data) - self._offset} binary bytes "
+                               "that no input's binary_data_size accounts for")
+
+
+def _decode_input(obj: Any, index: int, binary: _Binary) -> InferInput:
     if not isinstance(obj, dict):
         raise InvalidInput(f"inputs[{index}] must be an object")
     name = _field(obj, "name", str, f"inputs[{index}]")
@@ -60,65 +159,130 @@ def _decode_input(obj: Any, index: int) -> InferInput:
     shape = _field(obj, "shape", list, where)
     if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise InvalidInput(f"{where}: shape must be a list of integers, got {shape}")
-    if "data" not in obj:
-        raise InvalidInput(f"{where}: missing field 'data'")
+    params = _parameters(obj, where)
     try:
-        dtype = numpy_dtype(datatype)
+        numpy_dtype(datatype)
     except InvalidInput as e:
         raise InvalidInput(f"{where}: {e.message}") from None
-    try:
-        data = np.asarray(obj["data"], dtype=dtype).reshape(-1)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise InvalidInput(f"{where}: data is not a (nested) list of {datatype} values: {e}") from e
-    return InferInput(name, datatype, tuple(shape), data)
+    if "binary_data_size" in params:
+        if "data" in obj:
+            raise InvalidInput(f"{where}: has both 'data' and parameters.binary_data_size")
+        chunk = binary.take(params["binary_data_size"], where)
+        try:
+            data = decode_raw(datatype, chunk)
+        except InvalidInput as e:
+            raise InvalidInput(f"{where}: {e.message}") from None
+        return InferInput(name, datatype, tuple(shape), data, raw_nbytes=len(chunk),
+                          parameters=params)
+    if "data" not in obj:
+        raise InvalidInput(f"{where}: missing field 'data' (or parameters.binary_data_size)")
+    return InferInput(name, datatype, tuple(shape), _json_data(obj["data"], datatype, where),
+                      parameters=params)
+
+
+def _output_format(outputs: list[Any], parameters: Mapping[str, Any]) -> OutputFormat:
+    binary: dict[str, bool] = {}
+    for i, o in enumerate(outputs):
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise InvalidInput("'outputs' must be a list of objects with a 'name'")
+        flag = _parameters(o, f"outputs[{i}]").get("binary_data")
+        if flag is not None:
+            if not isinstance(flag, bool):
+                raise InvalidInput(f"outputs[{i}]: parameters.binary_data must be a boolean")
+            binary[o["name"]] = flag
+    default = parameters.get("binary_data_output", False)
+    if not isinstance(default, bool):
+        raise InvalidInput("parameters.binary_data_output must be a boolean")
+    return OutputFormat(binary=binary, binary_default=default)
+
+
+def decode_infer_request(
+    body: bytes, header_length: int | None, model: str, version: str | None
+) -> tuple[InferenceRequest, OutputFormat]:
+    """An infer request body, JSON or binary (``header_length`` from ``parse_header_length``),
+    and how its answer is to be encoded. Raises only ``InvalidInput``."""
+    view = memoryview(body)
+    if header_length is None:
+        header, binary = loads_object(view), _Binary(None)
+    else:
+        header, binary = loads_object(view[:header_length]), _Binary(view[header_length:])
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidInput("request body needs a non-empty 'inputs' list")
+    outputs = header.get("outputs", [])
+    if not isinstance(outputs, list):
+        raise InvalidInput("'outputs' must be a list of objects with a 'name'")
+    parameters = _parameters(header, "request")
+    fmt = _output_format(outputs, parameters)
+    request_id = header.get("id", "")
+    if not isinstance(request_id, str):
+        raise InvalidInput("'id' must be a string")
+    decoded = tuple(_decode_input(obj, i, binary) for i, obj in enumerate(inputs))
+    binary.check_consumed()
+    request = InferenceRequest(
+        model=model, version=version, id=request_id, inputs=decoded,
+        outputs=tuple(o["name"] for o in outputs), parameters=parameters,
+    )
+    return request, fmt
 
 
 def infer_request_from_json(
     body: Mapping[str, Any], model: str, version: str | None
 ) -> InferenceRequest:
-    inputs = body.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
-        raise InvalidInput("request body needs a non-empty 'inputs' list")
-    outputs = body.get("outputs", [])
-    if not isinstance(outputs, list) or not all(
-        isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
-    ):
-        raise InvalidInput("'outputs' must be a list of objects with a 'name'")
-    parameters = body.get("parameters", {})
-    if not isinstance(parameters, dict):
-        raise InvalidInput("'parameters' must be an object")
-    request_id = body.get("id", "")
-    if not isinstance(request_id, str):
-        raise InvalidInput("'id' must be a string")
-    return InferenceRequest(
-        model=model,
-        version=version,
-        id=request_id,
-        inputs=tuple(_decode_input(obj, i) for i, obj in enumerate(inputs)),
-        outputs=tuple(o["name"] for o in outputs),
-        parameters=parameters,
-    )
+    """A parsed JSON request (no binary part)."""
+    return decode_infer_request(dumps(body), None, model, version)[0]
 
 
-def infer_response_to_json(resp: InferenceResponse) -> dict[str, Any]:
+# ---- server side: responses ----------------------------------------------------------------
+
+
+def _json_values(datatype: str, data: np.ndarray[Any, Any], name: str) -> Any:
+    flat = np.ascontiguousarray(data).reshape(-1)
+    if datatype == "BF16":
+        return bf16_to_float32(flat)
+    if datatype == "BYTES":
+        try:
+            return [to_bytes(x).decode() for x in flat]
+        except UnicodeDecodeError:
+            raise InvalidInput(f"output {name!r} holds bytes that are not UTF-8, which JSON "
+                               "cannot carry: request it with parameters.binary_data") from None
+    return flat
+
+
+def encode_infer_response(
+    resp: InferenceResponse, fmt: OutputFormat = OutputFormat()
+) -> tuple[bytes, int | None]:
+    """The response body and, when it carries binary outputs, the JSON header's length (the
+    ``Inference-Header-Content-Length`` to send); None for a plain JSON body."""
+    chunks: list[bytes] = []
+    outputs = []
+    for o in resp.outputs:
+        entry: dict[str, Any] = {"name": o.name, "datatype": o.datatype, "shape": list(o.shape)}
+        params = dict(o.parameters)
+        if fmt.is_binary(o.name):
+            raw = encode_raw(o.datatype, o.data)
+            params["binary_data_size"] = len(raw)
+            chunks.append(raw)
+        else:
+            entry["data"] = _json_values(o.datatype, o.data, o.name)
+        if params:
+            entry["parameters"] = params
+        outputs.append(entry)
     body: dict[str, Any] = {
-        "model_name": resp.model,
-        "model_version": resp.model_version,
-        "outputs": [
-            {
-                "name": o.name,
-                "datatype": o.datatype,
-                "shape": list(o.shape),
-                "data": np.ascontiguousarray(o.data).reshape(-1),
-            }
-            for o in resp.outputs
-        ],
+        "model_name": resp.model, "model_version": resp.model_version, "outputs": outputs,
     }
     if resp.id:
         body["id"] = resp.id
     if resp.parameters:
         body["parameters"] = dict(resp.parameters)
-    return body
+    header = dumps(body)
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)
+
+
+def infer_response_to_json(resp: InferenceResponse) -> dict[str, Any]:
+    return orjson.loads(encode_infer_response(resp)[0])
 
 
 def server_metadata_to_json(meta: ServerMetadata) -> dict[str, Any]:
@@ -144,17 +308,16 @@ def model_metadata_to_json(meta: ModelMetadata) -> dict[str, Any]:
 def infer_request_to_json(
     inputs: Mapping[str, np.ndarray[Any, Any]], outputs: tuple[str, ...] = (), request_id: str = ""
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "inputs": [
-            {
-                "name": name,
-                "datatype": oip_datatype(np.asarray(a).dtype),
-                "shape": list(np.shape(a)),
-                "data": np.ascontiguousarray(a).reshape(-1),
-            }
-            for name, a in inputs.items()
-        ]
-    }
+    """A JSON request body; object arrays are sent as BYTES (elements as UTF-8 strings)."""
+    entries = []
+    for name, a in inputs.items():
+        array = np.asarray(a)
+        datatype = oip_datatype(array.dtype)
+        flat = np.ascontiguousarray(array).reshape(-1)
+        data: Any = [to_bytes(x).decode() for x in flat] if datatype == "BYTES" else flat
+        entries.append({"name": name, "datatype": datatype, "shape": list(array.shape),
+                        "data": data})
+    body: dict[str, Any] = {"inputs": entries}
     if outputs:
         body["outputs"] = [{"name": n} for n in outputs]
     if request_id:
@@ -163,7 +326,14 @@ def infer_request_to_json(
 
 
 def outputs_from_json(body: Mapping[str, Any]) -> dict[str, np.ndarray[Any, Any]]:
-    return {
-        o["name"]: np.asarray(o["data"], dtype=numpy_dtype(o["datatype"])).reshape(o["shape"])
-        for o in body.get("outputs", [])
-    }
+    out = {}
+    for o in body.get("outputs", []):
+        datatype = o["datatype"]
+        if datatype == "BYTES":
+            data = as_bytes_array([to_bytes(x) for x in o["data"]])
+        elif datatype == "BF16":
+            data = np.asarray(o["data"], dtype=np.float32)
+        else:
+            data = np.asarray(o["data"], dtype=numpy_dtype(datatype))
+        out[o["name"]] = data.reshape(o["shape"])
+    return out

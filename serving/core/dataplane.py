@@ -8,36 +8,60 @@ The model runs off the event loop in a small thread pool: a forward pass holds t
 bursts (torch releases it inside kernels), so a few threads keep both servers responsive while
 models run. ``max_inflight`` bounds queued work; beyond it requests fail fast as ``Overloaded``
 rather than piling up latency.
+
+Models whose manifest has a batch dimension (``-1`` first in every input and output) go through
+one ``serving.core.batching.Batcher`` per version, which merges concurrent requests into one
+forward pass; others (or every model with ``max_batch_size`` 1) run one request per pass. Fault
+injection, validation, requested outputs and the request metrics stay per request either way.
+
+Deadlines are absolute ``time.monotonic()`` seconds: the adapters pass the client's (gRPC
+deadline, HTTP timeout header) and a ``timeout`` request parameter (microseconds, Triton's
+convention) adds one. A request past its deadline is answered ``DeadlineExceeded`` and never
+reaches the model.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
+import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 import kloop
-from serving.core.errors import InferenceFailed, ModelNotFound, Overloaded, ServingError
+from serving.core.batching import Arrays, Batcher, BatchPolicy, rows_of
+from serving.core.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    Overloaded,
+    ServingError,
+)
 from serving.core.faults import Fault, FaultInjector
 from serving.core.repository import LoadedVersion, ModelRepository
+from serving.core.tensors import from_torch, to_torch
 from serving.core.types import (
+    SERVER_EXTENSIONS,
     InferenceRequest,
     InferenceResponse,
     InferOutput,
     ModelMetadata,
     ServerMetadata,
     TensorMetadata,
-    oip_datatype,
 )
 from serving.core.validation import validate
 
 SERVER_NAME = "kloop"
 PLATFORM = "pytorch_torch_export"
+TIMEOUT_PARAMETER = "timeout"  # request parameter, microseconds (tritonclient's ``timeout=``)
+log = logging.getLogger(__name__)
 
 
 class InferenceRecorder(Protocol):
@@ -46,6 +70,27 @@ class InferenceRecorder(Protocol):
     def observe(
         self, model: str, version: str, protocol: str, seconds: float, error: ServingError | None
     ) -> None: ...
+
+    def observe_batch(
+        self, model: str, version: str, rows: int, queue_seconds: Sequence[float],
+        compute_seconds: float,
+    ) -> None:
+        """One forward pass of ``rows`` rows, serving requests that waited ``queue_seconds``."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class _BatchMetrics:
+    """A version's batcher observer: the recorder with the labels bound."""
+
+    recorder: InferenceRecorder
+    model: str
+    version: str
+
+    def batch_executed(
+        self, rows: int, queue_seconds: Sequence[float], compute_seconds: float
+    ) -> None:
+        self.recorder.observe_batch(self.model, self.version, rows, queue_seconds, compute_seconds)
 
 
 class DataPlane:
@@ -58,6 +103,7 @@ class DataPlane:
         infer_workers: int = 2,
         max_inflight: int = 256,
         expected_models: Sequence[str] = (),
+        batch_policy: BatchPolicy | None = None,
     ) -> None:
         self.repository = repository
         self.faults = faults or FaultInjector()
@@ -74,8 +120,17 @@ class DataPlane:
         self._loading: dict[tuple[str, int], asyncio.Future[LoadedVersion]] = {}
         self._max_inflight = max_inflight
         self._inflight = 0
+        self._idle: asyncio.Event | None = None  # set while nothing is in flight (drain)
         self._expected = tuple(expected_models)
         self._shutting_down = False
+        self.batch_policy = batch_policy or BatchPolicy()
+        self._infer_workers = infer_workers
+        self._batchers: dict[tuple[str, int], Batcher] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down
 
     @property
     def inflight(self) -> int:
@@ -107,7 +162,9 @@ class DataPlane:
         return True
 
     def server_metadata(self) -> ServerMetadata:
-        return ServerMetadata(name=SERVER_NAME, version=kloop.__version__, extensions=())
+        return ServerMetadata(
+            name=SERVER_NAME, version=kloop.__version__, extensions=SERVER_EXTENSIONS
+        )
 
     def model_metadata(self, model: str, version: str | None = None) -> ModelMetadata:
         versions = self.repository.versions(model)  # ModelNotFound when not loaded
@@ -127,21 +184,40 @@ class DataPlane:
 
     # ---- inference -----------------------------------------------------------------------
 
-    async def infer(self, request: InferenceRequest, protocol: str) -> InferenceResponse:
+    async def infer(
+        self, request: InferenceRequest, protocol: str, *, deadline: float | None = None
+    ) -> InferenceResponse:
+        """Route, validate, inject faults, run (batched when the model allows), answer.
+
+        ``deadline``: absolute ``time.monotonic()`` seconds by which the client needs the answer.
+        """
+        if self._shutting_down:  # clean refusal while the in-flight requests drain
+            raise ModelNotReady("the server is shutting down; retry on another replica")
         if self._inflight >= self._max_inflight:
             raise Overloaded(f"{self._inflight} requests in flight; try again later")
         loaded = self.repository.route(request.model, request.version)
         version = str(loaded.version)
         self._inflight += 1
+        if self._idle is not None:
+            self._idle.clear()
         start = time.perf_counter()
         error: ServingError | None = None
         try:
             validate(request, loaded.manifest)
+            deadline = _earliest(deadline, _parameter_deadline(request.parameters))
             await self.faults.apply(loaded.model, loaded.version)
-            loop = asyncio.get_running_loop()
-            outputs = await loop.run_in_executor(self._executor, _run, loaded, request)
+            if deadline is not None and deadline <= time.monotonic():
+                raise DeadlineExceeded(f"model {loaded.model} v{version}: the request's "
+                                       "deadline passed before it could run")
+            arrays = _input_arrays(loaded, request)
+            batcher = self._batcher(loaded, arrays)
+            if batcher is not None:
+                results = await batcher.submit(arrays, deadline=deadline)
+            else:
+                results = await self._run_alone(loaded, arrays, deadline)
             return InferenceResponse(
-                model=loaded.model, model_version=version, outputs=outputs, id=request.id
+                model=loaded.model, model_version=version,
+                outputs=_select_outputs(loaded, request, results), id=request.id,
             )
         except ServingError as e:
             error = e
@@ -151,10 +227,56 @@ class DataPlane:
             raise error from e
         finally:
             self._inflight -= 1
+            if self._inflight == 0 and self._idle is not None:
+                self._idle.set()
             if self._recorder:
                 self._recorder.observe(
                     loaded.model, version, protocol, time.perf_counter() - start, error
                 )
+
+    def _batcher(self, loaded: LoadedVersion, arrays: Arrays) -> Batcher | None:
+        """The version's batcher, or None when this request runs alone."""
+        if not self.batch_policy.enabled or not _has_batch_dim(loaded) or rows_of(arrays) is None:
+            return None
+        key = (loaded.model, loaded.version)
+        batcher = self._batchers.get(key)
+        if batcher is None:
+            try:  # routed before an unload: run it alone rather than start a batcher nobody stops
+                if self.repository.get(loaded.model, loaded.version) is not loaded:
+                    return None
+            except ModelNotFound:
+                return None
+            batcher = Batcher(
+                lambda inputs: _forward(loaded, inputs), self.batch_policy,
+                executor=self._executor, max_concurrency=self._infer_workers,
+                observer=(_BatchMetrics(self._recorder, loaded.model, str(loaded.version))
+                          if self._recorder else None),
+                name=f"{loaded.model} v{loaded.version}",
+            )
+            self._batchers[key] = batcher
+        return batcher
+
+    async def _run_alone(
+        self, loaded: LoadedVersion, arrays: Arrays, deadline: float | None
+    ) -> Arrays:
+        """One request, one forward pass (no batch dimension, or batching off)."""
+        queued = time.monotonic()
+
+        def run() -> tuple[Arrays, float, float]:
+            started = time.monotonic()
+            if deadline is not None and deadline <= started:  # waited too long for a thread
+                raise DeadlineExceeded(f"model {loaded.model} v{loaded.version}: the request's "
+                                       "deadline passed while it waited for a worker")
+            outputs = _forward(loaded, arrays)
+            return outputs, started - queued, time.monotonic() - started
+
+        loop = asyncio.get_running_loop()
+        outputs, queue_seconds, compute = await loop.run_in_executor(self._executor, run)
+        if self._recorder:
+            rows = rows_of(arrays) if _has_batch_dim(loaded) else None
+            self._recorder.observe_batch(
+                loaded.model, str(loaded.version), rows or 1, (queue_seconds,), compute)
+        return outputs
 
     # ---- management ----------------------------------------------------------------------
 
@@ -173,6 +295,11 @@ class DataPlane:
     def unload(self, model: str, version: int) -> None:
         self.repository.unload(model, version)
         self.faults.clear(model, version)
+        batcher = self._batchers.pop((model, version), None)
+        if batcher is not None:  # requests already queued for it still get their answers
+            task = asyncio.get_running_loop().create_task(batcher.close("unloaded", drain=True))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
 
     def set_weights(self, model: str, weights: Mapping[str | int, int]) -> dict[int, int]:
         return self.repository.set_weights(model, weights)
@@ -203,25 +330,94 @@ class DataPlane:
     # ---- lifecycle -----------------------------------------------------------------------
 
     def begin_shutdown(self) -> None:
-        """Report not ready from now on, so balancers stop sending new work."""
+        """Report not ready and refuse new inference (``ModelNotReady``: 503 / UNAVAILABLE)
+        from now on; requests already admitted, queued ones included, still run."""
         self._shutting_down = True
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until no admitted request is left (answered, queued ones included), at most
+        ``timeout`` seconds; True when drained."""
+        if self._inflight == 0:
+            return True
+        if self._idle is None:
+            self._idle = asyncio.Event()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        """Stop the batchers (requests still queued get ``ModelNotReady``) and the workers."""
+        batchers = list(self._batchers.values())
+        self._batchers.clear()
+        await asyncio.gather(*(b.close() for b in batchers), *self._retiring,
+                             return_exceptions=True)
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=False)
         self._load_executor.shutdown(wait=True, cancel_futures=False)
 
 
-def _run(loaded: LoadedVersion, request: InferenceRequest) -> tuple[InferOutput, ...]:
-    """Run the model on one validated request (in a worker thread)."""
-    manifest = loaded.manifest
+def deadline_in(seconds: float | None) -> float | None:
+    """The absolute deadline (``time.monotonic()``) ``seconds`` from now; None stays None."""
+    return None if seconds is None else time.monotonic() + seconds
+
+
+def deadline_from_ms(text: str | None) -> float | None:
+    """The deadline a relative timeout in milliseconds (header text) asks for; ``InvalidInput``
+    when it is not a positive number."""
+    if text is None:
+        return None
+    try:
+        ms = float(text)
+    except ValueError:
+        ms = math.nan
+    if not (math.isfinite(ms) and ms > 0):
+        raise InvalidInput(f"a request timeout must be a positive number of ms, got {text!r}")
+    return deadline_in(ms / 1000)
+
+
+def _has_batch_dim(loaded: LoadedVersion) -> bool:
+    """Batching needs dim 0 to be the batch in every input and output (``-1`` first)."""
+    m = loaded.manifest
+    return all(len(s.shape) >= 1 and s.shape[0] == -1 for s in (*m.inputs, *m.outputs))
+
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _parameter_deadline(parameters: Mapping[str, Any]) -> float | None:
+    """The deadline from a ``timeout`` parameter: microseconds, 0 = none (as in Triton)."""
+    value = parameters.get(TIMEOUT_PARAMETER)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0:
+        raise InvalidInput(
+            f"parameter {TIMEOUT_PARAMETER!r} must be a non-negative number of microseconds, "
+            f"got {value!r}"
+        )
+    return time.monotonic() + value / 1e6 if value else None
+
+
+def _input_arrays(loaded: LoadedVersion, request: InferenceRequest) -> Arrays:
+    """One array per manifest input, in manifest order, shaped (a view; no copy)."""
     by_name = {t.name: t for t in request.inputs}
-    args = []
-    for spec in manifest.inputs:
-        tensor = by_name[spec.name]
-        data = tensor.data.reshape(tensor.shape)
-        if not data.flags.writeable:  # np.frombuffer over request bytes; torch wants writable
-            data = data.copy()
-        args.append(torch.from_numpy(data))
+    return tuple(
+        by_name[spec.name].data.reshape(by_name[spec.name].shape)
+        for spec in loaded.manifest.inputs
+    )
+
+
+def _forward(loaded: LoadedVersion, inputs: Arrays) -> Arrays:
+    """Run the model on one request's or one batch's inputs (in a worker thread); one numpy
+    array per manifest output, each checked against the manifest's datatype."""
+    manifest = loaded.manifest
+    args = [to_torch(data, spec.datatype) for data, spec in zip(inputs, manifest.inputs, strict=True)]
     try:
         with torch.inference_mode():
             result = loaded.runnable(*args)
@@ -233,14 +429,10 @@ def _run(loaded: LoadedVersion, request: InferenceRequest) -> tuple[InferOutput,
             f"model {loaded.model} v{loaded.version} returned {len(results)} outputs, its "
             f"manifest declares {len(manifest.outputs)}"
         )
-    wanted = set(request.outputs) or {s.name for s in manifest.outputs}
     outputs = []
     for spec, value in zip(manifest.outputs, results, strict=True):
-        if spec.name not in wanted:
-            continue
         try:  # what the model returned is the model's fault, never the client's
-            array = np.ascontiguousarray(value.detach().cpu().numpy())
-            datatype = oip_datatype(array.dtype)
+            datatype, array = from_torch(value, spec.datatype)
         except (ServingError, AttributeError, TypeError, RuntimeError) as e:
             raise InferenceFailed(f"model {loaded.model} v{loaded.version} returned an output "
                                   f"{spec.name!r} that cannot be sent: {e}") from e
@@ -249,5 +441,20 @@ def _run(loaded: LoadedVersion, request: InferenceRequest) -> tuple[InferOutput,
                 f"model {loaded.model} v{loaded.version} produced {datatype} for output "
                 f"{spec.name!r}, its manifest declares {spec.datatype}"
             )
-        outputs.append(InferOutput(spec.name, datatype, tuple(array.shape), array))
+        outputs.append(array)
     return tuple(outputs)
+
+
+def _select_outputs(
+    loaded: LoadedVersion, request: InferenceRequest, results: Arrays
+) -> tuple[InferOutput, ...]:
+    """The outputs this request asked for (all when it named none), in manifest order."""
+    if len(results) != len(loaded.manifest.outputs):  # a batch's split went wrong: a bug
+        raise InferenceFailed(f"model {loaded.model} v{loaded.version}: {len(results)} outputs "
+                              f"for {len(loaded.manifest.outputs)} declared")
+    wanted = set(request.outputs) or {s.name for s in loaded.manifest.outputs}
+    return tuple(
+        InferOutput(spec.name, spec.datatype, tuple(array.shape), array)
+        for spec, array in zip(loaded.manifest.outputs, results, strict=True)
+        if spec.name in wanted
+    )

@@ -9,6 +9,7 @@
     ├── Unauthorized       management call without the right token         -> 401 / UNAUTHENTICATED
     ├── Overloaded         no capacity for this request now                -> 503 / RESOURCE_EXHAUSTED
     ├── InferenceFailed    the model (or an injected fault) failed          -> 500 / INTERNAL
+    ├── DeadlineExceeded   the request's deadline passed before it ran      -> 504 / DEADLINE_EXCEEDED
     ├── Conflict           management change refused by the current state   -> 409 / FAILED_PRECONDITION
     └── ArtifactRejected   a version failed its hash check or has a format
                            this server will not load                        -> 422 / FAILED_PRECONDITION
@@ -51,6 +52,11 @@ class Overloaded(ServingError):
 
 class InferenceFailed(ServingError):
     pass
+
+
+class DeadlineExceeded(ServingError):
+    """The client's deadline (gRPC deadline, HTTP timeout header, ``timeout`` parameter)
+    passed while the request waited; it is dropped before the model runs."""
 
 
 class Conflict(ServingError):

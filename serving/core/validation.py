@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from kloop.artifact import Manifest, TensorSpec
 from serving.core.errors import InvalidInput
-from serving.core.types import InferenceRequest, InferInput, numpy_dtype
+from serving.core.types import InferenceRequest, InferInput, fixed_itemsize
 
 
 def validate(request: InferenceRequest, manifest: Manifest) -> None:
@@ -52,8 +52,8 @@ def _check_tensor(tensor: InferInput, spec: TensorSpec) -> None:
             " (-1 = any size)"
         )
     elements = math.prod(shape)
-    if tensor.raw_nbytes is not None:
-        itemsize = numpy_dtype(spec.datatype).itemsize
+    itemsize = fixed_itemsize(spec.datatype)  # None for BYTES: its decoder checked the framing
+    if tensor.raw_nbytes is not None and itemsize is not None:
         if tensor.raw_nbytes != elements * itemsize:
             raise InvalidInput(
                 f"input {name!r}: raw contents hold {tensor.raw_nbytes} bytes, shape "

@@ -1,0 +1,404 @@
+"""Dynamic batching: merge concurrent requests to one model version into one forward pass.
+
+A forward pass over 32 rows costs little more than one over a single row (the per-call
+overhead of Python, torch dispatch and thread hand-off dominates small models), so under
+concurrent load the server runs many requests' rows at once and splits the answer back.
+
+One ``Batcher`` per loaded (model, version). Each request's inputs are arrays whose dim 0 is
+the batch dimension; a request of ``n`` rows takes ``n`` rows of a batch. Shapes:
+
+* a batch holds at most ``max_batch_size`` rows, unless one request alone is bigger: it runs
+  alone, never split;
+* only requests with equal trailing shapes and dtypes merge (``key``): a model whose second
+  dimension is ``-1`` still batches, per shape;
+* FIFO: a batch is the oldest request plus the following ones of its key that fit; a request
+  that does not fit waits for the next batch, nothing overtakes it.
+
+When a batch runs (the delay adapts to the load):
+
+* nothing executing (the model is idle): run what is queued now. A lone client never pays a
+  delay, and under load the queue fills while the previous batch runs, so batches grow with
+  load by themselves;
+* otherwise run when the rows reach ``max_batch_size``, or a prefix of the queue is exactly a
+  preferred size (the largest such), or the oldest request has waited ``max_queue_delay_ms``.
+
+Every request has its own future; the batch's outputs are split back along dim 0 by row
+counts. A failing batch fails each of its requests with the same error, and the next batch
+starts clean. Past ``max_queue_size`` waiting rows, ``submit`` raises ``Overloaded`` at once
+instead of queueing latency. A request past its deadline is answered ``DeadlineExceeded`` when
+it expires and is never computed; a request whose caller gave up (cancelled) is skipped.
+
+Concatenation, the model call and the split run in a worker thread (``executor``): only list
+bookkeeping happens on the event loop. A request that finds the model idle runs in its own
+task; the loop task that forms batches starts with the first request that has to queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from serving.core.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded
+
+log = logging.getLogger(__name__)
+
+Arrays = tuple[np.ndarray[Any, Any], ...]
+# The model on a whole batch: one array per input (dim 0 = rows) -> one per output, same rows.
+BatchFn = Callable[[Arrays], Arrays]
+Clock = Callable[[], float]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPolicy:
+    """How requests to one model version are merged; validated at construction."""
+
+    # Rows per forward pass. 1 disables batching: every request runs alone, as it arrives.
+    max_batch_size: int = 32
+    # Longest a request waits for company while the model is busy, milliseconds. Small: under
+    # load the queue fills during the running batch anyway; this only rounds up stragglers.
+    max_queue_delay_ms: float = 2.0
+    # Batch sizes (rows) the model runs best at (e.g. those compiled or captured); a queue
+    # prefix of exactly such a size runs without waiting for the delay.
+    preferred_batch_sizes: tuple[int, ...] = ()
+    # Rows waiting (not yet executing) before new requests are refused with Overloaded:
+    # bounded latency instead of an unbounded queue. An empty queue admits any request.
+    max_queue_size: int = 512
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_batch_size, bool) or self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if not 0 <= self.max_queue_delay_ms <= 60_000:
+            raise ValueError(
+                f"max_queue_delay_ms must be in [0, 60000], got {self.max_queue_delay_ms}"
+            )
+        sizes = tuple(self.preferred_batch_sizes)
+        if any(not 1 <= s <= self.max_batch_size for s in sizes):
+            raise ValueError(
+                f"preferred_batch_sizes {list(sizes)} must each be in 1..max_batch_size "
+                f"({self.max_batch_size})"
+            )
+        if len(set(sizes)) != len(sizes):
+            raise ValueError(f"preferred_batch_sizes {list(sizes)} repeat a size")
+        object.__setattr__(self, "preferred_batch_sizes", tuple(sorted(sizes)))
+        if self.max_queue_size < self.max_batch_size:
+            raise ValueError(
+                f"max_queue_size ({self.max_queue_size}) must be >= max_batch_size "
+                f"({self.max_batch_size}), or no full batch could ever queue"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_batch_size > 1
+
+
+class BatchObserver(Protocol):
+    """Told about every executed batch (the metrics)."""
+
+    def batch_executed(
+        self, rows: int, queue_seconds: Sequence[float], compute_seconds: float
+    ) -> None: ...
+
+
+@dataclasses.dataclass(eq=False)
+class _Item:
+    arrays: Arrays
+    rows: int
+    key: Hashable
+    future: asyncio.Future[Arrays]
+    enqueued: float
+    deadline: float | None
+    queued: bool = True
+    timer: asyncio.TimerHandle | None = None
+
+
+def batch_key(arrays: Arrays) -> Hashable:
+    """Requests merge only when every input agrees on dtype and on all dims after the first."""
+    return tuple((a.dtype.str, a.shape[1:]) for a in arrays)
+
+
+def rows_of(arrays: Arrays) -> int | None:
+    """The request's batch size: dim 0 shared by every input, or None when they disagree."""
+    if not arrays or any(a.ndim == 0 for a in arrays):
+        return None
+    rows = {a.shape[0] for a in arrays}
+    return rows.pop() if len(rows) == 1 else None
+
+
+class Batcher:
+    """Batches ``submit``-ted requests onto ``fn``; see the module docstring.
+
+    ``max_concurrency``: batches of this model executing at once (in ``executor``'s threads).
+    ``clock``: seconds, the same clock as deadlines passed to ``submit`` (monotonic).
+    """
+
+    def __init__(
+        self,
+        fn: BatchFn,
+        policy: BatchPolicy,
+        *,
+        executor: concurrent.futures.Executor | None = None,
+        max_concurrency: int = 1,
+        observer: BatchObserver | None = None,
+        clock: Clock = time.monotonic,
+        name: str = "batcher",
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        self.policy = policy
+        self.name = name
+        self._fn = fn
+        self._executor = executor
+        self._max_concurrency = max_concurrency
+        self._observer = observer
+        self._clock = clock
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._queued_rows = 0
+        self._executing = 0
+        self._closed = False
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._batches: set[asyncio.Task[None]] = set()
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    @property
+    def executing(self) -> int:
+        return self._executing
+
+    async def submit(self, arrays: Arrays, *, deadline: float | None = None) -> Arrays:
+        """Queue one request (``arrays``: one per input, dim 0 = its rows) and await its own
+        rows of the batch's outputs. Raises ``Overloaded``, ``DeadlineExceeded``,
+        ``ModelNotReady`` (closed), or the batch's error."""
+        rows = rows_of(arrays)
+        if rows is None:
+            raise ValueError("every input of a batched request needs the same dim 0")
+        if self._closed:
+            raise ModelNotReady(f"{self.name}: no longer accepting requests")
+        now = self._clock()
+        if deadline is not None and deadline <= now:
+            raise DeadlineExceeded(f"{self.name}: the request's deadline passed before it queued")
+        if self._queued_rows and self._queued_rows + rows > self.policy.max_queue_size:
+            raise Overloaded(
+                f"{self.name}: {self._queued_rows} rows already queued (max_queue_size "
+                f"{self.policy.max_queue_size}); try again later"
+            )
+        loop = asyncio.get_running_loop()
+        item = _Item(arrays, rows, batch_key(arrays), loop.create_future(), now, deadline)
+        if self._executing == 0 and not self._queue:
+            # Idle: this request is a batch of its own right now; running it in the caller's
+            # task skips the hand-off to the loop task (the lone client's latency).
+            item.queued = False
+            self._executing += 1
+            await self._execute(loop, [item])
+            return item.future.result()
+        item.future.add_done_callback(lambda _: self._dequeue(item))
+        if deadline is not None:
+            item.timer = loop.call_later(deadline - now, self._expire, item)
+        self._queue.append(item)
+        self._queued_rows += rows
+        self._start(loop)
+        return await item.future
+
+    async def close(self, reason: str = "shutting down", *, drain: bool = False) -> None:
+        """Refuse new requests; with ``drain``, run every queued one first, else fail them with
+        ``ModelNotReady``; stop the loop. Executing batches finish (threads cannot be stopped)."""
+        self._closed = True
+        # Shutdown and unload only; polling keeps the hot path free of extra signalling.
+        while drain and (self._executing or any(not i.future.done() for i in self._queue)):
+            await asyncio.sleep(0.005)
+        for item in list(self._queue):
+            if not item.future.done():
+                item.future.set_exception(ModelNotReady(f"{self.name}: {reason}"))
+        self._queue.clear()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._batches:
+            await asyncio.gather(*self._batches, return_exceptions=True)
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._loop(), name=f"{self.name}-loop")
+            self._task.add_done_callback(self._loop_ended)
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            self._drop_dead_head()
+            wait: float | None = None
+            if self._queue and self._executing < self._max_concurrency:
+                batch, wait = self._next_batch()
+                if batch:
+                    self._launch(loop, batch)
+                    continue
+            self._wake.clear()
+            # Woken by a new request, a finished batch, or (``wait``) the oldest one's delay.
+            timer = loop.call_later(wait, self._wake.set) if wait is not None else None
+            try:
+                await self._wake.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:  # a bug in the batcher: never leave a caller waiting forever
+            log.error("%s: batching loop failed", self.name, exc_info=error)
+            for item in list(self._queue):
+                if not item.future.done():
+                    item.future.set_exception(error)
+            self._queue.clear()
+
+    def _next_batch(self) -> tuple[list[_Item], float | None]:
+        """The batch to run now, or ([], seconds until the oldest request's delay ends)."""
+        policy = self.policy
+        head = self._queue[0]
+        batch: list[_Item] = []
+        rows = 0
+        prefix_rows: list[int] = []
+        full = False
+        for item in self._queue:
+            if item.future.done() or item.key != head.key:
+                continue
+            if batch and rows + item.rows > policy.max_batch_size:
+                full = True
+                break
+            batch.append(item)
+            rows += item.rows
+            prefix_rows.append(rows)
+            if rows >= policy.max_batch_size:
+                full = True
+                break
+        if full or self._executing == 0:
+            return batch, None
+        for size in reversed(policy.preferred_batch_sizes):
+            if size in prefix_rows:
+                return batch[: prefix_rows.index(size) + 1], None
+        waited = self._clock() - head.enqueued
+        remaining = policy.max_queue_delay_ms / 1000 - waited
+        if remaining <= 0:
+            return batch, None
+        return [], remaining
+
+    def _launch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        for item in batch:
+            item.queued = False
+            self._queued_rows -= item.rows
+            if item.timer is not None:
+                item.timer.cancel()
+        ids = {id(item) for item in batch}
+        self._queue = collections.deque(
+            i for i in self._queue if id(i) not in ids and not i.future.done())
+        self._executing += 1
+        task = loop.create_task(self._execute(loop, batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        try:
+            now = self._clock()
+            live = [i for i in batch if not i.future.done()]
+            for item in live:
+                if item.deadline is not None and item.deadline <= now:  # expired: never computed
+                    item.future.set_exception(
+                        DeadlineExceeded(f"{self.name}: the request's deadline passed in the queue"))
+            live = [i for i in live if not i.future.done()]
+            if not live:
+                return
+            try:
+                outputs, started, compute = await loop.run_in_executor(
+                    self._executor, _compute, self._fn, [i.arrays for i in live], self._clock
+                )
+            except BaseException as e:  # every waiter gets the batch's error, even a cancel
+                for item in live:
+                    if item.future.done():
+                        continue
+                    if isinstance(e, asyncio.CancelledError):
+                        item.future.cancel()
+                    else:
+                        item.future.set_exception(e)
+                if not isinstance(e, Exception):
+                    raise
+                return
+            for item, result in zip(live, outputs, strict=True):
+                if not item.future.done():  # the caller may have given up meanwhile
+                    item.future.set_result(result)
+            if self._observer is not None:
+                queue_seconds = [started - i.enqueued for i in live]
+                try:
+                    self._observer.batch_executed(sum(i.rows for i in live), queue_seconds, compute)
+                except Exception:  # metrics must never cost an answer
+                    log.exception("%s: batch observer failed", self.name)
+        finally:
+            self._executing -= 1
+            if self._wake is not None:
+                self._wake.set()
+
+    # ---- queue bookkeeping ---------------------------------------------------------------
+
+    def _dequeue(self, item: _Item) -> None:
+        """A queued request finished without running (expired, cancelled, closed)."""
+        if item.queued:
+            item.queued = False
+            self._queued_rows -= item.rows
+            if item.timer is not None:
+                item.timer.cancel()
+
+    def _drop_dead_head(self) -> None:
+        while self._queue and self._queue[0].future.done():
+            self._queue.popleft()
+
+    def _expire(self, item: _Item) -> None:
+        if not item.future.done():
+            item.future.set_exception(
+                DeadlineExceeded(f"{self.name}: the request's deadline passed in the queue"))
+
+
+def _compute(
+    fn: BatchFn, requests: list[Arrays], clock: Clock
+) -> tuple[list[Arrays], float, float]:
+    """Concatenate, run, split (in a worker thread): each request's rows of every output, when
+    the thread took the batch (``clock``; queue time ends there) and the model's seconds."""
+    started = clock()
+    counts = [r[0].shape[0] for r in requests]
+    if len(requests) == 1:
+        inputs = requests[0]
+    else:
+        inputs = tuple(np.concatenate(parts) for parts in zip(*requests, strict=True))
+    start = time.perf_counter()
+    outputs = fn(inputs)
+    compute = time.perf_counter() - start
+    if len(requests) == 1:
+        return [tuple(outputs)], started, compute
+    total = sum(counts)
+    for i, out in enumerate(outputs):
+        if out.ndim == 0 or out.shape[0] != total:
+            raise BatchShapeError(
+                f"output {i} has shape {list(out.shape)}: a batch of {total} rows needs dim 0 "
+                f"= {total}"
+            )
+    offsets = np.cumsum(counts)[:-1]
+    split = [np.split(out, offsets) for out in outputs]
+    return [tuple(parts) for parts in zip(*split, strict=True)], started, compute
+
+
+class BatchShapeError(InferenceFailed):
+    """The model's output does not have one row per input row, so it cannot be split back."""
