@@ -179,7 +179,10 @@ class Kube:
     # ---- raw calls ----------------------------------------------------------------------
 
     def _call(self, method: str, path: str, *, body: Any = None, query: Mapping[str, Any] | None = None,
-              content_type: str = "application/json", stream: bool = False) -> Any:
+              content_type: str = "application/json", stream: bool = False,
+              read_timeout: float | None = None) -> Any:
+        """``read_timeout``: for streams, seconds without a byte before the connection counts as
+        dead (a half-open TCP connection never ends by itself); None waits forever."""
         # kubernetes >= 31 (the OpenAPI generator v7 client): param_serialize builds the URL,
         # auth and headers; call_api sends it and returns the raw response for any status.
         from kubernetes.client.rest import ApiException
@@ -192,7 +195,7 @@ class Kube:
                 body=body, auth_settings=["BearerToken"],
             )
             resp = self._api.call_api(m, url, header_params=hdrs, body=payload,
-                                      _request_timeout=None if stream else 30)
+                                      _request_timeout=(10, read_timeout) if stream else 30)
         except ApiException as e:
             raise _translate(e) from e
         except (OSError, HTTPError) as e:
@@ -267,9 +270,20 @@ class Kube:
         except NotFound:
             pass
 
-    def apply(self, obj: Obj, namespace: str | None = None) -> Obj:
+    def apply(self, obj: Obj, namespace: str | None = None, *, attempts: int = 3) -> Obj:
         """Create, or update ``spec``/labels/annotations of the existing object (status kept).
-        Idempotent: an unchanged object is not written."""
+        Idempotent: an unchanged object is not written. A 409 (another writer, e.g. KServe
+        updating the status, moved the object between our read and write) reads again and
+        retries, up to ``attempts`` times."""
+        for attempt in range(attempts):
+            try:
+                return self._apply_once(obj, namespace)
+            except Conflict:
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _apply_once(self, obj: Obj, namespace: str | None) -> Obj:
         kind, obj = self._effective(kind_of(obj), obj)
         ns = self._ns(kind, namespace or _meta_ns(obj))
         try:
@@ -325,7 +339,10 @@ class Kube:
             query = {**selectors, "watch": "true", "resourceVersion": version,
                      "timeoutSeconds": window, "allowWatchBookmarks": "true"}
             try:
-                resp = self._call("GET", kind.path(ns), query=query, stream=True)
+                # The server ends the watch after `window` seconds; silence well past that means
+                # the connection is gone (failover, NAT drop): time out and resume.
+                resp = self._call("GET", kind.path(ns), query=query, stream=True,
+                                  read_timeout=window + 15)
                 for line in _lines(resp):
                     event = json.loads(line)
                     etype, obj = event["type"], event["object"]

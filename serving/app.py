@@ -210,7 +210,8 @@ class Server:
     async def _start_grpc(self) -> None:
         server = grpc.aio.server()
         grpc_api.add_to_server(server, self.dataplane)
-        address = f"{self.config.host}:{self.config.grpc_port}"
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host  # IPv6
+        address = f"{host}:{self.config.grpc_port}"
         port = server.add_insecure_port(address)
         if port == 0:
             raise OSError(f"gRPC could not bind {address}")

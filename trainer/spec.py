@@ -17,11 +17,12 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, get_args
 
+from kloop.artifact import check_name
+
 Device = Literal["auto", "cpu", "cuda"]
 RestartPolicy = Literal["OnFailure", "Always", "Never", "ExitCode"]
 CleanPodPolicy = Literal["None", "Running", "All"]
 
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 # Kubernetes resource quantities: "2", "500m", "1.5", "2Gi", "512Mi", "1G".
 _QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 
@@ -113,7 +114,10 @@ class TrainSpec:
     storage: Storage = dataclasses.field(default_factory=Storage)
 
     def __post_init__(self) -> None:
-        _require(bool(_NAME_RE.match(self.model_name)), f"model_name {self.model_name!r}: use 1-63 lower-case letters, digits, '.', '_' or '-'")
+        try:
+            check_name(self.model_name)  # the registry's rule, stated once
+        except ValueError as e:
+            raise SpecError(f"model_name: {e}") from None
         _require(bool(self.arch), "arch must name an architecture")
         _require(_is_int(self.epochs) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs!r}")
         _require(_is_int(self.global_batch_size) and self.global_batch_size >= 1, f"global_batch_size must be >= 1, got {self.global_batch_size!r}")

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import time
@@ -120,8 +121,12 @@ class _Item:
 
 
 def batch_key(arrays: Arrays) -> Hashable:
-    """Requests merge only when every input agrees on dtype and on all dims after the first."""
-    return tuple((a.dtype.str, a.shape[1:]) for a in arrays)
+    """Requests merge only when every input agrees on dtype and on all dims after the first;
+    BYTES inputs (object arrays) also on their longest element, since the model sees them padded
+    to it: a batch neighbour must never change what the model sees for a request."""
+    return tuple((a.dtype.str, a.shape[1:],
+                  max((len(x) for x in a.reshape(-1)), default=0) if a.dtype == object else None)
+                 for a in arrays)
 
 
 def rows_of(arrays: Arrays) -> int | None:
@@ -312,7 +317,14 @@ class Batcher:
         self._batches.add(task)
         task.add_done_callback(self._batches.discard)
 
+    def _release(self) -> None:
+        """One model call ended (in the thread, not merely in the awaiting task)."""
+        self._executing -= 1
+        if self._wake is not None:
+            self._wake.set()
+
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        submitted = False
         try:
             now = self._clock()
             live = [i for i in batch if not i.future.done()]
@@ -323,10 +335,14 @@ class Batcher:
             live = [i for i in live if not i.future.done()]
             if not live:
                 return
+            cf = self._executor.submit(_compute, self._fn, [i.arrays for i in live], self._clock,
+                                       [i.deadline for i in live])
+            submitted = True
+            # The slot is freed when the THREAD is done: a cancelled caller (a gRPC client that
+            # went away) must not let a second call start while this one still runs.
+            cf.add_done_callback(lambda _: _call_soon(loop, self._release))
             try:
-                outputs, started, compute = await loop.run_in_executor(
-                    self._executor, _compute, self._fn, [i.arrays for i in live], self._clock
-                )
+                outputs, started, compute = await asyncio.wrap_future(cf, loop=loop)
             except BaseException as e:  # every waiter gets the batch's error, even a cancel
                 for item in live:
                     if item.future.done():
@@ -348,9 +364,8 @@ class Batcher:
                 except Exception:  # metrics must never cost an answer
                     log.exception("%s: batch observer failed", self.name)
         finally:
-            self._executing -= 1
-            if self._wake is not None:
-                self._wake.set()
+            if not submitted:
+                self._release()
 
     # ---- queue bookkeeping ---------------------------------------------------------------
 
@@ -372,12 +387,20 @@ class Batcher:
                 DeadlineExceeded(f"{self.name}: the request's deadline passed in the queue"))
 
 
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop closed while the thread ran (shutdown)
+        loop.call_soon_threadsafe(fn)
+
+
 def _compute(
-    fn: BatchFn, requests: list[Arrays], clock: Clock
+    fn: BatchFn, requests: list[Arrays], clock: Clock, deadlines: Sequence[float | None] = ()
 ) -> tuple[list[Arrays], float, float]:
     """Concatenate, run, split (in a worker thread): each request's rows of every output, when
-    the thread took the batch (``clock``; queue time ends there) and the model's seconds."""
+    the thread took the batch (``clock``; queue time ends there) and the model's seconds.
+    A batch whose every request expired while it waited for a thread is not computed."""
     started = clock()
+    if deadlines and all(d is not None and d <= started for d in deadlines):
+        raise DeadlineExceeded("the request's deadline passed before a worker took it")
     counts = [r[0].shape[0] for r in requests]
     if len(requests) == 1:
         inputs = requests[0]

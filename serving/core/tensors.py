@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from serving.core.errors import InvalidInput
 from serving.core.types import as_bytes_array, oip_datatype
 
 
@@ -45,9 +46,16 @@ def from_torch(value: Any, declared: str) -> tuple[str, np.ndarray[Any, Any]]:
     return oip_datatype(array.dtype), array
 
 
+MAX_PADDED_BYTES = 64 << 20  # what one BYTES input may grow to once padded (the body limit)
+
+
 def _bytes_to_uint8(data: np.ndarray[Any, Any]) -> torch.Tensor:
     flat = data.reshape(-1)
     width = max((len(x) for x in flat), default=0)
+    if flat.size * width > MAX_PADDED_BYTES:
+        # Padding multiplies: 8 M empty elements next to one 32 MB element would need 256 TB.
+        raise InvalidInput(f"BYTES input of {flat.size} elements padded to the longest "
+                           f"({width} bytes) exceeds {MAX_PADDED_BYTES} bytes")
     buf = b"".join(x.ljust(width, b"\0") for x in flat)
     out = np.frombuffer(buf, dtype=np.uint8).reshape(*data.shape, width).copy()
     return torch.from_numpy(out)

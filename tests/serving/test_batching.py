@@ -442,3 +442,40 @@ async def test_overloaded_http_answer_says_when_to_retry(registry_root: Path) ->
                 assert r.status == 200
     finally:
         await srv.stop()
+
+
+async def test_a_cancelled_caller_does_not_free_the_slot_while_its_call_still_runs(
+        model: FakeModel, executor: concurrent.futures.ThreadPoolExecutor) -> None:
+    """A client that goes away mid-compute (gRPC cancels the handler) must not let a second
+    model call start while the first still runs in its thread (max_concurrency=1)."""
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def counting(inputs: tuple[np.ndarray[Any, Any], ...]) -> tuple[np.ndarray[Any, Any], ...]:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            return model(inputs)
+        finally:
+            with lock:
+                running -= 1
+
+    b = Batcher(counting, BatchPolicy(max_batch_size=4, max_queue_delay_ms=1), executor=executor,
+                max_concurrency=1)
+    model.gate.clear()
+    first = asyncio.create_task(b.submit(rows(1)))
+    assert await asyncio.to_thread(model.entered.wait, BOUND)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    model.entered.clear()
+    later = [asyncio.create_task(b.submit(rows(v))) for v in (2, 3)]
+    await asyncio.sleep(0.2)  # room for a wrongly started second call to enter the model
+    assert most == 1
+    model.gate.set()
+    results = await asyncio.wait_for(asyncio.gather(*later), BOUND)
+    assert [float(r[1][0]) for r in results] == [6.0, 9.0]
+    assert most == 1
+    await b.close()
