@@ -127,6 +127,10 @@ class Reconciler:
                 log.warning("cannot list rollouts in %s: %s", ns, e)
                 continue
             for obj in objs:
+                # Renew (when due) between rollouts: a long resync must not outlive the Lease,
+                # and a replica that lost it stops before the next tick.
+                if self.elector is not None and not self.elector.step():
+                    return
                 if (obj.get("status") or {}).get("phase") not in _TERMINAL:
                     self._guarded(ns, obj["metadata"]["name"])
 
