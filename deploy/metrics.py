@@ -141,16 +141,6 @@ def samples_for(
     return {v: parsed.get((model, v), VersionSample.zero(at)) for v in versions}
 
 
-def weights_from(text: str, model: str) -> dict[str, int]:
-    """The server's own view of traffic weights (``kloop_model_traffic_weight``)."""
-    out: dict[str, int] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == WEIGHT and s.labels.get("model") == model:
-                out[s.labels["version"]] = round(s.value)
-    return out
-
-
 def _is_server_error(code: str) -> bool:
     try:
         return int(code) >= 500

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
 from deploy.metrics import VersionSample
+from kloop.artifact import ArtifactError, Registry
 
 
 class BackendError(Exception):
@@ -73,6 +74,18 @@ class RolloutBackend(Protocol):
     def rollback(self, model: str, champion: str | None, candidate: str) -> None:
         """Send 100% to ``champion`` (if any) and unload ``candidate``."""
         ...
+
+
+def move_champion(registry: Registry, model: str, candidate: str) -> None:
+    """Point the registry's ``champion`` alias at ``candidate`` and drop its ``candidate``
+    alias (idempotent): the registry half of a promotion, the same for every backend."""
+    try:
+        if registry.alias(model, "champion") != int(candidate):
+            registry.set_alias(model, "champion", int(candidate))
+        if registry.alias(model, "candidate") == int(candidate):
+            registry.remove_alias(model, "candidate")
+    except (ArtifactError, OSError) as e:
+        raise BackendError(f"moving {model}'s champion alias to {candidate}: {e}") from e
 
 
 def normalized(weights: Mapping[str, int]) -> dict[str, int]:

@@ -31,12 +31,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
-from deploy.backends import BackendError, World, normalized
+from deploy.backends import BackendError, World, move_champion, normalized
 from deploy.kserve import isvc_name, render_kserve
 from deploy.kube import KINDS, Forbidden, Kube, KubeError, NotFound, Obj
 from deploy.metrics import MetricsError
 from deploy.promql import MetricsSource
-from kloop.artifact import ArtifactError, Registry
+from kloop.artifact import Registry
 
 log = logging.getLogger(__name__)
 
@@ -296,13 +296,7 @@ class KServeBackend:
                                     {"metadata": {"annotations": {CHAMPION_ANNOTATION: None}}},
                                     self.ns)
             self._event(model, candidate, "Promoted", f"kloop promoted {model} v{candidate}")
-        try:
-            if self.registry.alias(model, "champion") != int(candidate):
-                self.registry.set_alias(model, "champion", int(candidate))
-            if self.registry.alias(model, "candidate") == int(candidate):
-                self.registry.remove_alias(model, "candidate")
-        except (ArtifactError, OSError) as e:
-            raise BackendError(f"moving {model}'s champion alias to {candidate}: {e}") from e
+        move_champion(self.registry, model, candidate)
 
     def retire(self, model: str, version: str) -> None:
         with _translated(f"retire {model} v{version}"):

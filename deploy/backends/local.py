@@ -15,9 +15,9 @@ import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
-from deploy.backends import BackendError, World, normalized
+from deploy.backends import BackendError, World, move_champion, normalized
 from deploy.metrics import MetricsError, samples_for
-from kloop.artifact import ArtifactError, Registry
+from kloop.artifact import Registry
 
 
 class AdminAPI(Protocol):
@@ -91,13 +91,7 @@ class LocalBackend:
 
     def promote(self, model: str, candidate: str) -> None:
         self.set_weights(model, {candidate: 100})
-        try:
-            if self.registry.alias(model, "champion") != int(candidate):
-                self.registry.set_alias(model, "champion", int(candidate))
-            if self.registry.alias(model, "candidate") == int(candidate):
-                self.registry.remove_alias(model, "candidate")
-        except (ArtifactError, OSError) as e:
-            raise BackendError(f"moving {model}'s champion alias to {candidate}: {e}") from e
+        move_champion(self.registry, model, candidate)
 
     def retire(self, model: str, version: str) -> None:
         with self._translated(f"unload {model} v{version}"):

@@ -11,7 +11,6 @@ from deploy.metrics import (
     parse,
     quantile,
     samples_for,
-    weights_from,
 )
 from tests.deploy.fakes import metric_registry
 
@@ -52,10 +51,6 @@ def test_samples_for_reports_a_version_without_series_as_zero():
     s = samples_for(_text(), "iris", ["1", "3"], at=1.0)
     assert s["3"] == VersionSample.zero(1.0)
     assert s["1"].requests == 100
-
-
-def test_weights_from_gauge():
-    assert weights_from(_text(), "iris") == {"1": 90, "2": 10}
 
 
 def test_unparseable_text_is_a_metrics_error():
