@@ -20,11 +20,12 @@ from aiohttp import web
 
 from serving import rest_codec
 from serving.core import model_index
-from serving.core.errors import InvalidInput, Unauthorized
+from serving.core.errors import Conflict, InvalidInput, Unauthorized
 from serving.core.faults import Fault
 from serving.http_api import DATAPLANE_KEY, Handler, error_response, json_response, parse_version
 
 TOKEN_KEY = web.AppKey("admin_token", str)
+GROUP_SIZE_KEY = web.AppKey("group_size", int)  # worker processes sharing the ports
 NO_TOKEN = ""
 PREFIX = "/admin/"
 # Repository extension routes that change what is served (index is read-only and open).
@@ -42,6 +43,12 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
         raise Unauthorized("missing or wrong bearer token")
+    workers = request.app.get(GROUP_SIZE_KEY, 1)
+    if workers > 1 and request.method != "GET":
+        raise Conflict(
+            f"this server runs {workers} worker processes, each with its own copy of the "
+            "loaded versions and weights: a change would reach one of them. Serve with "
+            "--workers 1 where versions or weights change at runtime (local rollouts)")
     return await handler(request)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -44,8 +45,9 @@ from serving import admin_api, grpc_api, http_api
 from serving.core.batching import BatchPolicy
 from serving.core.dataplane import DataPlane
 from serving.core.errors import ArtifactRejected, ModelNotFound
-from serving.core.repository import ModelRepository
-from serving.metrics import ServerMetrics
+from serving.core.repository import ModelRepository, make_loader
+from serving.core.runtime import RuntimeOptions
+from serving.metrics import INFLIGHT_REFRESH_S, ServerMetrics
 
 log = logging.getLogger(__name__)
 # A 503 is transient (queue full, not ready yet, replica stopping): retry soon, elsewhere if
@@ -70,10 +72,12 @@ class ServerConfig:
     grpc_port: int = 8081  # 0 = any free port
     models: tuple[str, ...] = ()  # models to serve at start; empty = every model in the registry
     admin_token: str | None = None  # bearer token for /admin; None disables management (403)
-    # torch threads per forward pass. Few: requests run concurrently in infer_workers threads,
-    # and workers x intra-op threads above the core count only adds contention.
-    intra_op_threads: int = 1
-    infer_workers: int = 2  # threads running models concurrently
+    # torch threads per forward pass: every core. A version runs one batch at a time
+    # (model_instances), so one forward pass has the machine; more instances x threads than
+    # cores only adds contention (docs/benchmarks.md has the measurements).
+    intra_op_threads: int = dataclasses.field(default_factory=lambda: available_cores())
+    infer_workers: int = 2  # threads running forward passes (of all models together)
+    model_instances: int = 1  # forward passes of one version at once
     max_inflight: int = 256  # requests admitted at once; beyond it: Overloaded (503)
     grace_seconds: float = 10.0  # how long in-flight requests may finish after a stop
     # Dynamic batching, per model version, for models whose manifest has a batch dimension
@@ -85,7 +89,22 @@ class ServerConfig:
     preferred_batch_sizes: tuple[int, ...] = ()  # rows a batch is cut at without waiting
     # Rows waiting per version before 503/RESOURCE_EXHAUSTED: ~16 full batches of latency.
     max_queue_size: int = 512
+    # A model whose batches take less than this many ms runs them on the event loop: for a tiny
+    # model the hand-off to a worker thread and back costs more than the forward pass. Measured
+    # per version (the first batches run in threads); 0 = always in threads.
+    inline_batch_ms: float = 0.5
+    # How models run (serving.core.runtime): device, reduced precision on GPUs, graph
+    # optimisation at load ("auto": traced+frozen on CPU, CUDA graphs on a GPU).
+    device: str = "cpu"
+    dtype: str | None = None
+    optimize: str = "auto"
     ports_file: Path | None = None  # written atomically once serving: {"http", "grpc", "pid"}
+    # >1: this process is one of that many workers sharing both ports (SO_REUSEPORT; the kernel
+    # spreads connections over them), started by ``kloop serve --workers N``
+    # (serving.workers). Metrics are then aggregated over the workers (prometheus_client's
+    # multiprocess mode, PROMETHEUS_MULTIPROC_DIR), and management that changes what is
+    # served is refused (409): each worker holds its own copy, so one call would reach one.
+    group_size: int = 1
 
     def __post_init__(self) -> None:
         if (self.registry is None) == (self.model_dir is None):
@@ -100,10 +119,17 @@ class ServerConfig:
                 raise ValueError(f"{name} must be in 0..65535, got {port}")
         if self.http_port and self.http_port == self.grpc_port:
             raise ValueError(f"http_port and grpc_port are both {self.http_port}")
-        for name in ("intra_op_threads", "infer_workers", "max_inflight"):
+        if self.group_size > 1 and not (self.http_port and self.grpc_port):
+            raise ValueError("several workers share fixed ports: give --http-port and "
+                             "--grpc-port (not 0)")
+        for name in ("intra_op_threads", "infer_workers", "max_inflight", "model_instances",
+                     "group_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.batch_policy()  # raises ValueError for a bad batching combination
+        self.runtime_options()  # and for a bad device/dtype/optimize combination
+        if not 0 <= self.inline_batch_ms <= 100:
+            raise ValueError(f"inline_batch_ms must be in [0, 100], got {self.inline_batch_ms}")
         if self.grace_seconds < 0:
             raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
         if self.admin_token is not None and not self.admin_token.strip():
@@ -118,14 +144,20 @@ class ServerConfig:
         )
 
 
+    def runtime_options(self) -> RuntimeOptions:
+        return RuntimeOptions(device=self.device, dtype=self.dtype, optimize=self.optimize,
+                              preferred_batch_sizes=self.preferred_batch_sizes)
+
+
 class Server:
     """One running server. ``start`` returns once both listeners are bound and models loaded."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.metrics = ServerMetrics()
+        self.metrics = ServerMetrics(multiprocess=config.group_size > 1)
         self.registry = Registry(config.registry) if config.registry is not None else None
-        self.repository = ModelRepository(self.registry, observer=self.metrics)
+        self.repository = ModelRepository(
+            self.registry, observer=self.metrics, loader=make_loader(config.runtime_options()))
         self.initial_models = (
             () if self.registry is None else config.models or tuple(self.registry.models())
         )
@@ -136,15 +168,22 @@ class Server:
             max_inflight=config.max_inflight,
             expected_models=self.initial_models,
             batch_policy=config.batch_policy(),
+            inline_below_ms=config.inline_batch_ms,
+            intra_op_threads=config.intra_op_threads,
+            instances=config.model_instances,
         )
-        self.metrics.inflight.set_function(lambda: self.dataplane.inflight)
+        self.metrics.track_inflight(lambda: self.dataplane.inflight)
         self.http_port = 0
         self.grpc_port = 0
         self._grpc: grpc.aio.Server | None = None
         self._runner: web.AppRunner | None = None
+        self._refresher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        torch.set_num_threads(self.config.intra_op_threads)
+        # The loop thread runs only inline batches (models faster than inline_batch_ms): one
+        # thread, no OpenMP helpers spinning next to the I/O. Worker threads get
+        # intra_op_threads (DataPlane sets it in each).
+        torch.set_num_threads(1)
         try:
             await self._load_initial_models()
             await self._start_grpc()
@@ -152,6 +191,13 @@ class Server:
         except BaseException:
             await self.stop()
             raise
+        # Everything alive now (torch, the models, the servers) lives as long as the process:
+        # out of the cyclic collector's reach, a full collection no longer walks it (one could
+        # take 100+ ms with torch loaded: a latency spike for every request then in flight).
+        gc.collect()
+        gc.freeze()
+        if self.config.group_size > 1:
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_metrics())
         if self.config.ports_file:
             _write_ports_file(self.config.ports_file, self.http_port, self.grpc_port)
         log.info("serving http on %s:%d, grpc on %s:%d", self.config.host, self.http_port,
@@ -161,6 +207,8 @@ class Server:
         """Not ready and refusing new work, admitted requests finish (``grace_seconds`` at
         most), then listeners and workers go; see the module docstring."""
         self.dataplane.begin_shutdown()
+        if self._refresher is not None:
+            self._refresher.cancel()
         deadline = time.monotonic() + self.config.grace_seconds
         if not await self.dataplane.drain(self.config.grace_seconds):
             log.warning("stopping with %d requests still in flight after %.1fs",
@@ -177,6 +225,12 @@ class Server:
         await self.dataplane.aclose()
         if self.config.ports_file:
             self.config.ports_file.unlink(missing_ok=True)
+
+    async def _refresh_metrics(self) -> None:
+        """A worker of a group writes its in-flight count for the others' scrapes."""
+        while True:
+            self.metrics.refresh()
+            await asyncio.sleep(INFLIGHT_REFRESH_S)
 
     async def _load_initial_models(self) -> None:
         if self.config.model_dir is not None:
@@ -208,7 +262,9 @@ class Server:
         log.info("loaded %s v%d from %s", loaded.model, loaded.version, path)
 
     async def _start_grpc(self) -> None:
-        server = grpc.aio.server()
+        # grpc sets SO_REUSEPORT by default: a second server would silently share the port.
+        # Only workers of one group may (they serve the same models).
+        server = grpc.aio.server(options=[("grpc.so_reuseport", int(self.config.group_size > 1))])
         grpc_api.add_to_server(server, self.dataplane)
         host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host  # IPv6
         address = f"{host}:{self.config.grpc_port}"
@@ -228,6 +284,7 @@ class Server:
         app[http_api.DATAPLANE_KEY] = self.dataplane
         app[http_api.METRICS_KEY] = self.metrics
         app[admin_api.TOKEN_KEY] = self.config.admin_token or admin_api.NO_TOKEN
+        app[admin_api.GROUP_SIZE_KEY] = self.config.group_size
         http_api.add_routes(app)
         admin_api.add_routes(app)
         runner = web.AppRunner(
@@ -236,7 +293,8 @@ class Server:
         )
         await runner.setup()
         self._runner = runner
-        site = web.TCPSite(runner, self.config.host, self.config.http_port)
+        site = web.TCPSite(runner, self.config.host, self.config.http_port,
+                           reuse_port=self.config.group_size > 1 or None)
         await site.start()
         self.http_port = int(runner.addresses[0][1])
 
@@ -276,6 +334,14 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity, as a container's cpuset limits it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _write_ports_file(path: Path, http_port: int, grpc_port: int) -> None:

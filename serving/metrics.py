@@ -23,7 +23,8 @@ labels would come from the client, and unbounded label values would swell the re
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -44,12 +45,18 @@ QUEUE_BUCKETS: tuple[float, ...] = tuple(
 # Rows per forward pass: powers of two up to 4096 (the largest batch a -1 dim is exported for).
 BATCH_SIZE_BUCKETS: tuple[float, ...] = tuple(float(2**i) for i in range(13))
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+INFLIGHT_REFRESH_S = 1.0  # how often each worker of a group writes its in-flight count
 
 
 class ServerMetrics:
     """Implements the dataplane's ``InferenceRecorder`` and the repository's observer."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess: bool = False) -> None:
+        """``multiprocess``: one of several worker processes sharing the ports; values then live
+        in prometheus_client's per-process files (PROMETHEUS_MULTIPROC_DIR, set before the
+        process imported prometheus_client) and every scrape sums them over the workers."""
+        self.multiprocess = multiprocess
+        self._inflight_fn: Callable[[], float] | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "kloop_inference_requests_total", "Inference requests routed to a model version.",
@@ -67,11 +74,11 @@ class ServerMetrics:
         )
         self.weight = Gauge(
             "kloop_model_traffic_weight", "Share of unpinned traffic a version receives (0-100).",
-            ["model", "version"], registry=self.registry,
+            ["model", "version"], registry=self.registry, multiprocess_mode="livemax",
         )
         self.loaded = Gauge(
             "kloop_model_loaded", "1 while a version is loaded.",
-            ["model", "version"], registry=self.registry,
+            ["model", "version"], registry=self.registry, multiprocess_mode="livemax",
         )
         self.queue = Histogram(
             "kloop_inference_queue_seconds",
@@ -86,18 +93,26 @@ class ServerMetrics:
             "kloop_inference_batch_size", "Rows per forward pass (the executed batch's size).",
             ["model", "version"], buckets=BATCH_SIZE_BUCKETS, registry=self.registry,
         )
+        # Label children by label values, cached: the hot path skips labels()' lock and lookup.
+        self._request_children: dict[tuple[str, ...], tuple[Any, Any]] = {}
+        self._batch_children: dict[tuple[str, ...], tuple[Any, Any, Any]] = {}
         # The load signal an HPA scales a predictor on (KServe `autoscalerClass: external` with
         # kloop's own HPA): read at scrape time, so it is exact when sampled.
         self.inflight = Gauge(
             "kloop_inference_inflight_requests", "Inference requests admitted and not yet answered.",
-            registry=self.registry,
+            registry=self.registry, multiprocess_mode="livesum",
         )
 
     def observe(
         self, model: str, version: str, protocol: str, seconds: float, error: ServingError | None
     ) -> None:
-        self.requests.labels(model, version, protocol).inc()
-        self.duration.labels(model, version, protocol).observe(seconds)
+        key = (model, version, protocol)
+        children = self._request_children.get(key)
+        if children is None:  # labels() costs a lock and a dict walk: once per label set
+            children = self._request_children[key] = (
+                self.requests.labels(*key), self.duration.labels(*key))
+        children[0].inc()
+        children[1].observe(seconds)
         if error is not None:
             self.errors.labels(model, version, protocol, str(http_status(error))).inc()
 
@@ -105,15 +120,23 @@ class ServerMetrics:
         self, model: str, version: str, rows: int, queue_seconds: Sequence[float],
         compute_seconds: float,
     ) -> None:
-        queue = self.queue.labels(model, version)
+        key = (model, version)
+        children = self._batch_children.get(key)
+        if children is None:
+            children = self._batch_children[key] = (
+                self.queue.labels(*key), self.compute.labels(*key), self.batch_size.labels(*key))
+        queue, compute, batch_size = children
         for seconds in queue_seconds:
             queue.observe(seconds)
-        self.compute.labels(model, version).observe(compute_seconds)
-        self.batch_size.labels(model, version).observe(rows)
+        compute.observe(compute_seconds)
+        batch_size.observe(rows)
 
     def model_loaded(self, model: str, version: int, loaded: bool) -> None:
         self.loaded.labels(model, str(version)).set(1 if loaded else 0)
         if not loaded:
+            for cache in (self._request_children, self._batch_children):
+                for key in [k for k in cache if k[:2] == (model, str(version))]:
+                    del cache[key]
             try:
                 self.weight.remove(model, str(version))
             except KeyError:
@@ -123,5 +146,24 @@ class ServerMetrics:
         for version, weight in weights.items():
             self.weight.labels(model, str(version)).set(weight)
 
+    def track_inflight(self, fn: Callable[[], float]) -> None:
+        """Report ``fn()`` as the in-flight gauge: read at scrape time in one process; with
+        several workers, each one's value is written by ``refresh`` (the server calls it every
+        INFLIGHT_REFRESH_S) and the scrape sums the live workers'."""
+        self._inflight_fn = fn
+        if not self.multiprocess:
+            self.inflight.set_function(fn)
+
+    def refresh(self) -> None:
+        if self.multiprocess and self._inflight_fn is not None:
+            self.inflight.set(self._inflight_fn())
+
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        self.refresh()
+        from prometheus_client import multiprocess
+
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged)

@@ -18,7 +18,10 @@ When a batch runs (the delay adapts to the load):
 
 * nothing executing (the model is idle): run what is queued now. A lone client never pays a
   delay, and under load the queue fills while the previous batch runs, so batches grow with
-  load by themselves;
+  load by themselves. Except right after requests came together: while the most requests
+  inside the batcher at once over the last SAMPLE_S (its "company") is 2 or more, an idle
+  model waits until that many are queued, at most ``_gather_s()`` (never past MAX_GATHER_S),
+  so closed-loop clients coming back one by one share one forward pass instead of two;
 * otherwise run when the rows reach ``max_batch_size``, or a prefix of the queue is exactly a
   preferred size (the largest such), or the oldest request has waited ``max_queue_delay_ms``.
 
@@ -31,6 +34,14 @@ it expires and is never computed; a request whose caller gave up (cancelled) is 
 Concatenation, the model call and the split run in a worker thread (``executor``): only list
 bookkeeping happens on the event loop. A request that finds the model idle runs in its own
 task; the loop task that forms batches starts with the first request that has to queue.
+
+Inline mode (``inline_below_s`` > 0): once INLINE_AFTER_BATCHES batches were measured and their
+average compute is below ``inline_below_s``, batches run on the event loop itself, since for a
+tiny model the hand-off to a thread and back costs more than the forward pass. Requests then
+queue and one callback runs everything queued, in batches of at most ``max_batch_size``: soon
+after the first request, or, while the loop thread is busy and requests recently came
+together, after up to ``max_queue_delay_ms`` (see ``Batcher._inline_window``). The averages
+keep being measured: a model that gets slower goes back to threads.
 """
 
 from __future__ import annotations
@@ -52,6 +63,14 @@ from serving.core.errors import DeadlineExceeded, InferenceFailed, ModelNotReady
 log = logging.getLogger(__name__)
 
 Arrays = tuple[np.ndarray[Any, Any], ...]
+# Batches measured (in threads) before a model may switch to running on the event loop.
+INLINE_AFTER_BATCHES = 8
+# Inline batches wait for company while the loop thread is busier than this (see
+# Batcher._inline_window), sampled every SAMPLE_S seconds (as is the recent company).
+INLINE_BUSY_FRACTION = 0.85
+SAMPLE_S = 0.05
+# The longest an idle model waits for requests that recently came together (seconds).
+MAX_GATHER_S = 0.05
 # The model on a whole batch: one array per input (dim 0 = rows) -> one per output, same rows.
 BatchFn = Callable[[Arrays], Arrays]
 Clock = Callable[[], float]
@@ -154,6 +173,7 @@ class Batcher:
         observer: BatchObserver | None = None,
         clock: Clock = time.monotonic,
         name: str = "batcher",
+        inline_below_s: float = 0.0,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -171,6 +191,28 @@ class Batcher:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
+        # Inline mode (see the module docstring): on while the model's recent batches took less
+        # than ``inline_below_s`` (an exponential average); 0 keeps every batch in a thread.
+        self._inline_below = inline_below_s
+        self._compute_avg: float | None = None
+        self._measured = 0
+        self._inline_scheduled = False
+        self._inline_timer: asyncio.TimerHandle | None = None
+        self._util = 0.0  # the loop thread's busy fraction, sampled (see _inline_window)
+        self._util_wall = 0.0
+        self._util_cpu = 0.0
+        self._running_items = 0  # requests in batches executing (thread mode)
+        self._last_submit = 0.0
+        # The most requests inside this batcher at once (queued or executing) in the last
+        # sample period: how many clients recently came together.
+        self._company = 0
+        self._period_peak = 0  # ... and so far in this one
+
+    @property
+    def inline(self) -> bool:
+        """Whether batches now run on the event loop (a fast model, measured)."""
+        return (self._inline_below > 0 and self._measured >= INLINE_AFTER_BATCHES
+                and self._compute_avg is not None and self._compute_avg < self._inline_below)
 
     @property
     def queued_rows(self) -> int:
@@ -199,9 +241,33 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         item = _Item(arrays, rows, batch_key(arrays), loop.create_future(), now, deadline)
-        if self._executing == 0 and not self._queue:
-            # Idle: this request is a batch of its own right now; running it in the caller's
-            # task skips the hand-off to the loop task (the lone client's latency).
+        self._sample(now)
+        if self.inline:
+            item.future.add_done_callback(lambda _: self._dequeue(item))
+            if deadline is not None:
+                item.timer = loop.call_later(deadline - now, self._expire, item)
+            self._queue.append(item)
+            self._queued_rows += rows
+            waiting = len(self._queue)
+            self._period_peak = max(self._period_peak, waiting)
+            if not self._inline_scheduled:
+                self._inline_scheduled = True
+                window = self._inline_window(now)
+                if window > 0:
+                    self._inline_timer = loop.call_later(window, self._inline_fire)
+                else:
+                    loop.call_soon(self._inline_fire)
+            elif self._inline_timer is not None and (
+                    waiting >= self._company or self._queued_rows >= self.policy.max_batch_size):
+                # Everyone who recently waited together is here, or the batch is full: more
+                # waiting gains nothing.
+                self._inline_timer.cancel()
+                self._inline_timer = None
+                loop.call_soon(self._inline_fire)
+            return await item.future
+        if self._executing == 0 and not self._queue and self._company < 2:
+            # Idle and alone: this request is a batch of its own right now; running it in the
+            # caller's task skips the hand-off to the loop task (the lone client's latency).
             item.queued = False
             self._executing += 1
             await self._execute(loop, [item])
@@ -211,6 +277,7 @@ class Batcher:
             item.timer = loop.call_later(deadline - now, self._expire, item)
         self._queue.append(item)
         self._queued_rows += rows
+        self._period_peak = max(self._period_peak, len(self._queue) + self._running_items)
         self._start(loop)
         return await item.future
 
@@ -272,7 +339,7 @@ class Batcher:
                     item.future.set_exception(error)
             self._queue.clear()
 
-    def _next_batch(self) -> tuple[list[_Item], float | None]:
+    def _next_batch(self, ignore_delay: bool = False) -> tuple[list[_Item], float | None]:
         """The batch to run now, or ([], seconds until the oldest request's delay ends)."""
         policy = self.policy
         head = self._queue[0]
@@ -292,8 +359,16 @@ class Batcher:
             if rows >= policy.max_batch_size:
                 full = True
                 break
-        if full or self._executing == 0:
+        if full or ignore_delay:
             return batch, None
+        if self._executing == 0:
+            # Idle: run now, unless requests recently came together and not all are back yet
+            # (closed-loop clients return one by one after their answers): a batch of one
+            # followed by one of the rest would cost two forward passes for one's work.
+            if self._company < 2 or len(batch) >= self._company:
+                return batch, None
+            remaining = self._gather_s() - (self._clock() - head.enqueued)
+            return (batch, None) if remaining <= 0 else ([], remaining)
         for size in reversed(policy.preferred_batch_sizes):
             if size in prefix_rows:
                 return batch[: prefix_rows.index(size) + 1], None
@@ -325,6 +400,7 @@ class Batcher:
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         submitted = False
+        self._running_items += len(batch)
         try:
             now = self._clock()
             live = [i for i in batch if not i.future.done()]
@@ -354,18 +430,106 @@ class Batcher:
                 if not isinstance(e, Exception):
                     raise
                 return
-            for item, result in zip(live, outputs, strict=True):
-                if not item.future.done():  # the caller may have given up meanwhile
-                    item.future.set_result(result)
-            if self._observer is not None:
-                queue_seconds = [started - i.enqueued for i in live]
-                try:
-                    self._observer.batch_executed(sum(i.rows for i in live), queue_seconds, compute)
-                except Exception:  # metrics must never cost an answer
-                    log.exception("%s: batch observer failed", self.name)
+            self._finish(live, outputs, started, compute)
         finally:
+            self._running_items -= len(batch)
             if not submitted:
                 self._release()
+
+    def _inline_window(self, now: float) -> float:
+        """How long a request that opens an inline batch may wait for company.
+
+        Waiting pays only while the event loop has other work (other requests being received
+        and answered): then the batch grows at no cost, and fewer, larger forward passes free
+        the loop. With a single client it would only add latency. So the window is
+        ``max_queue_delay_ms`` while, over the last SAMPLE_S, the loop thread was busier
+        than INLINE_BUSY_FRACTION (its CPU time over wall time) and requests did queue together
+        (``_company``, the most that waited at once); 0 otherwise. It also closes early once
+        ``_company`` requests wait (see ``submit``)."""
+        if self._util > INLINE_BUSY_FRACTION and self._company >= 2:
+            return self.policy.max_queue_delay_ms / 1000
+        return 0.0
+
+    def _sample(self, now: float) -> None:
+        """Every SAMPLE_S: the loop thread's busy fraction (inline mode) and ``_company``, the
+        most requests inside the batcher at once over the last period (queued; in thread mode
+        queued or executing)."""
+        if now - self._util_wall >= SAMPLE_S:
+            cpu = time.thread_time()
+            self._util = (cpu - self._util_cpu) / (now - self._util_wall)
+            self._util_wall, self._util_cpu = now, cpu
+            # After a quiet spell (no request for two periods, or two forward passes of a slow
+            # model) the clients that came together are gone: do not make the next one wait.
+            quiet = now - self._last_submit > max(2 * SAMPLE_S, 2 * (self._compute_avg or 0.0))
+            self._company = 0 if quiet else self._period_peak
+            self._period_peak = 0
+        self._last_submit = now
+
+    def _gather_s(self) -> float:
+        """How long an idle model may wait for its recent company (thread mode): at least
+        ``max_queue_delay_ms``, up to half a batch's compute time (a forward pass of one row
+        costs nearly as much as one of many, so waiting a fraction of it for the others pays),
+        never more than MAX_GATHER_S (a long ``max_queue_delay_ms`` included: the company is a
+        guess, and nobody may be coming)."""
+        half = 0.5 * (self._compute_avg or 0.0)
+        return min(max(self.policy.max_queue_delay_ms / 1000, half), MAX_GATHER_S)
+
+    def _inline_fire(self) -> None:
+        self._inline_scheduled = False
+        self._inline_timer = None
+        self._run_inline()
+
+    def _run_inline(self) -> None:
+        """Run every queued request now, on the loop, in batches of at most max_batch_size."""
+        while True:
+            self._drop_dead_head()
+            if not self._queue:
+                return
+            batch, _ = self._next_batch(ignore_delay=True)
+            for item in batch:
+                item.queued = False
+                self._queued_rows -= item.rows
+                if item.timer is not None:
+                    item.timer.cancel()
+            ids = {id(item) for item in batch}
+            self._queue = collections.deque(
+                i for i in self._queue if id(i) not in ids and not i.future.done())
+            now = self._clock()
+            live = []
+            for item in batch:
+                if item.future.done():
+                    continue
+                if item.deadline is not None and item.deadline <= now:
+                    item.future.set_exception(DeadlineExceeded(
+                        f"{self.name}: the request's deadline passed in the queue"))
+                else:
+                    live.append(item)
+            if not live:
+                continue
+            try:
+                outputs, started, compute = _compute(self._fn, [i.arrays for i in live],
+                                                     self._clock)
+            except Exception as e:  # noqa: BLE001  (every waiter gets the batch's error)
+                for item in live:
+                    if not item.future.done():
+                        item.future.set_exception(e)
+                continue
+            self._finish(live, outputs, started, compute)
+
+    def _finish(self, live: list[_Item], outputs: list[Arrays], started: float,
+                compute: float) -> None:
+        for item, result in zip(live, outputs, strict=True):
+            if not item.future.done():  # the caller may have given up meanwhile
+                item.future.set_result(result)
+        self._compute_avg = compute if self._compute_avg is None else (
+            0.8 * self._compute_avg + 0.2 * compute)
+        self._measured += 1
+        if self._observer is not None:
+            queue_seconds = [started - i.enqueued for i in live]
+            try:
+                self._observer.batch_executed(sum(i.rows for i in live), queue_seconds, compute)
+            except Exception:  # metrics must never cost an answer
+                log.exception("%s: batch observer failed", self.name)
 
     # ---- queue bookkeeping ---------------------------------------------------------------
 

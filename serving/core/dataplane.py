@@ -104,13 +104,21 @@ class DataPlane:
         max_inflight: int = 256,
         expected_models: Sequence[str] = (),
         batch_policy: BatchPolicy | None = None,
+        inline_below_ms: float = 0.0,
+        intra_op_threads: int | None = None,
+        instances: int = 1,
     ) -> None:
         self.repository = repository
         self.faults = faults or FaultInjector()
         self._recorder = recorder
+        # torch's intra-op thread count is per thread: set it in each worker, not only in the
+        # thread that built the pool.
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=infer_workers, thread_name_prefix="kloop-infer"
+            max_workers=infer_workers, thread_name_prefix="kloop-infer",
+            initializer=torch.set_num_threads if intra_op_threads else None,
+            initargs=(intra_op_threads,) if intra_op_threads else (),
         )
+        self._instances = instances  # batches of one version running at once
         # Loads (hashing, deserialising) get their own thread, so a slow load never takes an
         # inference worker away while a canary's latency is being measured; concurrent loads
         # of one version share a single future.
@@ -125,6 +133,7 @@ class DataPlane:
         self._shutting_down = False
         self.batch_policy = batch_policy or BatchPolicy()
         self._infer_workers = infer_workers
+        self._inline_below_s = inline_below_ms / 1000
         self._batchers: dict[tuple[str, int], Batcher] = {}
         self._retiring: set[asyncio.Task[None]] = set()
 
@@ -205,7 +214,8 @@ class DataPlane:
         try:
             validate(request, loaded.manifest)
             deadline = _earliest(deadline, _parameter_deadline(request.parameters))
-            await self.faults.apply(loaded.model, loaded.version)
+            if self.faults.active:
+                await self.faults.apply(loaded.model, loaded.version)
             if deadline is not None and deadline <= time.monotonic():
                 raise DeadlineExceeded(f"model {loaded.model} v{version}: the request's "
                                        "deadline passed before it could run")
@@ -248,10 +258,10 @@ class DataPlane:
                 return None
             batcher = Batcher(
                 lambda inputs: _forward(loaded, inputs), self.batch_policy,
-                executor=self._executor, max_concurrency=self._infer_workers,
+                executor=self._executor, max_concurrency=self._instances,
                 observer=(_BatchMetrics(self._recorder, loaded.model, str(loaded.version))
                           if self._recorder else None),
-                name=f"{loaded.model} v{loaded.version}",
+                name=f"{loaded.model} v{loaded.version}", inline_below_s=self._inline_below_s,
             )
             self._batchers[key] = batcher
         return batcher

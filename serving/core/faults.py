@@ -47,6 +47,11 @@ class FaultInjector:
         with self._lock:
             self._faults.pop((model, version), None)
 
+    @property
+    def active(self) -> bool:
+        """Whether any version has a fault (the hot path skips ``apply`` when none has)."""
+        return bool(self._faults)
+
     def get(self, model: str, version: int) -> Fault | None:
         with self._lock:
             return self._faults.get((model, version))

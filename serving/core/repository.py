@@ -36,6 +36,7 @@ from serving.core.errors import (
     InvalidInput,
     ModelNotFound,
 )
+from serving.core.runtime import RuntimeOptions, prepare
 
 SUPPORTED_FORMAT = "torch.export"
 TOTAL_WEIGHT = 100
@@ -56,10 +57,20 @@ class RepositoryObserver(Protocol):
 
 
 def load_exported(version_dir: Path, manifest: Manifest) -> Runnable:
-    """Rebuild a ``torch.export`` program after refusing anything in it that would unpickle."""
-    from kloop.modelfile import load_exported as load_checked
+    """Rebuild a ``torch.export`` program after refusing anything in it that would unpickle,
+    then prepare it to run (``serving.core.runtime``: traced and frozen on CPU by default)."""
+    return make_loader(RuntimeOptions())(version_dir, manifest)
 
-    return load_checked(version_dir / manifest.model_file)
+
+def make_loader(options: RuntimeOptions) -> Loader:
+    """A loader that runs models as ``options`` say (device, precision, optimisation)."""
+
+    def load(version_dir: Path, manifest: Manifest) -> Runnable:
+        from kloop.modelfile import load_exported as load_checked
+
+        return prepare(load_checked(version_dir / manifest.model_file), manifest, options)
+
+    return load
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +128,9 @@ class ModelRepository:
             if version:
                 return self._get_version(model, version)
             m = self._get_model(model)
+            sole = [v for v, w in m.weights.items() if w == TOTAL_WEIGHT]
+            if sole:  # one version takes everything (the steady state): no draw
+                return m.versions[sole[0]]
             candidates = [(v, w) for v, w in sorted(m.weights.items()) if w > 0]
             if not candidates:
                 raise ModelNotFound(f"model {model!r} has no version carrying traffic")

@@ -22,7 +22,13 @@ import pytest
 
 from serving.app import Server, ServerConfig
 from serving.client import AdminClient, GrpcClient, HttpClient, InferenceError
-from serving.core.batching import Batcher, BatchPolicy
+from serving.core.batching import (
+    INLINE_AFTER_BATCHES,
+    MAX_GATHER_S,
+    SAMPLE_S,
+    Batcher,
+    BatchPolicy,
+)
 from serving.core.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded
 from tests.serving.conftest import MODEL, TOKEN, reference
 
@@ -479,3 +485,279 @@ async def test_a_cancelled_caller_does_not_free_the_slot_while_its_call_still_ru
     assert [float(r[1][0]) for r in results] == [6.0, 9.0]
     assert most == 1
     await b.close()
+
+
+# ---- inline mode and company (a fake clock decides; the event loop's own timers never do) ----
+
+
+class Clock:
+    """An injected ``Batcher`` clock that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class ThreadRecordingModel(FakeModel):
+    """FakeModel that also records which thread ran each batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+
+    def __call__(self, inputs: tuple[np.ndarray[Any, Any], ...]) -> tuple[np.ndarray[Any, Any], ...]:
+        self.threads.append(threading.get_ident())
+        return super().__call__(inputs)
+
+
+def inline_batcher(fn: Any, executor: concurrent.futures.Executor, clock: Clock,
+                   inline_below_s: float = 1.0, **policy: Any) -> Batcher:
+    policy.setdefault("max_queue_delay_ms", LONG)
+    return Batcher(fn, BatchPolicy(**policy), executor=executor, clock=clock,
+                   inline_below_s=inline_below_s)
+
+
+async def measure(batcher: Batcher, count: int = INLINE_AFTER_BATCHES) -> None:
+    """``count`` batches one after the other (each alone, in a worker thread)."""
+    for i in range(count):
+        await asyncio.wait_for(batcher.submit(rows(float(i))), BOUND)
+
+
+def recheck(batcher: Batcher) -> None:
+    """What the batching loop's timer does when it fires: wake the loop to decide again."""
+    assert batcher._wake is not None
+    batcher._wake.set()
+
+
+async def test_a_fast_model_goes_inline_and_merges_requests_of_one_loop_iteration(
+    executor: concurrent.futures.ThreadPoolExecutor,
+) -> None:
+    model = ThreadRecordingModel()
+    batcher = inline_batcher(model, executor, Clock(), max_batch_size=2)
+    await measure(batcher, INLINE_AFTER_BATCHES - 1)
+    assert not batcher.inline  # not measured enough yet
+    await measure(batcher, 1)
+    assert batcher.inline
+    loop_thread = threading.get_ident()
+    assert loop_thread not in model.threads  # the measured batches ran in workers
+    calls = len(model.batches)
+    shapes = [(1.0,), (2.0,), (3.0,), (4.0,), (5.0,)]
+    tasks = [asyncio.create_task(batcher.submit(rows(*s))) for s in shapes]
+    results = await asyncio.wait_for(asyncio.gather(*tasks), BOUND)
+    assert model.sizes[calls:] == [2, 2, 1]  # merged, at most max_batch_size rows a pass
+    assert model.threads[calls:] == [loop_thread] * 3  # on the event loop
+    for s, (doubled, summed) in zip(shapes, results, strict=True):
+        np.testing.assert_array_equal(doubled, rows(*(2 * v for v in s))[0])
+        np.testing.assert_array_equal(summed, [3 * v for v in s])
+    await batcher.close()
+
+
+async def test_inline_multi_row_requests_share_one_forward_pass(
+    model: FakeModel, executor: concurrent.futures.ThreadPoolExecutor,
+) -> None:
+    batcher = inline_batcher(model, executor, Clock(), max_batch_size=8)
+    await measure(batcher)
+    calls = len(model.batches)
+    shapes = [(1.0, 2.0), (3.0,), (4.0, 5.0, 6.0)]
+    tasks = [asyncio.create_task(batcher.submit(rows(*s))) for s in shapes]
+    results = await asyncio.wait_for(asyncio.gather(*tasks), BOUND)
+    assert model.sizes[calls:] == [6]
+    for s, (doubled, summed) in zip(shapes, results, strict=True):
+        np.testing.assert_array_equal(doubled, rows(*(2 * v for v in s))[0])
+        np.testing.assert_array_equal(summed, [3 * v for v in s])
+    await batcher.close()
+
+
+async def test_an_inline_batch_that_fails_fails_each_request_and_the_next_is_fine(
+    model: FakeModel, executor: concurrent.futures.ThreadPoolExecutor,
+) -> None:
+    model.fail_if_negative = True
+    batcher = inline_batcher(model, executor, Clock())
+    await measure(batcher)
+    calls = len(model.batches)
+    doomed = [asyncio.create_task(batcher.submit(rows(v))) for v in (1.0, -1.0, 2.0)]
+    outcomes = await asyncio.wait_for(asyncio.gather(*doomed, return_exceptions=True), BOUND)
+    assert all(isinstance(o, InferenceFailed) and "negative" in str(o) for o in outcomes)
+    assert model.sizes[calls:] == [3]
+    assert batcher.inline and batcher.queued_rows == 0
+    fine = [asyncio.create_task(batcher.submit(rows(v))) for v in (3.0, 4.0)]
+    results = await asyncio.wait_for(asyncio.gather(*fine), BOUND)
+    assert [float(r[1][0]) for r in results] == [9.0, 12.0]
+    assert model.sizes[calls:] == [3, 2]
+    await batcher.close()
+
+
+async def test_an_inline_request_whose_deadline_passed_in_the_queue_is_not_computed(
+    model: FakeModel, executor: concurrent.futures.ThreadPoolExecutor,
+) -> None:
+    clock = Clock()
+
+    def takes_a_second(inputs: tuple[np.ndarray[Any, Any], ...]) -> tuple[np.ndarray[Any, Any], ...]:
+        clock.advance(1.0)  # on the batcher's clock, every forward pass takes a second
+        return model(inputs)
+
+    batcher = inline_batcher(takes_a_second, executor, clock)
+    await measure(batcher)
+    assert batcher.inline
+    calls = len(model.batches)
+    # Two shapes: two forward passes in one inline run, the second after the first's second.
+    first = asyncio.create_task(batcher.submit(rows(1.0, width=3)))
+    doomed = asyncio.create_task(batcher.submit(rows(-1.0, width=5), deadline=clock() + 0.5))
+    kept = asyncio.create_task(batcher.submit(rows(2.0, width=5), deadline=clock() + 60))
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(doomed, BOUND)
+    await asyncio.wait_for(asyncio.gather(first, kept), BOUND)
+    assert model.sizes[calls:] == [1, 1]
+    assert not (np.concatenate(model.batches[calls:], axis=None) < 0).any()
+    assert batcher.queued_rows == 0
+    await batcher.close()
+
+
+async def test_on_a_busy_loop_an_inline_batch_waits_for_its_company_until_all_are_there(
+    model: FakeModel, executor: concurrent.futures.ThreadPoolExecutor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock()
+    # The loop thread's CPU time advances with the clock: it is 100 % busy.
+    monkeypatch.setattr(time, "thread_time", clock)
+    batcher = inline_batcher(model, executor, clock, max_batch_size=8)
+    await measure(batcher)
+    calls = len(model.batches)
+    together = [asyncio.create_task(batcher.submit(rows(v))) for v in (1.0, 2.0, 3.0)]
+    await asyncio.wait_for(asyncio.gather(*together), BOUND)  # no company yet: no window
+    assert model.sizes[calls:] == [3]
+    clock.advance(SAMPLE_S)  # a new period: busy, and three came together
+    back = [asyncio.create_task(batcher.submit(rows(4.0)))]
+    await settle()
+    assert model.sizes[calls:] == [3]  # waits (up to max_queue_delay_ms, LONG here)
+    back.append(asyncio.create_task(batcher.submit(rows(5.0))))
+    await settle()
+    assert model.sizes[calls:] == [3]
+    back.append(asyncio.create_task(batcher.submit(rows(6.0))))
+    results = await asyncio.wait_for(asyncio.gather(*back), BOUND)  # all three: runs now
+    assert model.sizes[calls:] == [3, 3]
+    assert [float(r[1][0]) for r in results] == [12.0, 15.0, 18.0]
+    await batcher.close()
+
+
+async def test_without_an_inline_threshold_batches_always_run_in_threads(
+    executor: concurrent.futures.ThreadPoolExecutor,
+) -> None:
+    model = ThreadRecordingModel()
+    batcher = inline_batcher(model, executor, Clock(), inline_below_s=0.0)
+    await measure(batcher, 2 * INLINE_AFTER_BATCHES)
+    assert not batcher.inline
+    together = [asyncio.create_task(batcher.submit(rows(float(i)))) for i in range(3)]
+    await asyncio.wait_for(asyncio.gather(*together), BOUND)
+    assert threading.get_ident() not in model.threads
+    await batcher.close()
+
+
+async def test_a_model_slower_than_the_threshold_stays_in_threads(
+    executor: concurrent.futures.ThreadPoolExecutor,
+) -> None:
+    model = ThreadRecordingModel()
+
+    def slow(inputs: tuple[np.ndarray[Any, Any], ...]) -> tuple[np.ndarray[Any, Any], ...]:
+        time.sleep(0.005)  # compute is measured with time.perf_counter, not the batcher's clock
+        return model(inputs)
+
+    batcher = inline_batcher(slow, executor, Clock(), inline_below_s=0.001)
+    await measure(batcher, INLINE_AFTER_BATCHES + 2)
+    assert not batcher.inline
+    assert threading.get_ident() not in model.threads
+    await batcher.close()
+
+
+async def together_then_idle(batcher: Batcher, model: FakeModel, clock: Clock, n: int) -> None:
+    """``n`` requests inside the batcher at once (one executing, n - 1 queued), all answered,
+    then a new sample period: the batcher's company is now ``n``."""
+    first = await hold_busy(batcher, model)
+    queued = [asyncio.create_task(batcher.submit(rows(float(i)))) for i in range(n - 1)]
+    await settle()
+    assert batcher.queued_rows == n - 1
+    model.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, *queued), BOUND)
+    assert model.sizes[-2:] == [1, n - 1]  # the clock did not move: no company yet, no wait
+    clock.advance(SAMPLE_S)
+
+
+async def test_an_idle_model_waits_until_its_recent_company_is_back(
+    model: FakeModel, executor: concurrent.futures.ThreadPoolExecutor,
+) -> None:
+    clock = Clock()
+    batcher = Batcher(model, BatchPolicy(max_batch_size=8, max_queue_delay_ms=LONG),
+                      executor=executor, clock=clock)
+    await together_then_idle(batcher, model, clock, 4)
+    calls = len(model.batches)
+    back = [asyncio.create_task(batcher.submit(rows(10.0)))]
+    await settle()
+    assert len(model.batches) == calls and batcher.queued_rows == 1  # idle, yet it waits
+    back += [asyncio.create_task(batcher.submit(rows(v))) for v in (11.0, 12.0)]
+    await settle()
+    recheck(batcher)
+    await settle()
+    assert len(model.batches) == calls  # three of the four
+    back.append(asyncio.create_task(batcher.submit(rows(13.0))))
+    results = await asyncio.wait_for(asyncio.gather(*back), BOUND)
+    assert model.sizes[calls:] == [4]  # everyone back: one forward pass
+    assert [float(r[1][0]) for r in results] == [30.0, 33.0, 36.0, 39.0]
+    await batcher.close()
+
+
+async def test_an_idle_model_waits_for_company_no_longer_than_the_gather_time(
+    model: FakeModel, executor: concurrent.futures.ThreadPoolExecutor,
+) -> None:
+    clock = Clock()
+    batcher = Batcher(model, BatchPolicy(max_batch_size=8, max_queue_delay_ms=LONG),
+                      executor=executor, clock=clock)
+    await together_then_idle(batcher, model, clock, 3)
+    # However long max_queue_delay_ms, waiting for a guessed company is capped.
+    assert batcher._gather_s() == MAX_GATHER_S
+    calls = len(model.batches)
+    lone = asyncio.create_task(batcher.submit(rows(1.0)))
+    await settle()
+    clock.advance(MAX_GATHER_S / 2)
+    recheck(batcher)
+    await settle()
+    assert len(model.batches) == calls and not lone.done()
+    clock.advance(MAX_GATHER_S / 2 + 0.001)  # past the gather time (by more than rounding)
+    recheck(batcher)
+    assert float((await asyncio.wait_for(lone, BOUND))[1][0]) == 3.0
+    assert model.sizes[calls:] == [1]
+    # A period of lone traffic later the company is gone: the next request runs at once,
+    # without the batching loop (in the caller's task, nothing queued).
+    clock.advance(SAMPLE_S)
+    model.gate.clear()
+    model.entered.clear()
+    alone = asyncio.create_task(batcher.submit(rows(2.0)))
+    assert await asyncio.to_thread(model.entered.wait, BOUND)
+    assert batcher.queued_rows == 0 and batcher.executing == 1
+    model.gate.set()
+    assert float((await asyncio.wait_for(alone, BOUND))[1][0]) == 6.0
+    await batcher.close()
+
+
+async def test_a_lone_client_never_waits_for_company(
+    model: FakeModel, executor: concurrent.futures.ThreadPoolExecutor,
+) -> None:
+    clock = Clock()
+    batcher = Batcher(model, BatchPolicy(max_batch_size=8, max_queue_delay_ms=LONG),
+                      executor=executor, clock=clock)
+    for i in range(6):  # one request at a time, across sample periods
+        model.gate.clear()
+        model.entered.clear()
+        task = asyncio.create_task(batcher.submit(rows(float(i))))
+        # It reaches the model without any timer or clock having moved: it did not wait.
+        assert await asyncio.to_thread(model.entered.wait, BOUND)
+        assert batcher.queued_rows == 0
+        model.gate.set()
+        await asyncio.wait_for(task, BOUND)
+        clock.advance(SAMPLE_S)
+    assert model.sizes == [1] * 6
+    await batcher.close()

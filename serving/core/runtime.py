@@ -1,0 +1,339 @@
+"""How a loaded program runs: device, precision, graph optimisation, batch padding.
+
+``torch.export`` gives a portable, pickle-free program, but ``ExportedProgram.module()`` runs it
+op by op through Python (``OpOverload.__call__`` per aten op, the GIL held between kernels):
+about 70 us of overhead per call even for a tiny MLP, and a 15-20 % slower CNN than a frozen
+graph, because batch norms stay separate from their convolutions. So, once per load:
+
+* ``optimize="trace"`` (the CPU default through ``"auto"``): trace the exported module into a
+  TorchScript graph and freeze it (weights become constants, conv+BN fold, the interpreter runs
+  in C++ without per-op Python). Tracing can bake a shape into the graph, so the result is
+  checked against the exported module on batch sizes the trace did not see; any mismatch, or
+  any error, keeps the exported module (logged). Only models whose inputs are fixed apart from
+  the batch dimension are traced: others cannot be checked.
+* ``optimize="cudagraph"`` (the CUDA default through ``"auto"`` when preferred batch sizes are
+  set): the traced graph (or the exported module) is captured as one CUDA graph per preferred
+  batch size; a batch is padded up to the next preferred size and replayed: one launch per batch
+  instead of one per kernel.
+* ``optimize="compile"``: ``torch.compile`` (inductor), compiled at each preferred batch size at
+  load, batches padded to them so no request triggers a recompile. Slow to load; opt-in.
+* ``optimize="none"``: the exported module as it is.
+
+``device="cuda"``: weights move to the GPU once; each call copies the inputs into pinned host
+memory and to the device without blocking, optionally casts floating inputs and weights to
+``dtype`` (``bf16``/``fp16``), runs, and brings the outputs back as the manifest's datatypes.
+CPU stays the default and what the tests here exercise; the GPU path is measured by
+``loadtests/gpu_bench.py`` on a machine that has one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from kloop.artifact import Manifest
+
+log = logging.getLogger(__name__)
+
+OPTIMIZE_CHOICES = ("auto", "trace", "cudagraph", "compile", "none")
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_TORCH_OF = {
+    "BOOL": torch.bool, "UINT8": torch.uint8, "INT8": torch.int8, "INT16": torch.int16,
+    "INT32": torch.int32, "INT64": torch.int64, "FP16": torch.float16, "FP32": torch.float32,
+    "FP64": torch.float64, "BF16": torch.bfloat16, "UINT16": torch.uint16,
+    "UINT32": torch.uint32, "UINT64": torch.uint64,
+}
+CHECK_BATCHES = (1, 3)  # batch sizes an optimised graph must agree on (the trace uses 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    """Validated at construction; ``serving.app.ServerConfig`` builds one from its flags."""
+
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
+    dtype: str | None = None  # None: as exported; "bf16"/"fp16": floating tensors cast (GPU)
+    optimize: str = "auto"  # see the module docstring
+    # Batch sizes graphs are built for; with "cudagraph"/"compile" every batch is padded up to
+    # one of them (the largest is then the most rows one call takes).
+    preferred_batch_sizes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.optimize not in OPTIMIZE_CHOICES:
+            raise ValueError(f"optimize must be one of {OPTIMIZE_CHOICES}, got {self.optimize!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or unset, got {self.dtype!r}")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.optimize == "cudagraph" and self.device == "cpu":
+            raise ValueError("CUDA graphs need a CUDA device")
+        if self.dtype is not None and self.device == "cpu":
+            raise ValueError("a reduced dtype is for GPUs (CPU bf16/fp16 kernels are slower)")
+        object.__setattr__(self, "preferred_batch_sizes",
+                           tuple(sorted(set(self.preferred_batch_sizes))))
+
+    @property
+    def cuda(self) -> bool:
+        return self.device != "cpu"
+
+    def strategy(self, manifest: Manifest) -> str:
+        """What ``prepare`` will try for this model (it falls back to "none" on a failure)."""
+        wanted = self.optimize
+        if wanted == "auto":
+            wanted = "cudagraph" if self.cuda and self.preferred_batch_sizes else "trace"
+        if wanted in ("cudagraph", "compile") and not (
+                self.preferred_batch_sizes and _batch_only_dynamic(manifest)):
+            log.warning("%s v%s: %s needs preferred batch sizes and inputs fixed apart from "
+                        "the batch; tracing instead", manifest.name, manifest.version, wanted)
+            wanted = "trace"
+        return wanted
+
+
+class ModelRunner:
+    """A loaded program ready to run: called with one CPU tensor per manifest input (the batch
+    first), returns the model's outputs as CPU tensors. Thread-safe for concurrent calls on CPU;
+    on a GPU each thread uses its own stream."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        options: RuntimeOptions,
+        strategy: str,
+        pad_to: Sequence[int] = (),
+        output_dtypes: Sequence[torch.dtype | None] = (),
+    ) -> None:
+        self._fn = fn
+        self.options = options
+        self.strategy = strategy  # what actually runs: "trace", "cudagraph", "compile", "none"
+        self.pad_to = tuple(sorted(pad_to))
+        self._device = torch.device(options.device)
+        self._cast = DTYPES.get(options.dtype) if options.dtype else None
+        self._output_dtypes = tuple(output_dtypes)
+        self._local = threading.local()
+        self._graphs: dict[int, _CudaGraph] = {}
+
+    @property
+    def max_rows(self) -> int | None:
+        """The most rows one call takes (padding needs a size to pad to), or None."""
+        return self.pad_to[-1] if self.pad_to else None
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        rows = inputs[0].shape[0] if inputs and inputs[0].dim() else None
+        padded = self._padded_rows(rows)
+        if padded is not None and rows is not None and padded != rows:
+            inputs = tuple(_pad(t, padded) for t in inputs)
+        if not self.options.cuda:
+            result = self._fn(*inputs)
+        else:
+            result = self._run_cuda(inputs)
+        if padded is not None and rows is not None and padded != rows:
+            result = _slice(result, rows)
+        return result
+
+    def _padded_rows(self, rows: int | None) -> int | None:
+        if rows is None or not self.pad_to:
+            return None
+        for size in self.pad_to:
+            if size >= rows:
+                return size
+        return None  # larger than every graph: runs as it is (the batcher prevents this)
+
+    def _run_cuda(self, inputs: Sequence[torch.Tensor]) -> Any:
+        graph = self._graphs.get(inputs[0].shape[0]) if self._graphs and inputs else None
+        if graph is not None:
+            return graph.replay(inputs)
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(device=self._device)
+        with torch.cuda.stream(stream):
+            moved = [self._to_device(t) for t in inputs]
+            result = self._fn(*moved)
+            outputs = result if isinstance(result, (tuple, list)) else (result,)
+            back = [self._as_declared(i, out).to("cpu", non_blocking=True)
+                    for i, out in enumerate(outputs)]
+            stream.synchronize()
+        return tuple(back) if isinstance(result, (tuple, list)) else back[0]
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host tensor -> device through a pinned buffer this thread reuses (one per shape)."""
+        pinned: dict[tuple[Any, ...], torch.Tensor] = self._local.__dict__.setdefault("pinned", {})
+        key = (tuple(t.shape), t.dtype)
+        buf = pinned.get(key)
+        if buf is None:
+            buf = pinned[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        buf.copy_(t)
+        d = buf.to(self._device, non_blocking=True)
+        return d.to(self._cast) if self._cast is not None and d.is_floating_point() else d
+
+    def _as_declared(self, i: int, out: torch.Tensor) -> torch.Tensor:
+        want = self._output_dtypes[i] if i < len(self._output_dtypes) else None
+        return out.to(want) if want is not None and out.dtype != want else out
+
+    def capture_graphs(self, manifest: Manifest) -> None:
+        """Record one CUDA graph per padding size (after warm-up runs on a side stream)."""
+        for rows in self.pad_to:
+            self._graphs[rows] = _CudaGraph(self, _examples(manifest, rows))
+
+
+class _CudaGraph:
+    """One captured forward pass at a fixed batch size: static device inputs and outputs;
+    a call copies in, replays, copies out. One call at a time (the buffers are shared)."""
+
+    def __init__(self, runner: ModelRunner, example: Sequence[torch.Tensor]) -> None:
+        self._lock = threading.Lock()
+        self._runner = runner
+        self._stream = torch.cuda.Stream(device=runner._device)
+        # inference_mode: no autograd state recorded into the graph (the exported module's
+        # parameters still require grad when tracing fell back to it).
+        with torch.inference_mode(), torch.cuda.stream(self._stream):
+            self._inputs = [runner._to_device(t).clone() for t in example]
+            for _ in range(3):  # warm-up outside the graph (lazy init, autotuning)
+                runner._fn(*self._inputs)
+            self._stream.synchronize()
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph, stream=self._stream):
+                result = runner._fn(*self._inputs)
+                self._tuple = isinstance(result, (tuple, list))
+                outs = result if self._tuple else (result,)
+                # Cast to the declared dtypes inside the capture: a cast made after it would be
+                # a copy taken once, never refreshed by a replay.
+                self._outputs = [runner._as_declared(i, o) for i, o in enumerate(outs)]
+        self._host = [torch.empty(o.shape, dtype=o.dtype, pin_memory=True) for o in self._outputs]
+
+    def replay(self, inputs: Sequence[torch.Tensor]) -> Any:
+        with self._lock, torch.cuda.stream(self._stream):
+            for static, t in zip(self._inputs, inputs, strict=True):
+                static.copy_(self._runner._to_device(t), non_blocking=True)
+            self._graph.replay()
+            for host, out in zip(self._host, self._outputs, strict=True):
+                host.copy_(out, non_blocking=True)
+            self._stream.synchronize()
+            back = [h.clone() for h in self._host]
+        return tuple(back) if self._tuple else back[0]
+
+
+def prepare(module: torch.nn.Module, manifest: Manifest, options: RuntimeOptions) -> ModelRunner:
+    """The ``ModelRunner`` for an exported module, optimised as ``options`` say."""
+    strategy = options.strategy(manifest)
+    output_dtypes = tuple(_TORCH_OF.get(s.datatype) for s in manifest.outputs)
+    if options.cuda:
+        module = module.to(options.device)
+        if options.dtype:
+            module = module.to(DTYPES[options.dtype])
+    label = f"{manifest.name} v{manifest.version}"
+    fn: Callable[..., Any] = module
+    if strategy in ("trace", "cudagraph"):
+        traced = _trace(module, manifest, options, label)
+        if traced is not None:
+            fn = traced
+        elif strategy == "trace":
+            strategy = "none"
+    elif strategy == "compile":
+        fn = torch.compile(module, dynamic=False)
+    pad_to = options.preferred_batch_sizes if strategy in ("cudagraph", "compile") else ()
+    runner = ModelRunner(fn, options=options, strategy=strategy, pad_to=pad_to,
+                         output_dtypes=output_dtypes)
+    if strategy == "cudagraph":
+        runner.capture_graphs(manifest)
+    elif strategy == "compile":
+        with torch.inference_mode():
+            for size in pad_to:  # compile every shape now, not on a client's request
+                runner(*_examples(manifest, size))
+    log.info("%s runs as %s on %s%s%s", label, strategy, options.device,
+             f" ({options.dtype})" if options.dtype else "",
+             f", batches padded to {list(pad_to)}" if pad_to else "")
+    return runner
+
+
+def _batch_only_dynamic(manifest: Manifest) -> bool:
+    return all(
+        len(s.shape) >= 1 and s.shape[0] == -1 and all(d >= 0 for d in s.shape[1:])
+        and s.datatype in _TORCH_OF
+        for s in manifest.inputs
+    )
+
+
+def _examples(manifest: Manifest, rows: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Inputs of ``rows`` rows for every manifest input: normal noise for floating types, small
+    non-negative integers otherwise (valid as indices and as counts)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for spec in manifest.inputs:
+        shape = (rows, *spec.shape[1:])
+        dtype = _TORCH_OF[spec.datatype]
+        if dtype.is_floating_point:
+            out.append(torch.randn(shape, generator=gen).to(dtype))
+        elif dtype == torch.bool:
+            out.append(torch.zeros(shape, dtype=dtype))
+        else:
+            out.append(torch.randint(0, 2, shape, generator=gen).to(dtype))
+    return tuple(out)
+
+
+def _on_device(tensors: Sequence[torch.Tensor], options: RuntimeOptions) -> tuple[torch.Tensor, ...]:
+    if not options.cuda:
+        return tuple(tensors)
+    cast = DTYPES.get(options.dtype) if options.dtype else None
+    moved = (t.to(options.device) for t in tensors)
+    return tuple(t.to(cast) if cast is not None and t.is_floating_point() else t for t in moved)
+
+
+def _trace(
+    module: torch.nn.Module, manifest: Manifest, options: RuntimeOptions, label: str
+) -> Callable[..., Any] | None:
+    """A frozen TorchScript trace of ``module`` that agrees with it, or None (see the module
+    docstring for why and when)."""
+    if not _batch_only_dynamic(manifest):
+        log.info("%s: inputs have dynamic dims besides the batch; not traced", label)
+        return None
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            traced = torch.jit.trace(module, _on_device(_examples(manifest, 2), options),
+                                     check_trace=False)
+            frozen = torch.jit.freeze(traced.eval())
+        with torch.inference_mode():
+            for rows in CHECK_BATCHES:
+                example = _on_device(_examples(manifest, rows, seed=rows), options)
+                if not _agree(module(*example), frozen(*example)):
+                    log.warning("%s: the traced graph disagrees with the exported module at "
+                                "batch %d; running the exported module", label, rows)
+                    return None
+    except Exception as e:  # noqa: BLE001  (an optimisation never fails a load; logged)
+        log.warning("%s: could not trace (%s: %s); running the exported module",
+                    label, type(e).__name__, e)
+        return None
+    return frozen
+
+
+def _agree(a: Any, b: Any) -> bool:
+    xs = a if isinstance(a, (tuple, list)) else (a,)
+    ys = b if isinstance(b, (tuple, list)) else (b,)
+    if len(xs) != len(ys):
+        return False
+    for x, y in zip(xs, ys, strict=True):
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+            return False
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if x.is_floating_point():
+            if not torch.allclose(x.float(), y.float(), rtol=1e-3, atol=1e-4):
+                return False
+        elif not torch.equal(x, y):
+            return False
+    return True
+
+
+def _pad(t: torch.Tensor, rows: int) -> torch.Tensor:
+    extra = rows - t.shape[0]
+    return torch.cat([t, t[:1].expand(extra, *t.shape[1:])]) if extra > 0 else t
+
+
+def _slice(result: Any, rows: int) -> Any:
+    if isinstance(result, (tuple, list)):
+        return type(result)(r[:rows] for r in result)
+    return result[:rows]

@@ -1,0 +1,263 @@
+"""How a loaded program runs (serving.core.runtime), and the server's hot-path shortcuts: the
+metrics' label cache, FaultInjector.active and the ServerConfig flags for both.
+
+Models are built and exported here, each small: tracing and exporting cost well under a second.
+Everything runs on CPU; the CUDA paths (cudagraph, dtype) are only checked for being refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kloop.artifact import Manifest, TensorSpec
+from serving.app import ServerConfig
+from serving.core.errors import InferenceFailed
+from serving.core.faults import Fault, FaultInjector
+from serving.core.runtime import ModelRunner, RuntimeOptions, prepare
+from serving.metrics import ServerMetrics
+
+WIDTH = 4
+
+
+def manifest(*inputs: TensorSpec, outputs: tuple[TensorSpec, ...] = ()) -> Manifest:
+    return Manifest(
+        name="m", version=1, created=0.0, framework="pytorch", torch_version=torch.__version__,
+        format="torch.export", model_file="model.pt2", inputs=inputs,
+        outputs=outputs or (TensorSpec("y", "FP32", (-1, WIDTH)),), metrics={}, params={},
+        data_fingerprint="test", run_id="test", files={},
+    )
+
+
+BATCH_ONLY = manifest(TensorSpec("x", "FP32", (-1, WIDTH)))
+
+
+def export(module: torch.nn.Module, *dims: int) -> torch.nn.Module:
+    """``module`` exported on a (2, WIDTH) example, dynamic in ``dims`` (0: the batch)."""
+    names = {0: "batch", 1: "width"}
+    shapes = {"x": {d: torch.export.Dim(names[d], min=1, max=1024) for d in dims}}
+    program = torch.export.export(module.eval(), (torch.randn(2, WIDTH),), dynamic_shapes=shapes)
+    return program.module()
+
+
+class Linear(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(WIDTH, WIDTH)
+        self.bn = torch.nn.BatchNorm1d(WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.fc(x)))
+
+
+class BakesTheBatch(torch.nn.Module):
+    """Exports fine with a dynamic batch, but a trace records ``torch.full``'s size as the
+    traced batch (2): at batch 1 the result broadcasts to 2 rows, at batch 3 it fails."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.full((x.shape[0], 1), 1.0)
+
+
+class Doubles(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+def run(runner: Any, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return runner(x)
+
+
+# ---- prepare --------------------------------------------------------------------------------
+
+
+def test_trace_agrees_with_the_exported_module_at_every_batch_size() -> None:
+    module = export(Linear(), 0)
+    runner = prepare(module, BATCH_ONLY, RuntimeOptions())  # "auto" on CPU: trace
+    assert runner.strategy == "trace"
+    assert isinstance(runner._fn, torch.jit.ScriptModule)  # what runs is the frozen graph
+    for rows in range(1, 6):
+        x = torch.randn(rows, WIDTH)
+        torch.testing.assert_close(run(runner, x), run(module, x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_trace_that_bakes_in_the_batch_size_is_caught_and_not_used(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    module = export(BakesTheBatch(), 0)
+    with caplog.at_level(logging.WARNING, logger="serving.core.runtime"):
+        runner = prepare(module, BATCH_ONLY, RuntimeOptions(optimize="trace"))
+    assert runner.strategy == "none"
+    assert runner._fn is module
+    assert "disagrees" in caplog.text  # found by the check, not by an error while tracing
+    for rows in range(1, 6):
+        x = torch.randn(rows, WIDTH)
+        torch.testing.assert_close(run(runner, x), x + 1)
+
+
+def test_a_model_with_a_second_dynamic_dim_is_not_traced() -> None:
+    module = export(Doubles(), 0, 1)
+    m = manifest(TensorSpec("x", "FP32", (-1, -1)), outputs=(TensorSpec("y", "FP32", (-1, -1)),))
+    runner = prepare(module, m, RuntimeOptions())
+    assert runner.strategy == "none" and runner._fn is module
+    for width in (1, 3, 7):  # what a trace at width 4 could have got wrong
+        x = torch.randn(2, width)
+        torch.testing.assert_close(run(runner, x), x * 2)
+
+
+def test_optimize_none_keeps_the_exported_module() -> None:
+    module = export(Linear(), 0)
+    runner = prepare(module, BATCH_ONLY, RuntimeOptions(optimize="none"))
+    assert runner.strategy == "none" and runner._fn is module
+    assert runner.pad_to == () and runner.max_rows is None
+    x = torch.randn(3, WIDTH)
+    torch.testing.assert_close(run(runner, x), run(module, x))
+
+
+def test_compile_without_preferred_sizes_traces_instead() -> None:
+    assert RuntimeOptions(optimize="compile").strategy(BATCH_ONLY) == "trace"
+    assert RuntimeOptions().strategy(BATCH_ONLY) == "trace"  # "auto" on CPU
+
+
+# ---- padding --------------------------------------------------------------------------------
+
+
+def test_padding_rounds_up_to_a_graph_size_and_cuts_the_answer_back() -> None:
+    seen: list[int] = []
+
+    def rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(x.shape[0])
+        return x * 2, x.sum(1)
+
+    runner = ModelRunner(rowwise, options=RuntimeOptions(optimize="none"), strategy="compile",
+                         pad_to=(8, 4))
+    assert runner.pad_to == (4, 8) and runner.max_rows == 8
+    for rows, padded in ((3, 4), (4, 4), (5, 8), (9, 9)):  # 9: larger than every graph
+        x = torch.randn(rows, WIDTH)
+        doubled, summed = runner(x)
+        assert seen[-1] == padded
+        assert doubled.shape == (rows, WIDTH) and summed.shape == (rows,)
+        torch.testing.assert_close(doubled, x * 2)
+        torch.testing.assert_close(summed, x.sum(1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replays_give_each_batch_its_own_outputs_in_the_declared_dtype() -> None:
+    module = export(Linear(), 0)
+    reference = Linear().eval()
+    options = RuntimeOptions(device="cuda", dtype="fp16", optimize="cudagraph",
+                             preferred_batch_sizes=(2, 4))
+    runner = prepare(module, BATCH_ONLY, options)
+    assert runner.strategy == "cudagraph" and runner.pad_to == (2, 4)
+    for rows in (1, 3, 4, 3):  # padded to 2 and 4: replays of the captured graphs
+        x = torch.randn(rows, WIDTH)
+        out = run(runner, x)
+        assert out.dtype == torch.float32 and out.device.type == "cpu"
+        torch.testing.assert_close(out, run(reference, x), rtol=2e-2, atol=2e-2)
+
+
+# ---- options --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"optimize": "fast"}, "optimize must be one of"),
+    ({"device": "tpu"}, "device must be cpu, cuda or cuda:N"),
+    ({"dtype": "int4", "device": "cuda"}, "dtype must be one of"),
+    ({"dtype": "bf16"}, "reduced dtype is for GPUs"),
+    ({"optimize": "cudagraph"}, "CUDA graphs need a CUDA device"),
+])
+def test_runtime_options_reject_bad_combinations(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        RuntimeOptions(**kwargs)
+
+
+def test_runtime_options_accept_gpu_settings_and_sort_sizes() -> None:
+    options = RuntimeOptions(device="cuda:1", dtype="fp16", optimize="cudagraph",
+                             preferred_batch_sizes=(8, 1, 8, 4))
+    assert options.cuda and options.preferred_batch_sizes == (1, 4, 8)
+    assert options.strategy(BATCH_ONLY) == "cudagraph"
+    assert not RuntimeOptions().cuda
+
+
+# ---- server configuration -------------------------------------------------------------------
+
+
+def test_server_config_defaults_intra_op_threads_to_the_cores(tmp_path: Path) -> None:
+    config = ServerConfig(registry=tmp_path)
+    assert isinstance(config.intra_op_threads, int) and config.intra_op_threads >= 1
+    assert config.runtime_options() == RuntimeOptions()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"model_instances": 0}, "model_instances"),
+    ({"inline_batch_ms": -0.1}, "inline_batch_ms"),
+    ({"inline_batch_ms": 100.5}, "inline_batch_ms"),
+    ({"optimize": "bogus"}, "optimize"),
+    ({"dtype": "fp16"}, "dtype"),  # on the default device, cpu
+])
+def test_server_config_rejects_bad_runtime_flags(
+    tmp_path: Path, kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        ServerConfig(registry=tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize("ms", [0.0, 100.0])
+def test_server_config_accepts_inline_batch_ms_bounds(tmp_path: Path, ms: float) -> None:
+    assert ServerConfig(registry=tmp_path, inline_batch_ms=ms).inline_batch_ms == ms
+
+
+# ---- hot-path shortcuts ---------------------------------------------------------------------
+
+
+def sample(metrics: ServerMetrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def test_metrics_label_cache_counts_every_observation() -> None:
+    metrics = ServerMetrics()
+    labels = {"model": "m", "version": "1", "protocol": "grpc"}
+    metrics.observe("m", "1", "grpc", 0.01, None)
+    metrics.observe("m", "1", "grpc", 0.02, None)
+    metrics.observe("m", "1", "rest", 0.03, None)
+    assert sample(metrics, "kloop_inference_requests_total", **labels) == 2.0
+    assert sample(metrics, "kloop_inference_request_duration_seconds_count", **labels) == 2.0
+    assert sample(metrics, "kloop_inference_request_duration_seconds_sum",
+                  **labels) == pytest.approx(0.03)
+    metrics.observe_batch("m", "1", 3, [0.001, 0.002, 0.003], 0.01)
+    metrics.observe_batch("m", "1", 2, [0.001, 0.002], 0.01)
+    assert sample(metrics, "kloop_inference_batch_size_sum", model="m", version="1") == 5.0
+    assert sample(metrics, "kloop_inference_queue_seconds_count", model="m", version="1") == 5.0
+    assert b'kloop_inference_requests_total{model="m",protocol="grpc",version="1"} 2.0' \
+        in metrics.exposition()
+
+
+def test_metrics_unload_drops_the_versions_cached_labels_only() -> None:
+    metrics = ServerMetrics()
+    for version in ("1", "2"):
+        metrics.model_loaded("m", int(version), True)
+        metrics.observe("m", version, "grpc", 0.01, InferenceFailed("boom"))
+        metrics.observe_batch("m", version, 1, [0.001], 0.01)
+    metrics.model_loaded("m", 1, False)
+    assert {k[:2] for k in metrics._request_children} == {("m", "2")}
+    assert {k[:2] for k in metrics._batch_children} == {("m", "2")}
+    assert sample(metrics, "kloop_model_loaded", model="m", version="1") == 0.0
+    metrics.observe("m", "1", "grpc", 0.01, None)  # reloaded later: counting goes on
+    assert sample(metrics, "kloop_inference_requests_total",
+                  model="m", version="1", protocol="grpc") == 2.0
+    assert sample(metrics, "kloop_inference_errors_total",
+                  model="m", version="1", protocol="grpc", code="500") == 1.0
+
+
+def test_fault_injector_is_active_only_while_a_fault_is_set() -> None:
+    faults = FaultInjector()
+    assert not faults.active
+    faults.set("m", 1, Fault(error_rate=0.5))
+    assert faults.active
+    faults.clear("m", 1)
+    assert not faults.active
