@@ -1,0 +1,1 @@
+"""The side-by-side benchmark: kloop against the peer servers of ``../shared/bench/peers``."""
