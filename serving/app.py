@@ -191,11 +191,6 @@ class Server:
         except BaseException:
             await self.stop()
             raise
-        # Everything alive now (torch, the models, the servers) lives as long as the process:
-        # out of the cyclic collector's reach, a full collection no longer walks it (one could
-        # take 100+ ms with torch loaded: a latency spike for every request then in flight).
-        gc.collect()
-        gc.freeze()
         if self.config.group_size > 1:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_metrics())
         if self.config.ports_file:
@@ -268,7 +263,10 @@ class Server:
         grpc_api.add_to_server(server, self.dataplane)
         host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host  # IPv6
         address = f"{host}:{self.config.grpc_port}"
-        port = server.add_insecure_port(address)
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as e:  # grpcio raises where older versions returned 0
+            raise OSError(f"gRPC could not bind {address}: {e}") from e
         if port == 0:
             raise OSError(f"gRPC could not bind {address}")
         self._grpc = server
@@ -326,6 +324,12 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     server = Server(config)
     try:
         await server.start()
+        # Everything alive now (torch, the models, the servers) lives as long as the process:
+        # out of the cyclic collector's reach, a full collection no longer walks it (one could
+        # take 100+ ms with torch loaded: a latency spike for every request then in flight).
+        # Here, not in Server.start: only a process that is the server may freeze its heap.
+        gc.collect()
+        gc.freeze()
         try:
             await stop.wait()
             log.info("stopping: finishing in-flight requests (grace %.1fs)", config.grace_seconds)

@@ -48,9 +48,11 @@ def _run(cmd: list[str], env: dict[str, str], **kw: object) -> subprocess.Comple
     return subprocess.run(cmd, env=env, check=True, text=True, **kw)  # type: ignore[call-overload]
 
 
-def prepare(harness: Path, py: str, env: dict[str, str], scratch: Path, names: list[str]) -> Path:
+def prepare(harness: Path, py: str, env: dict[str, str], scratch: Path, names: list[str],
+            baseline: bool) -> Path:
     """Models, payloads and .mar files for the peers (once), and kloop's registry."""
-    if not all((scratch / "models" / f"{m}.pt").is_file() for m in models.MODELS):
+    torchscript = baseline or any(p.startswith(("kserve", "torchserve")) for p in names)
+    if torchscript and not all((scratch / "models" / f"{m}.pt").is_file() for m in models.MODELS):
         _run([py, str(harness / "models.py"), str(scratch / "models")], env)
     if not all((scratch / "payloads" / f"{m}.f32").is_file() for m in models.MODELS):
         _run([py, str(harness / "make_payloads.py"), str(scratch / "payloads")], env)
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     names = [p for p in a.peers.split(",") if p]
-    registry = prepare(harness, py, env, scratch, names)
+    registry = prepare(harness, py, env, scratch, names, a.baseline_seconds > 0)
     baseline: list[dict[str, object]] = []
     if a.baseline_seconds > 0:
         _log("in-process limit (baseline.py)")

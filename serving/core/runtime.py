@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -292,7 +293,10 @@ def _trace(
         log.info("%s: inputs have dynamic dims besides the batch; not traced", label)
         return None
     try:
-        with torch.inference_mode(False), torch.no_grad():
+        # The tracer warns about every shape it records as a constant; the check below is what
+        # decides whether that mattered.
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             traced = torch.jit.trace(module, _on_device(_examples(manifest, 2), options),
                                      check_trace=False)
             frozen = torch.jit.freeze(traced.eval())

@@ -25,7 +25,8 @@ from deploy.localserver import ServerHandle, ServerProcess
 from tests.serving.dtype_models import publish_all
 
 HERE = Path(__file__).resolve().parent
-CLIENT_REQUIREMENTS = ("tritonclient[grpc,http]==2.73.0", "kserve==0.21.0", "numpy")
+# psutil: the shared benchmark harness (bench.py) runs in this venv for the benchmark's smoke test.
+CLIENT_REQUIREMENTS = ("tritonclient[grpc,http]==2.73.0", "kserve==0.21.0", "numpy", "psutil")
 
 
 def _venv_dir() -> Path:
@@ -40,7 +41,7 @@ def _works(python: Path) -> bool:
     return all(subprocess.run([str(python), "-c", stmt], check=False, capture_output=True,
                               timeout=120).returncode == 0
                for stmt in ("import tritonclient.grpc, tritonclient.http, numpy",
-                            "import kserve, httpx, numpy"))
+                            "import kserve, httpx, numpy, psutil"))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,84 @@
+"""The side-by-side benchmark (``python -m loadtests.benchmark``): its verdicts on known figures,
+and a real smoke run of the whole command (kloop and the trivial gRPC server through the shared
+harness's own ``bench.py``, wrk and ``grpc_load.py``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtests.benchmark import report
+from loadtests.benchmark.harness import HarnessMissing, peers_dir
+from tests.clients.conftest import clients_python  # noqa: F401  (the fixture)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cell(peer: str, model: str, proto: str, conc: int, rps: float, p50: float = 1.0,
+          p99: float = 2.0, errors: int = 0) -> dict[str, object]:
+    return {"peer": peer, "model": model, "proto": proto, "conc": conc, "rps": rps,
+            "p50_ms": p50, "p99_ms": p99, "errors": errors}
+
+
+def test_verdicts_compare_with_the_best_peer_of_each_cell_and_the_limits() -> None:
+    runs = [
+        _cell("kloop", "tiny", "grpc", 32, 3000, p99=10),
+        _cell("kserve", "tiny", "grpc", 32, 700, p99=40),
+        _cell("torchserve_batch", "tiny", "grpc", 32, 3500, p99=9),  # faster: kloop loses
+        _cell("null_grpc", "tiny", "grpc", 32, 4000),
+        _cell("kloop", "tiny", "http", 32, 8000, p99=5),
+        _cell("kserve", "tiny", "http", 32, 1000, p99=30),
+        _cell("kloop", "cnn", "grpc", 8, 400),
+        _cell("kloop", "cnn", "grpc", 32, 330),  # 0.825 of c=8: a collapse
+        _cell("kloop", "tiny", "grpc", 1, 900, p50=1.1),
+        _cell("kserve", "tiny", "grpc", 1, 950, p50=1.0),
+    ]
+    baseline = [{"model": "cnn", "batch": 32, "threads": 2, "items_per_s": 400.0, "p50_ms": 80}]
+    got = {(c.name, c.cell): c for c in report.checks(runs, baseline)}
+    assert got[("ahead of the best peer", "tiny grpc c=32")].ok is False
+    assert "TorchServe" in got[("ahead of the best peer", "tiny grpc c=32")].target
+    assert got[("ahead of the best peer", "tiny http c=32")].ok is True
+    assert got[("4x KServe", "tiny grpc c=32")].ok is True  # 3000 / 700
+    assert got[("4x KServe", "tiny http c=32")].ok is True
+    assert got[("share of the trivial gRPC server", "tiny grpc c=32")].ok is True  # 75 %
+    assert got[("share of in-process batch-32", "cnn grpc c=32")].ok is True  # 330 / 400
+    assert got[("no collapse from 8 to 32 clients", "cnn grpc")].ok is False
+    assert got[("lone client no slower than KServe", "tiny grpc c=1")].ok is False
+    text = report.markdown(runs, baseline, {"date": "d", "duration_s": 1})
+    assert "| kloop, 1 process | grpc | 32 | 3000 |" in text
+    assert "4.29x" in text  # kloop / KServe on the tiny gRPC c=32 row
+
+
+def test_a_failed_cell_is_reported_not_hidden(tmp_path: Path) -> None:
+    path = tmp_path / "runs.jsonl"
+    path.write_text(json.dumps(_cell("kloop", "tiny", "grpc", 8, 100)) + "\n"
+                    + json.dumps({"peer": "kserve", "error": "startup failed: boom"}) + "\n")
+    runs = report.load_runs(path)
+    assert "startup failed: boom" in report.markdown(runs, [], {})
+
+
+def test_the_benchmark_command_runs_end_to_end(clients_python: Path, tmp_path: Path) -> None:  # noqa: F811
+    try:
+        peers_dir()
+    except HarnessMissing as e:
+        pytest.skip(str(e))
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (.ci/run installs it)")
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtests.benchmark", "--quick", "--harness-python",
+         str(clients_python), "--scratch", str(tmp_path / "scratch"), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = report.load_runs(out / "runs.jsonl")
+    cells = {(r["peer"], r["proto"], r["conc"]): r for r in runs}
+    for key in (("kloop", "grpc", 8), ("kloop", "http", 8), ("null_grpc", "grpc", 32)):
+        assert key in cells, sorted(cells)
+        assert cells[key]["errors"] == 0 and cells[key]["rps"] > 0
+    text = (out / "report.md").read_text()
+    assert "| kloop, 1 process | grpc | 8 |" in text
