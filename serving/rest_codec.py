@@ -117,10 +117,40 @@ def _json_data(data: Any, datatype: str, where: str) -> np.ndarray[Any, Any]:
         except ValueError as e:  # ragged nesting
             raise InvalidInput(f"{where}: data is not a (nested) list of strings: {e}") from e
         return as_bytes_array([to_bytes(x) for x in flat])
+    dtype = numpy_dtype(datatype)
     try:
-        return np.asarray(data, dtype=numpy_dtype(datatype)).reshape(-1)
+        if dtype.kind not in "iub":  # floats: JSON integers are exact floats too
+            return np.asarray(data, dtype=dtype).reshape(-1)
+        # Integers and BOOL: decode as JSON gave them, then narrow, so that 1.5 for an INT64 or
+        # 2 for a BOOL is refused instead of silently truncated (numpy's dtype= would cast).
+        wide = np.asarray(data)
     except (TypeError, ValueError, OverflowError) as e:
         raise InvalidInput(f"{where}: data is not a (nested) list of {datatype} values: {e}") from e
+    if dtype.kind in "iu" and wide.dtype.kind not in "iu" and wide.size:
+        wide = _exact_integers(data, datatype, where)  # e.g. UINT64 values past int64
+    wanted = "b" if dtype.kind == "b" else "iu"
+    if wide.size and wide.dtype.kind not in wanted:
+        what = "true/false" if dtype.kind == "b" else "integers"
+        raise InvalidInput(f"{where}: datatype {datatype} needs {what}, got {wide.dtype} values")
+    try:
+        narrow = wide.astype(dtype).reshape(-1)
+    except OverflowError as e:
+        raise InvalidInput(f"{where}: values out of range for datatype {datatype}") from e
+    if dtype.kind in "iu" and not np.array_equal(narrow, wide.reshape(-1)):
+        raise InvalidInput(f"{where}: values out of range for datatype {datatype}")
+    return narrow
+
+
+def _exact_integers(data: Any, datatype: str, where: str) -> np.ndarray[Any, Any]:
+    """JSON integers numpy could not hold as int64 (it fell back to float64, which would round
+    them): kept exact as Python ints, for the narrowing check. Anything else is refused."""
+    flat = np.asarray(data, dtype=object).reshape(-1)
+    if not all(type(v) is int for v in flat):
+        raise InvalidInput(f"{where}: datatype {datatype} needs integers")
+    try:
+        return np.array(flat.tolist(), dtype=numpy_dtype(datatype))
+    except OverflowError as e:
+        raise InvalidInput(f"{where}: values out of range for datatype {datatype}") from e
 
 
 class _Binary:

@@ -200,3 +200,26 @@ async def test_metadata_lists_datatypes_and_extensions(http: aiohttp.ClientSessi
     assert meta["platform"] == "pytorch_torch_export" and meta["versions"] == ["1"]
     assert meta["inputs"] == [{"name": "x", "datatype": "BF16", "shape": [-1, 3]}]
     assert meta["outputs"] == [{"name": "y", "datatype": "BF16", "shape": [-1, 3]}]
+
+
+@pytest.mark.parametrize(("datatype", "values", "says"), [
+    ("INT64", [1.5, 2.0], "integers"),
+    ("INT32", [1, 2.5], "integers"),
+    ("UINT8", [1, 300], "out of range"),
+    ("INT8", [-129, 0], "out of range"),
+    ("BOOL", [1, 0], "true/false"),
+])
+async def test_http_json_refuses_values_that_do_not_fit_the_datatype(
+        http: aiohttp.ClientSession, datatype: str, values: list[Any], says: str) -> None:
+    """A JSON number is not silently cast: 1.5 sent as INT64 is an error, not 1."""
+    shape = list(sample(datatype).shape)
+    count = int(np.prod(shape))
+    data = (values * count)[:count]
+    body = {"inputs": [{"name": "x", "datatype": datatype, "shape": shape, "data": data}]}
+    async with http.post(f"/v2/models/{model_name(datatype)}/infer", json=body) as r:
+        answer = await r.json()
+        assert r.status == 400 and says in answer["error"] and datatype in answer["error"], answer
+    good = {"inputs": [{"name": "x", "datatype": datatype, "shape": shape,
+                        "data": sample(datatype).tolist()}]}
+    async with http.post(f"/v2/models/{model_name(datatype)}/infer", json=good) as r:
+        assert r.status == 200  # and the server serves on
