@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     registry = Registry(args.registry)
     elector = LeaderElector(kube, args.lease_name, args.lease_namespace or kube.namespace,
                             args.identity, clock, lease_duration_s=args.lease_duration,
-                            renew_s=args.renew)
+                            renew_s=args.renew, elapsed=time.monotonic)
     backends = kserve_backends(kube, registry, clock, prometheus_url=args.prometheus_url,
                                scrape=args.metrics == "scrape")
     rec = Reconciler(kube, namespaces, registry, backends, clock, elector=elector,

@@ -15,13 +15,16 @@ The protocol is client-go's ``leaderelection`` with a Lease lock, written out sm
   ``lease_duration_s`` old; it must stop acting before anybody else may take over.
 * ``release()`` (on SIGTERM) clears ``holderIdentity`` so a successor need not wait.
 
-``is_leader()`` is what the reconciler checks before every action. Time is a ``Clock``.
+``is_leader()`` is what the reconciler checks before every action. Time is a ``Clock`` for the
+timestamps written into the Lease, and ``elapsed`` (``time.monotonic`` in the controller) for
+every duration: a wall clock stepped by NTP must not shorten or stretch a lease.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from deploy import kube as k
@@ -33,12 +36,16 @@ LEASE = k.KINDS["Lease"]
 
 class LeaderElector:
     def __init__(self, kube: k.Kube, name: str, namespace: str, identity: str, clock: Clock, *,
-                 lease_duration_s: float = 15.0, renew_s: float = 5.0):
+                 lease_duration_s: float = 15.0, renew_s: float = 5.0,
+                 elapsed: Callable[[], float] | None = None):
+        """``elapsed``: seconds from any fixed origin, for durations (default: ``clock.now``,
+        which tests drive; the controller passes ``time.monotonic``)."""
         if not 0 < renew_s < lease_duration_s:
             raise ValueError(f"renew_s {renew_s} must be in (0, lease_duration_s "
                              f"{lease_duration_s}): a holder must renew before its lease expires")
         self.kube, self.name, self.namespace = kube, name, namespace
         self.identity, self.clock = identity, clock
+        self._elapsed = elapsed or clock.now
         self.lease_duration_s, self.renew_s = lease_duration_s, renew_s
         self._renewed_at: float | None = None  # last successful write as holder (our clock)
         self._observed: tuple[Any, ...] | None = None  # the other holder's record as last seen
@@ -50,18 +57,18 @@ class LeaderElector:
     def is_leader(self) -> bool:
         """Holding the Lease, renewed within ``lease_duration_s`` (our clock)."""
         return (self._renewed_at is not None
-                and self.clock.now() - self._renewed_at < self.lease_duration_s)
+                and self._elapsed() - self._renewed_at < self.lease_duration_s)
 
     def step(self) -> bool:
         """Acquire or renew when due (every ``renew_s``); returns ``is_leader()``. Call it often."""
-        if self.clock.now() >= self._next_try:
+        if self._elapsed() >= self._next_try:
             self.try_acquire_or_renew()
         return self.is_leader()
 
     # ---- the protocol -------------------------------------------------------------------
 
     def try_acquire_or_renew(self) -> bool:
-        now = self.clock.now()
+        now = self._elapsed()  # durations; the Lease's timestamps use self.clock
         self._next_try = now + self.renew_s
         try:
             lease = self.kube.get(LEASE, self.name, self.namespace)
@@ -106,7 +113,7 @@ class LeaderElector:
         body = {
             "apiVersion": LEASE.api_version, "kind": LEASE.kind,
             "metadata": {"name": self.name, "namespace": self.namespace},
-            "spec": self._spec(now, acquire_time=_micro(now), transitions=0),
+            "spec": self._spec(acquire_time=_micro(self.clock.now()), transitions=0),
         }
         try:
             self.kube.create(body, self.namespace)
@@ -121,10 +128,11 @@ class LeaderElector:
     def _write(self, lease: dict[str, Any], now: float, *, acquired: bool) -> bool:
         spec = lease.get("spec") or {}
         transitions = int(spec.get("leaseTransitions") or 0)
+        wall = _micro(self.clock.now())
         if acquired:
-            body_spec = self._spec(now, acquire_time=_micro(now), transitions=transitions + 1)
+            body_spec = self._spec(acquire_time=wall, transitions=transitions + 1)
         else:
-            body_spec = self._spec(now, acquire_time=spec.get("acquireTime") or _micro(now),
+            body_spec = self._spec(acquire_time=spec.get("acquireTime") or wall,
                                    transitions=transitions)
         body = {**lease, "spec": body_spec}  # carries metadata.resourceVersion: the CAS token
         try:
@@ -148,10 +156,10 @@ class LeaderElector:
         self._renewed_at = now
         self._observed = None
 
-    def _spec(self, now: float, *, acquire_time: str, transitions: int) -> dict[str, Any]:
+    def _spec(self, *, acquire_time: str, transitions: int) -> dict[str, Any]:
         return {"holderIdentity": self.identity,
                 "leaseDurationSeconds": max(1, round(self.lease_duration_s)),
-                "acquireTime": acquire_time, "renewTime": _micro(now),
+                "acquireTime": acquire_time, "renewTime": _micro(self.clock.now()),
                 "leaseTransitions": transitions}
 
 

@@ -90,3 +90,26 @@ def test_release_hands_over_at_once(kube, namespace):
     assert not a.is_leader() and holder(kube, namespace) is None
     assert b.try_acquire_or_renew() is True  # no wait for expiry
     assert holder(kube, namespace) == "b"
+
+
+def test_durations_use_the_elapsed_clock_not_the_wall_clock(kube, namespace):
+    """A wall clock stepped by an hour (NTP, a VM resumed) neither expires the holder's lease
+    for a candidate nor the holder's own leadership: durations come from ``elapsed``; the wall
+    clock only writes the Lease's timestamps."""
+    wall, mono = FakeClock(), FakeClock()
+    mk = lambda ident: LeaderElector(kube, "kloop-controller", namespace, ident, wall,  # noqa: E731
+                                     lease_duration_s=15, renew_s=5, elapsed=mono.now)
+    a, b = mk("a"), mk("b")
+    assert a.step() is True and b.step() is False
+    first = kube.get(LEASE, "kloop-controller", namespace)["spec"]["renewTime"]
+    wall.advance(3600)
+    assert a.is_leader()  # an hour of wall time is not an hour of lease
+    mono.advance(5)
+    assert b.step() is False and a.step() is True
+    assert kube.get(LEASE, "kloop-controller", namespace)["spec"]["renewTime"] > first
+    mono.advance(16)  # a stops renewing: its own leadership lapses on the elapsed clock ...
+    assert not a.is_leader()
+    assert b.step() is False  # ... while b first sees a's renewed record now
+    wall.advance(7200)  # more wall time changes nothing either
+    mono.advance(15)  # a full lease duration of b's elapsed clock after that sight
+    assert b.step() is True
