@@ -257,7 +257,7 @@ class DataPlane:
             except ModelNotFound:
                 return None
             batcher = Batcher(
-                lambda inputs: _forward(loaded, inputs), self.batch_policy,
+                lambda inputs: _forward(loaded, inputs), _policy_for(loaded, self.batch_policy),
                 executor=self._executor, max_concurrency=self._instances,
                 observer=(_BatchMetrics(self._recorder, loaded.model, str(loaded.version))
                           if self._recorder else None),
@@ -388,6 +388,18 @@ def deadline_from_ms(text: str | None) -> float | None:
     if not (math.isfinite(ms) and ms > 0):
         raise InvalidInput(f"a request timeout must be a positive number of ms, got {text!r}")
     return deadline_in(ms / 1000)
+
+
+def _policy_for(loaded: LoadedVersion, policy: BatchPolicy) -> BatchPolicy:
+    """The server's policy, capped at the most rows the version's runner takes in one call (a
+    runner with CUDA graphs pads each batch up to a captured size: a larger batch would run
+    without its graph)."""
+    cap = getattr(loaded.runnable, "max_rows", None)
+    if cap is None or cap >= policy.max_batch_size:
+        return policy
+    return dataclasses.replace(
+        policy, max_batch_size=cap,
+        preferred_batch_sizes=tuple(s for s in policy.preferred_batch_sizes if s <= cap))
 
 
 def _has_batch_dim(loaded: LoadedVersion) -> bool:

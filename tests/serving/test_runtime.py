@@ -261,3 +261,40 @@ def test_fault_injector_is_active_only_while_a_fault_is_set() -> None:
     assert faults.active
     faults.clear("m", 1)
     assert not faults.active
+
+
+async def test_the_dataplane_never_batches_past_the_largest_padding_size() -> None:
+    """With --max-batch-size 32 but graphs captured up to 4 rows, 6 concurrent requests run as
+    batches the runner can pad (at most 4 rows), each answered with its own rows."""
+    import asyncio
+
+    import numpy as np
+
+    from serving.core.batching import BatchPolicy
+    from serving.core.dataplane import DataPlane
+    from serving.core.repository import ModelRepository
+    from serving.core.types import InferenceRequest, InferInput
+
+    seen: list[int] = []
+
+    def twice(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return x * 2
+
+    runner = ModelRunner(twice, options=RuntimeOptions(optimize="none"), strategy="compile",
+                         pad_to=(2, 4))
+    m = manifest(TensorSpec("x", "FP32", (-1, WIDTH)))
+    repo = ModelRepository(None, loader=lambda path, man: runner)
+    repo._add(repo._build(Path("/unused"), m))
+    dp = DataPlane(repo, batch_policy=BatchPolicy(max_batch_size=32, max_queue_delay_ms=50))
+    try:
+        def request(i: int) -> InferenceRequest:
+            data = np.full((1, WIDTH), float(i), dtype=np.float32)
+            return InferenceRequest(model="m", inputs=(InferInput("x", "FP32", (1, WIDTH), data),))
+
+        answers = await asyncio.gather(*(dp.infer(request(i), "test") for i in range(6)))
+        for i, answer in enumerate(answers):
+            np.testing.assert_array_equal(answer.outputs[0].data, np.full((1, WIDTH), 2.0 * i))
+        assert seen and max(seen) <= 4
+    finally:
+        await dp.aclose()
