@@ -163,8 +163,7 @@ def null_server(port: int) -> None:
     from kloop.pb import inference_pb2 as pb
 
     resp = pb.ModelInferResponse(model_name="null")
-    out = resp.outputs.add(name="output-0", datatype="FP32", shape=[1, 10])
-    del out
+    resp.outputs.add(name="output-0", datatype="FP32", shape=[1, 10])
     resp.raw_output_contents.append(b"\0" * 40)
     body = resp.SerializeToString()
 
@@ -191,8 +190,7 @@ def _load_proc(target: str, model: str, shape: tuple[int, ...], conc: int, secon
     from kloop.pb import inference_pb2 as pb
 
     req = pb.ModelInferRequest(model_name=model)
-    t = req.inputs.add(name="input-0", datatype="FP32", shape=[1, *shape])
-    del t
+    req.inputs.add(name="input-0", datatype="FP32", shape=[1, *shape])
     req.raw_input_contents.append(np.random.default_rng(0).standard_normal(
         (1, *shape)).astype("<f4").tobytes())
     body = req.SerializeToString()

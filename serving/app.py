@@ -55,6 +55,14 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 1
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its affinity, as a container's cpuset limits it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
     """Everything the server needs, validated at construction (only the CLI reads argv/env)."""
@@ -75,7 +83,7 @@ class ServerConfig:
     # torch threads per forward pass: every core. A version runs one batch at a time
     # (model_instances), so one forward pass has the machine; more instances x threads than
     # cores only adds contention (docs/benchmarks.md has the measurements).
-    intra_op_threads: int = dataclasses.field(default_factory=lambda: available_cores())
+    intra_op_threads: int = dataclasses.field(default_factory=available_cores)
     infer_workers: int = 2  # threads running forward passes (of all models together)
     model_instances: int = 1  # forward passes of one version at once
     max_inflight: int = 256  # requests admitted at once; beyond it: Overloaded (503)
@@ -338,14 +346,6 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> None
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
-
-
-def available_cores() -> int:
-    """Cores this process may run on (its affinity, as a container's cpuset limits it)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _write_ports_file(path: Path, http_port: int, grpc_port: int) -> None:

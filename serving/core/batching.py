@@ -243,13 +243,8 @@ class Batcher:
         item = _Item(arrays, rows, batch_key(arrays), loop.create_future(), now, deadline)
         self._sample(now)
         if self.inline:
-            item.future.add_done_callback(lambda _: self._dequeue(item))
-            if deadline is not None:
-                item.timer = loop.call_later(deadline - now, self._expire, item)
-            self._queue.append(item)
-            self._queued_rows += rows
+            self._enqueue(loop, item)
             waiting = len(self._queue)
-            self._period_peak = max(self._period_peak, waiting)
             if not self._inline_scheduled:
                 self._inline_scheduled = True
                 window = self._inline_window(now)
@@ -272,12 +267,7 @@ class Batcher:
             self._executing += 1
             await self._execute(loop, [item])
             return item.future.result()
-        item.future.add_done_callback(lambda _: self._dequeue(item))
-        if deadline is not None:
-            item.timer = loop.call_later(deadline - now, self._expire, item)
-        self._queue.append(item)
-        self._queued_rows += rows
-        self._period_peak = max(self._period_peak, len(self._queue) + self._running_items)
+        self._enqueue(loop, item)
         self._start(loop)
         return await item.future
 
@@ -379,14 +369,7 @@ class Batcher:
         return [], remaining
 
     def _launch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
-        for item in batch:
-            item.queued = False
-            self._queued_rows -= item.rows
-            if item.timer is not None:
-                item.timer.cancel()
-        ids = {id(item) for item in batch}
-        self._queue = collections.deque(
-            i for i in self._queue if id(i) not in ids and not i.future.done())
+        self._take(batch)
         self._executing += 1
         task = loop.create_task(self._execute(loop, batch))
         self._batches.add(task)
@@ -402,13 +385,7 @@ class Batcher:
         submitted = False
         self._running_items += len(batch)
         try:
-            now = self._clock()
-            live = [i for i in batch if not i.future.done()]
-            for item in live:
-                if item.deadline is not None and item.deadline <= now:  # expired: never computed
-                    item.future.set_exception(
-                        DeadlineExceeded(f"{self.name}: the request's deadline passed in the queue"))
-            live = [i for i in live if not i.future.done()]
+            live = self._live(batch)
             if not live:
                 return
             cf = self._executor.submit(_compute, self._fn, [i.arrays for i in live], self._clock,
@@ -486,24 +463,8 @@ class Batcher:
             if not self._queue:
                 return
             batch, _ = self._next_batch(ignore_delay=True)
-            for item in batch:
-                item.queued = False
-                self._queued_rows -= item.rows
-                if item.timer is not None:
-                    item.timer.cancel()
-            ids = {id(item) for item in batch}
-            self._queue = collections.deque(
-                i for i in self._queue if id(i) not in ids and not i.future.done())
-            now = self._clock()
-            live = []
-            for item in batch:
-                if item.future.done():
-                    continue
-                if item.deadline is not None and item.deadline <= now:
-                    item.future.set_exception(DeadlineExceeded(
-                        f"{self.name}: the request's deadline passed in the queue"))
-                else:
-                    live.append(item)
+            self._take(batch)
+            live = self._live(batch)
             if not live:
                 continue
             try:
@@ -532,6 +493,36 @@ class Batcher:
                 log.exception("%s: batch observer failed", self.name)
 
     # ---- queue bookkeeping ---------------------------------------------------------------
+
+    def _enqueue(self, loop: asyncio.AbstractEventLoop, item: _Item) -> None:
+        """Queue a request (its deadline armed) and count it towards the recent company."""
+        item.future.add_done_callback(lambda _: self._dequeue(item))
+        if item.deadline is not None:
+            item.timer = loop.call_later(item.deadline - item.enqueued, self._expire, item)
+        self._queue.append(item)
+        self._queued_rows += item.rows
+        self._period_peak = max(self._period_peak, len(self._queue) + self._running_items)
+
+    def _take(self, batch: list[_Item]) -> None:
+        """Move a batch's requests out of the queue (they are about to run)."""
+        for item in batch:
+            item.queued = False
+            self._queued_rows -= item.rows
+            if item.timer is not None:
+                item.timer.cancel()
+        ids = {id(item) for item in batch}
+        self._queue = collections.deque(
+            i for i in self._queue if id(i) not in ids and not i.future.done())
+
+    def _live(self, batch: list[_Item]) -> list[_Item]:
+        """The batch's requests still worth computing: expired ones are answered
+        DeadlineExceeded here (never computed), given-up ones skipped."""
+        now = self._clock()
+        for item in batch:
+            if not item.future.done() and item.deadline is not None and item.deadline <= now:
+                item.future.set_exception(
+                    DeadlineExceeded(f"{self.name}: the request's deadline passed in the queue"))
+        return [i for i in batch if not i.future.done()]
 
     def _dequeue(self, item: _Item) -> None:
         """A queued request finished without running (expired, cancelled, closed)."""

@@ -132,7 +132,6 @@ class DataPlane:
         self._expected = tuple(expected_models)
         self._shutting_down = False
         self.batch_policy = batch_policy or BatchPolicy()
-        self._infer_workers = infer_workers
         self._inline_below_s = inline_below_ms / 1000
         self._batchers: dict[tuple[str, int], Batcher] = {}
         self._retiring: set[asyncio.Task[None]] = set()
