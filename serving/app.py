@@ -80,11 +80,12 @@ class ServerConfig:
     grpc_port: int = 8081  # 0 = any free port
     models: tuple[str, ...] = ()  # models to serve at start; empty = every model in the registry
     admin_token: str | None = None  # bearer token for /admin; None disables management (403)
-    # torch threads per forward pass: every core. A version runs one batch at a time
-    # (model_instances), so one forward pass has the machine; more instances x threads than
-    # cores only adds contention (docs/benchmarks.md has the measurements).
+    # torch threads per forward pass: every core. One worker thread runs every model's batches,
+    # one at a time, so one forward pass has the machine: more workers x threads than cores
+    # only adds contention, and a second OpenMP team makes both sleep at every barrier
+    # (serving.core.dataplane; docs/serving.md has the measurements).
     intra_op_threads: int = dataclasses.field(default_factory=available_cores)
-    infer_workers: int = 2  # threads running forward passes (of all models together)
+    infer_workers: int = 1  # threads running forward passes (of all models together)
     model_instances: int = 1  # forward passes of one version at once
     max_inflight: int = 256  # requests admitted at once; beyond it: Overloaded (503)
     grace_seconds: float = 10.0  # how long in-flight requests may finish after a stop
@@ -260,8 +261,7 @@ class Server:
                 f"{want[0] or m.name} v{want[1] or m.version} (KLOOP_MODEL_NAME/"
                 "KLOOP_MODEL_VERSION): refusing to serve one version under another's name"
             )
-        loop = asyncio.get_running_loop()
-        loaded = await loop.run_in_executor(None, self.repository.load_dir, path)
+        loaded = await self.dataplane.load_dir(path)
         log.info("loaded %s v%d from %s", loaded.model, loaded.version, path)
 
     async def _start_grpc(self) -> None:

@@ -29,6 +29,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -100,7 +101,7 @@ class DataPlane:
         *,
         faults: FaultInjector | None = None,
         recorder: InferenceRecorder | None = None,
-        infer_workers: int = 2,
+        infer_workers: int = 1,
         max_inflight: int = 256,
         expected_models: Sequence[str] = (),
         batch_policy: BatchPolicy | None = None,
@@ -112,18 +113,25 @@ class DataPlane:
         self.faults = faults or FaultInjector()
         self._recorder = recorder
         # torch's intra-op thread count is per thread: set it in each worker, not only in the
-        # thread that built the pool.
+        # thread that built the pool. One worker by default, and every other thread that touches
+        # torch (the loop, the loader) runs it single-threaded. The reason is libgomp, torch's
+        # OpenMP: each thread that runs a parallel region keeps its own team of helper threads,
+        # and once the helpers of all teams outnumber the cores, every team stops spinning at
+        # its barriers and sleeps on a futex instead. Measured here (2 cores, the benchmark CNN,
+        # batch 1): 9.0 ms a forward pass with one team, 11-12 ms with a second, idle one, and
+        # 82 context switches per pass instead of none (docs/serving.md).
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=infer_workers, thread_name_prefix="kloop-infer",
             initializer=torch.set_num_threads if intra_op_threads else None,
             initargs=(intra_op_threads,) if intra_op_threads else (),
         )
         self._instances = instances  # batches of one version running at once
-        # Loads (hashing, deserialising) get their own thread, so a slow load never takes an
-        # inference worker away while a canary's latency is being measured; concurrent loads
-        # of one version share a single future.
+        # Loads (hashing, deserialising, tracing and checking the traced graph) get their own
+        # thread, so a slow load never takes an inference worker away while a canary's latency
+        # is being measured; concurrent loads of one version share a single future.
         self._load_executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="kloop-load"
+            max_workers=1, thread_name_prefix="kloop-load",
+            initializer=torch.set_num_threads, initargs=(1,),  # no OpenMP team of its own
         )
         self._loading: dict[tuple[str, int], asyncio.Future[LoadedVersion]] = {}
         self._max_inflight = max_inflight
@@ -300,6 +308,12 @@ class DataPlane:
             self._loading[key] = pending
             pending.add_done_callback(lambda _: self._loading.pop(key, None))
         return await asyncio.shield(pending)
+
+    async def load_dir(self, version_dir: Path) -> LoadedVersion:
+        """Verify and load one version directory (KServe's /mnt/models) in the loader thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._load_executor, self.repository.load_dir, version_dir)
 
     def unload(self, model: str, version: int) -> None:
         self.repository.unload(model, version)

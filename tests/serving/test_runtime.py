@@ -298,3 +298,68 @@ async def test_the_dataplane_never_batches_past_the_largest_padding_size() -> No
         assert seen and max(seen) <= 4
     finally:
         await dp.aclose()
+
+
+class Wide(torch.nn.Module):
+    """Elementwise work over 65 536 values a row: enough for torch to run it on several threads
+    (an OpenMP parallel region), which a small model's ops are not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(x) * 2 + 1
+
+
+def _native_threads_outside_python() -> set[int]:
+    """OS threads of this process that Python did not start and that kept the name they
+    inherited (gRPC's name themselves): here, OpenMP's helpers."""
+    import os
+    import threading
+
+    def name(tid: str) -> str:
+        try:
+            return Path(f"/proc/self/task/{tid}/comm").read_text()
+        except OSError:  # ended meanwhile
+            return ""
+
+    inherited = name(str(os.getpid()))
+    return ({int(t) for t in os.listdir("/proc/self/task") if name(t) == inherited}
+            - {t.native_id for t in threading.enumerate()})
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+async def test_loading_and_serving_start_one_openmp_team(tmp_path: Path) -> None:
+    """Only the inference worker runs torch on several threads: loading (which traces and checks
+    the model, so runs it) stays on one, so the process has one OpenMP team. A second team, even
+    idle, makes libgomp stop spinning at every barrier of both, once their helpers outnumber
+    the cores (11-12 ms against 9 ms a forward pass for the benchmark CNN)."""
+    import numpy as np
+
+    from kloop.artifact import Registry
+    from serving.core.dataplane import DataPlane
+    from serving.core.repository import ModelRepository
+    from serving.core.types import InferenceRequest, InferInput
+
+    width = 1 << 16
+    program = torch.export.export(Wide(), (torch.zeros(2, width),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.export.save(program, str(src / "model.pt2"))
+    registry = Registry(tmp_path / "registry")
+    registry.publish("wide", src, model_file="model.pt2", format="torch.export",
+                     torch_version=torch.__version__,
+                     inputs=(TensorSpec("x", "FP32", (-1, width)),),
+                     outputs=(TensorSpec("y", "FP32", (-1, width)),), metrics={}, params={},
+                     data_fingerprint="t", run_id="t")
+    before = _native_threads_outside_python()
+    dp = DataPlane(ModelRepository(registry), intra_op_threads=2, inline_below_ms=0)
+    try:
+        await dp.load("wide", 1)
+        x = np.linspace(-1, 1, 3 * width, dtype=np.float32).reshape(3, width)
+        request = InferenceRequest(model="wide", inputs=(InferInput("x", "FP32", x.shape, x),))
+        for _ in range(3):
+            answer = await dp.infer(request, "test")
+        np.testing.assert_allclose(answer.outputs[0].data, np.sin(x) * 2 + 1, atol=1e-5)
+        helpers = _native_threads_outside_python() - before
+        assert len(helpers) == 1, f"OpenMP helper threads started: {len(helpers)}; want one team"
+    finally:
+        await dp.aclose()
