@@ -20,9 +20,9 @@ here is torchvision's ResNet-18 with 10 classes, the same architecture family):
     PYTHONPATH=. PYTHONUNBUFFERED=1 python3 loadtests/gpu_bench.py --seconds 8 --workers 4
 
 Its image has torch (CUDA), torchvision, grpcio, aiohttp, prometheus-client, uvloop and numpy;
-carry what it lacks as wheels (device README): at least ``orjson`` and a ``protobuf`` >= the
+carry what it lacks as wheels (device README): at least ``orjson``, ``pysimdjson`` and a ``protobuf`` >= the
 version kloop's stubs were generated with (``python -m pip download --no-deps --only-binary
-=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl orjson protobuf``).
+=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl orjson pysimdjson protobuf``).
 """
 
 from __future__ import annotations

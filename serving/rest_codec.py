@@ -3,7 +3,11 @@
 Two request formats, told apart by one header:
 
 * JSON: tensor ``data`` as flat or nested row-major lists (numpy converts a whole list at
-  once); BYTES elements as strings; BF16 has no JSON input (send it binary).
+  once); BYTES elements as strings; BF16 has no JSON input (send it binary). Large bodies are
+  parsed with simdjson, whose flat float arrays go straight into a numpy buffer: a 3x64x64
+  image as JSON text (91 KB) decodes in 0.15 ms instead of 0.75 ms with orjson and a list of
+  12 288 Python floats. Small bodies, and anything simdjson turns down, go through orjson, so
+  both parsers give the same answers and the same errors.
 * Triton's binary tensor data extension (what tritonclient sends by default): the body is a
   JSON header of ``Inference-Header-Content-Length`` bytes followed by the binary tensors of
   every input whose ``parameters.binary_data_size`` is set, in input order, raw as gRPC's
@@ -20,11 +24,13 @@ otherwise); then the same layout as a binary request comes back, with the header
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import orjson
+import simdjson
 
 from serving.core.errors import InvalidInput
 from serving.core.types import (
@@ -61,6 +67,95 @@ def loads_object(raw: bytes | memoryview) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidInput(f"request body must be a JSON object, got {type(body).__name__}")
     return body
+
+
+# Bodies at least this long are parsed with simdjson (below it orjson is faster per call: the
+# whole tiny-MLP request is 0.5 KB).
+SIMDJSON_FROM_BYTES = 8 << 10
+_FLOAT_DATATYPES = frozenset({"FP16", "FP32", "FP64"})
+_parsers = threading.local()  # a simdjson Parser holds one document at a time: one per thread
+
+
+def loads_request(raw: bytes | memoryview) -> dict[str, Any]:
+    """``loads_object`` for infer request headers: the same dict, except that the ``data`` of
+    an FP16/FP32/FP64 input given as a flat list of numbers may come back as a float64 array
+    (decoded by simdjson without a Python float per element) when the body has at least
+    ``SIMDJSON_FROM_BYTES`` bytes."""
+    if len(raw) >= SIMDJSON_FROM_BYTES:
+        body = _loads_numeric(raw)
+        if body is not None:
+            return body
+    return loads_object(raw)  # small, or simdjson refused it: orjson decides and words errors
+
+
+def _loads_numeric(raw: bytes | memoryview) -> dict[str, Any] | None:
+    """simdjson's parse with float arrays as numpy; None when it cannot (orjson then decides)."""
+    parser = getattr(_parsers, "parser", None)
+    if parser is None:
+        parser = _parsers.parser = simdjson.Parser()
+    text = bytes(raw)
+    try:
+        doc = parser.parse(text)
+        if not isinstance(doc, simdjson.Object):
+            return None
+        body: dict[str, Any] = {}
+        for key in doc.keys():  # keys() then [key]: items() would convert every value
+            value = doc[key]
+            if key == "inputs" and isinstance(value, simdjson.Array):
+                body[key] = [_input_object(obj) for obj in value]
+            else:
+                body[key] = _plain(value)
+    except (ValueError, TypeError, LookupError, RuntimeError):
+        # invalid JSON, integers past 64 bits, bad UTF-8 (a ValueError), a key with a NUL that
+        # simdjson lists but cannot look up: orjson's verdict stands
+        return None
+    # as_buffer flattens nested lists, ragged ones too, which numpy (the orjson path) refuses:
+    # every '[' in the body must be a list seen here or the start of a flat float array. A '['
+    # inside a string only sends the body the slow way.
+    if text.count(b"[") != _arrays_in(body):
+        return None
+    return body
+
+
+def _arrays_in(value: Any) -> int:
+    if isinstance(value, np.ndarray):
+        return 1
+    if isinstance(value, list):
+        return 1 + sum(_arrays_in(v) for v in value if isinstance(v, (list, dict, np.ndarray)))
+    if isinstance(value, dict):
+        return sum(_arrays_in(v) for v in value.values())
+    return 0
+
+
+def _input_object(obj: Any) -> Any:
+    if not isinstance(obj, simdjson.Object):
+        return _plain(obj)
+    out: dict[str, Any] = {}
+    for key in obj.keys():
+        value = obj[key]
+        if (key == "data" and isinstance(value, simdjson.Array)
+                and obj.get("datatype") in _FLOAT_DATATYPES):
+            out[key] = _float_array(value)
+        else:
+            out[key] = _plain(value)
+    return out
+
+
+def _float_array(array: Any) -> Any:
+    """A flat list of JSON numbers as float64; anything else (booleans, strings, nulls among
+    them) as Python objects, for ``_json_data`` to judge as it judges orjson's."""
+    try:
+        return np.frombuffer(array.as_buffer(of_type="d"), dtype=np.float64)
+    except (ValueError, TypeError):  # an element that is not a number
+        return array.as_list()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, simdjson.Object):
+        return value.as_dict()
+    if isinstance(value, simdjson.Array):
+        return value.as_list()
+    return value
 
 
 def parse_header_length(value: str | None, body_length: int) -> int | None:
@@ -118,6 +213,8 @@ def _json_data(data: Any, datatype: str, where: str) -> np.ndarray[Any, Any]:
             raise InvalidInput(f"{where}: data is not a (nested) list of strings: {e}") from e
         return as_bytes_array([to_bytes(x) for x in flat])
     dtype = numpy_dtype(datatype)
+    if isinstance(data, np.ndarray):  # float data already decoded by loads_request (simdjson)
+        return data.astype(dtype, copy=False)
     try:
         if dtype.kind not in "iub":  # floats: JSON integers are exact floats too
             return np.asarray(data, dtype=dtype).reshape(-1)
@@ -233,9 +330,9 @@ def decode_infer_request(
     and how its answer is to be encoded. Raises only ``InvalidInput``."""
     view = memoryview(body)
     if header_length is None:
-        header, binary = loads_object(view), _Binary(None)
+        header, binary = loads_request(view), _Binary(None)
     else:
-        header, binary = loads_object(view[:header_length]), _Binary(view[header_length:])
+        header, binary = loads_request(view[:header_length]), _Binary(view[header_length:])
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("request body needs a non-empty 'inputs' list")

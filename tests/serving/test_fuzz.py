@@ -5,6 +5,7 @@ serving afterwards."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -125,6 +126,67 @@ def test_http_decoder_raises_only_invalid_input(
     if request is not None:
         for model in ("id-fp32", "id-bytes", "id-bf16"):
             _only_invalid_input(validate, request, registry.manifest(model, 1))
+
+
+def _outcome(raw: bytes, header: int | None, simdjson_from: int) -> Any:
+    """What decode_infer_request makes of a body with large bodies parsed from the given size:
+    the error's message, or each input as comparable values."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rest_codec, "SIMDJSON_FROM_BYTES", simdjson_from)
+        try:
+            request, fmt = rest_codec.decode_infer_request(raw, header, "id-fp32", None)
+        except InvalidInput as e:
+            return ("error", e.message)
+    return [(i.name, i.datatype, i.shape, i.data.dtype.str, i.parameters,
+             i.data.tolist() if i.data.dtype == object else i.data.tobytes())  # NaN == NaN here
+            for i in request.inputs], request.outputs, request.parameters, request.id, fmt
+
+
+# Float tensors as clients send them (flat lists of numbers), and the near misses: nested and
+# ragged lists, booleans, strings and nulls among the numbers, integers past 64 bits.
+float_elements = (st.floats(allow_nan=False, allow_infinity=False) | st.integers(-2**70, 2**70)
+                  | st.floats(width=16, allow_nan=False, allow_infinity=False))
+odd_elements = st.none() | st.booleans() | st.text(max_size=2) | st.lists(float_elements, max_size=3)
+
+
+@st.composite
+def float_bodies(draw: st.DrawFn) -> Any:
+    data: list[Any] = draw(st.lists(float_elements, max_size=40))
+    if data and draw(st.booleans()):
+        data[draw(st.integers(0, len(data) - 1))] = draw(odd_elements)
+    tensor = {"name": "x", "datatype": draw(st.sampled_from(["FP16", "FP32", "FP64", "INT32"])),
+              "shape": [1, len(data)], "data": data}
+    return {"inputs": [tensor], "id": draw(st.text(max_size=3))}
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=json_bodies() | float_bodies())
+def test_simdjson_and_orjson_decode_every_body_alike(body: Any) -> None:
+    """Large bodies take simdjson's float fast path; every body decodes to the same request, or
+    fails with the same message, whichever parser reads it."""
+    raw = json.dumps(body, ensure_ascii=False).encode()  # orjson cannot write integers > 64 bits
+    assert _outcome(raw, None, 0) == _outcome(raw, None, 1 << 60)
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(max_size=6), bad=st.sampled_from([b"", b"\xff", b"\\ud800", b"1e400", b"NaN"]))
+def test_simdjson_refusals_get_orjsons_answer(text: str, bad: bytes) -> None:
+    """Bodies simdjson refuses (invalid UTF-8, lone surrogates, infinities, NaN) get orjson's
+    verdict and wording."""
+    raw = (b'{"inputs":[{"name":' + orjson.dumps(text) + b',"datatype":"FP32","shape":[1,1],'
+           b'"data":[' + (bad or b"1") + b"]}]}")
+    assert _outcome(raw, None, 0) == _outcome(raw, None, 1 << 60)
+
+
+def test_large_float_body_takes_the_fast_path() -> None:
+    x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    raw = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape),
+                                    "data": x.ravel().tolist()}]})
+    assert len(raw) >= rest_codec.SIMDJSON_FROM_BYTES
+    assert isinstance(rest_codec.loads_request(raw)["inputs"][0]["data"], np.ndarray)
+    request, _ = rest_codec.decode_infer_request(raw, None, "m", None)
+    assert request.inputs[0].data.dtype == np.float32
+    assert np.array_equal(request.inputs[0].data, x.ravel())
 
 
 @settings(max_examples=200, deadline=None)
