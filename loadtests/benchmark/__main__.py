@@ -13,6 +13,9 @@
    ``runs.jsonl``, ``baseline.json`` and ``meta.json`` in the output directory.
 
 The full matrix takes about 25 min at the default 10 s per cell; ``--quick`` is a smoke run.
+``--rounds N`` repeats steps 3-4 N times (each round the whole list of servers, one after
+another) and reports each cell as the mean of its rounds: on a shared box the figures drift by
+10-20 % over minutes, and a ratio between two servers measured minutes apart drifts with them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from loadtests.benchmark import models, report
 from loadtests.benchmark.harness import HarnessMissing, peers_dir
@@ -87,9 +91,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="do not run the harness's setup.sh when the peers' venv is missing")
     ap.add_argument("--kloop-arg", action="append", default=[],
                     help="extra `kloop serve` argument for the kloop server (repeatable)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure everything this many times; cells are the means (default 1)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: kloop and the gRPC ceiling, tiny, 8 clients, 2 s")
     a = ap.parse_args(argv)
+    if a.rounds < 1:
+        ap.error("--rounds must be >= 1")
     if a.quick:
         a.peers, a.models, a.conc, a.duration, a.baseline_seconds = \
             "null_grpc,kloop", "tiny", "8", 2, 0.0
@@ -115,22 +123,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names = [p for p in a.peers.split(",") if p]
     registry = prepare(harness, py, env, scratch, names, a.baseline_seconds > 0)
-    baseline: list[dict[str, object]] = []
-    if a.baseline_seconds > 0:
-        _log("in-process limit (baseline.py)")
-        res = _run([py, str(harness / "baseline.py"), str(scratch / "models"),
-                    str(a.baseline_seconds)], env, stdout=subprocess.PIPE)
-        baseline = json.loads(res.stdout)
-        (out / "baseline.json").write_text(json.dumps(baseline, indent=1))
-    runs_path = out / "runs.jsonl"
+    runs_path = out / "runs.jsonl"  # every round appends its cells
     driver = Path(__file__).with_name("driver.py")
     kloop_args = [f"--kloop-arg={x}" for x in a.kloop_arg]
-    _run([py, str(driver), "--harness", str(harness), "--kloop-python", sys.executable,
-          "--registry", str(registry), *kloop_args, "--",
-          "--peers", ",".join(names), "--models", a.models, "--conc", a.conc,
-          "--protos", a.protos, "--duration", str(a.duration), "--out", str(runs_path)], env)
+    baselines: list[list[dict[str, Any]]] = []
+    for round_no in range(1, a.rounds + 1):
+        if a.rounds > 1:
+            _log(f"round {round_no} of {a.rounds}")
+        if a.baseline_seconds > 0:
+            _log("in-process limit (baseline.py)")
+            res = _run([py, str(harness / "baseline.py"), str(scratch / "models"),
+                        str(a.baseline_seconds)], env, stdout=subprocess.PIPE)
+            baselines.append(json.loads(res.stdout))
+        _run([py, str(driver), "--harness", str(harness), "--kloop-python", sys.executable,
+              "--registry", str(registry), *kloop_args, "--",
+              "--peers", ",".join(names), "--models", a.models, "--conc", a.conc,
+              "--protos", a.protos, "--duration", str(a.duration), "--out", str(runs_path)], env)
+    baseline = report.merge_baselines(baselines)
+    if baselines:
+        (out / "baseline.json").write_text(json.dumps(baselines, indent=1))  # every round
     versions = _versions(py, env)
-    meta = {"date": stamp, "duration_s": a.duration, "peers": names, "versions": versions,
+    meta = {"date": stamp, "duration_s": a.duration, "rounds": a.rounds, "peers": names,
+            "versions": versions,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     runs = report.load_runs(runs_path)

@@ -50,18 +50,54 @@ class Check:
     ok: bool | None  # None: could not be measured in this run
 
 
+_MEAN_FIELDS = ("rps", "p50_ms", "p90_ms", "p99_ms", "server_cpu_pct", "loadgen_cpu_pct")
+_SUM_FIELDS = ("requests", "errors")
+
+
 def load_runs(path: Path) -> list[dict[str, Any]]:
-    """The run's cells (the last record wins when a cell was measured twice)."""
-    cells: dict[tuple[str, str, str, int], dict[str, Any]] = {}
+    """The run's cells. A cell measured more than once (``--rounds``) becomes the mean of its
+    measurements (req/s, p50, p90, p99, CPU), with errors and requests summed, the worst max
+    latency, and every round's req/s in ``rps_rounds``."""
+    cells: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
+    failed: dict[tuple[Any, ...], dict[str, Any]] = {}
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
         rec = json.loads(line)
-        if "proto" not in rec:  # a peer that failed to start: kept as an error line
-            cells[(rec.get("peer", "?"), "", "", 0)] = rec
+        if "proto" not in rec or rec.get("failed"):  # a server that failed: kept as an error
+            failed[tuple(rec.get(k) for k in ("peer", "model", "proto", "conc"))] = rec
             continue
-        cells[(rec["peer"], rec["model"], rec["proto"], int(rec["conc"]))] = rec
-    return list(cells.values())
+        cells.setdefault((rec["peer"], rec["model"], rec["proto"], int(rec["conc"])), []).append(rec)
+    return [*(merge_rounds(recs) for recs in cells.values()), *failed.values()]
+
+
+def merge_rounds(recs: list[dict[str, Any]]) -> dict[str, Any]:
+    out = dict(recs[-1])
+    for field in _MEAN_FIELDS:
+        values = [float(r[field]) for r in recs if isinstance(r.get(field), int | float)]
+        if values:
+            out[field] = sum(values) / len(values)
+    for field in _SUM_FIELDS:
+        out[field] = sum(int(r.get(field) or 0) for r in recs)
+    if any("max_ms" in r for r in recs):
+        out["max_ms"] = max(float(r.get("max_ms") or 0) for r in recs)
+    out["rps_rounds"] = [float(r["rps"]) for r in recs]
+    return out
+
+
+def merge_baselines(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The in-process limit over rounds: the mean items/s and p50 per (model, batch, threads)."""
+    groups: dict[tuple[Any, Any, Any], list[dict[str, Any]]] = {}
+    for baseline in rounds:
+        for r in baseline:
+            groups.setdefault((r["model"], r["batch"], r["threads"]), []).append(r)
+    out = []
+    for recs in groups.values():
+        merged = dict(recs[-1])
+        for field in ("items_per_s", "p50_ms"):
+            merged[field] = sum(float(r[field]) for r in recs) / len(recs)
+        out.append(merged)
+    return out
 
 
 def by_cell(runs: Iterable[Mapping[str, Any]]) -> dict[str, dict[KEY, Mapping[str, Any]]]:
@@ -136,6 +172,10 @@ def checks(runs: list[dict[str, Any]], baseline: list[Mapping[str, Any]],
     return out
 
 
+def _pct(value: Any) -> str:
+    return f"{value:.0f}" if isinstance(value, int | float) else ""
+
+
 def _mark(ok: bool | None) -> str:
     return "n/a" if ok is None else ("yes" if ok else "**no**")
 
@@ -149,13 +189,20 @@ def markdown(runs: list[dict[str, Any]], baseline: list[Mapping[str, Any]],
         lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), ""]
     failed = [r for r in runs if "proto" not in r or r.get("failed")]
     cells = by_cell(runs)
+    rounds = max((len(r.get("rps_rounds", ())) for r in runs), default=1)
+    if rounds > 1:
+        lines += [f"Every server ran {rounds} rounds (one after another, each round the whole "
+                  "list of servers): a cell is the mean of its rounds; each round's req/s is in "
+                  "the last column.", ""]
     for model in ("tiny", "cnn"):
         if not any(m == model for peer in cells.values() for (m, _, _) in peer):
             continue
         lines += [f"### {model}", "",
                   "| server | proto | clients | req/s | p50 ms | p99 ms | errors | server CPU % "
-                  "| loadgen CPU % | kloop (1 process) / this |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| loadgen CPU % | kloop (1 process) / this |"
+                  + (" req/s per round |" if rounds > 1 else ""),
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+                  + ("---:|" if rounds > 1 else "")]
         kloop = cells.get("kloop", {})
         order = [*kloop_variants(runs), *REAL_PEERS, "null_grpc", "null_http"]
         for proto in ("grpc", "http"):
@@ -166,10 +213,13 @@ def markdown(runs: list[dict[str, Any]], baseline: list[Mapping[str, Any]],
                     k = kloop.get((m, p, conc))
                     ratio = (f"{k['rps'] / r['rps']:.2f}x"
                              if k and not peer.startswith("kloop") else "")
+                    per_round = (" " + " / ".join(f"{x:.0f}" for x in r.get("rps_rounds", ()))
+                                 + " |" if rounds > 1 else "")
                     lines.append(
                         f"| {PEER_LABELS.get(peer, peer)} | {p} | {conc} | {r['rps']:.0f} | "
                         f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} | "
-                        f"{r.get('server_cpu_pct', '')} | {r.get('loadgen_cpu_pct', '')} | {ratio} |")
+                        f"{_pct(r.get('server_cpu_pct'))} | {_pct(r.get('loadgen_cpu_pct'))} | "
+                        f"{ratio} |{per_round}")
         lines.append("")
     if baseline:
         lines += ["### in-process limit (TorchScript, no server; the harness's baseline.py)", "",

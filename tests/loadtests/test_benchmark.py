@@ -62,6 +62,28 @@ def test_a_failed_cell_is_reported_not_hidden(tmp_path: Path) -> None:
     assert "startup failed: boom" in report.markdown(runs, [], {})
 
 
+def test_rounds_make_a_cell_the_mean_of_its_measurements(tmp_path: Path) -> None:
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in (
+        _cell("kloop", "tiny", "grpc", 32, 3000, p99=10),
+        _cell("null_grpc", "tiny", "grpc", 32, 4000),
+        _cell("kloop", "tiny", "grpc", 32, 2000, p99=14, errors=1),  # round 2: a slower box
+        _cell("null_grpc", "tiny", "grpc", 32, 3000),
+    )))
+    runs = report.load_runs(path)
+    kloop = report.by_cell(runs)["kloop"][("tiny", "grpc", 32)]
+    assert kloop["rps"] == 2500 and kloop["p99_ms"] == 12 and kloop["errors"] == 1
+    assert kloop["rps_rounds"] == [3000, 2000]
+    got = {(c.name, c.cell): c for c in report.checks(runs, [])}
+    assert got[("share of the trivial gRPC server", "tiny grpc c=32")].value.startswith("71%")
+    text = report.markdown(runs, [], {})
+    assert "| kloop, 1 process | grpc | 32 | 2500 |" in text and "| 3000 / 2000 |" in text
+    merged = report.merge_baselines([
+        [{"model": "cnn", "batch": 32, "threads": 2, "items_per_s": 500.0, "p50_ms": 60.0}],
+        [{"model": "cnn", "batch": 32, "threads": 2, "items_per_s": 600.0, "p50_ms": 50.0}]])
+    assert report.inprocess(merged, "cnn", 32, 2) == 550
+
+
 def test_the_benchmark_command_runs_end_to_end(clients_python: Path, tmp_path: Path) -> None:  # noqa: F811
     try:
         peers_dir()
@@ -71,7 +93,7 @@ def test_the_benchmark_command_runs_end_to_end(clients_python: Path, tmp_path: P
         pytest.skip("wrk is not installed (.ci/run installs it)")
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "loadtests.benchmark", "--quick", "--harness-python",
+        [sys.executable, "-m", "loadtests.benchmark", "--quick", "--rounds", "2", "--harness-python",
          str(clients_python), "--scratch", str(tmp_path / "scratch"), "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -80,5 +102,6 @@ def test_the_benchmark_command_runs_end_to_end(clients_python: Path, tmp_path: P
     for key in (("kloop", "grpc", 8), ("kloop", "http", 8), ("null_grpc", "grpc", 32)):
         assert key in cells, sorted(cells)
         assert cells[key]["errors"] == 0 and cells[key]["rps"] > 0
+        assert len(cells[key]["rps_rounds"]) == 2  # measured in each round
     text = (out / "report.md").read_text()
     assert "| kloop, 1 process | grpc | 8 |" in text
