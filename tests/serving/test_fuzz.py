@@ -178,6 +178,21 @@ def test_simdjson_refusals_get_orjsons_answer(text: str, bad: bytes) -> None:
     assert _outcome(raw, None, 0) == _outcome(raw, None, 1 << 60)
 
 
+@pytest.mark.parametrize("raw", [
+    b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,2],"data":[1,2]}],'
+    b'"inputs":[{"name":"x","datatype":"FP32","shape":[1,3],"data":[1,2,3]}]}',
+    b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,2],"data":[1,2],"data":[3,4]}]}',
+    b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,2],"data":[[1],2]}]}',
+    b'{"inputs":[{"name":"[x","datatype":"FP64","shape":[1,2],"data":[1,2]}]}',
+    b'{"id":"a","inputs":[{"name":"x","datatype":"FP32","shape":[1,2],"data":[1,2]}],"id":"b"}',
+    b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,2],"data":[1,2],"datatype":"BYTES"}]}',
+])
+def test_repeated_keys_and_nesting_decode_as_orjson_does(raw: bytes) -> None:
+    """orjson keeps a repeated key's last value, where simdjson's lookup finds the first; ragged
+    lists must be refused as numpy refuses them."""
+    assert _outcome(raw, None, 0) == _outcome(raw, None, 1 << 60)
+
+
 def test_large_float_body_takes_the_fast_path() -> None:
     x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
     raw = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape),
