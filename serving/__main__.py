@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from serving.cli import add_serve_arguments, run
+from serving import openmp
+
+if __name__ == "__main__":  # before torch loads, which reads it once (serving.openmp)
+    openmp.restart_with_spin_count()
+
+from serving.cli import add_serve_arguments, run  # imports torch
 
 
 def main(argv: list[str] | None = None) -> int:

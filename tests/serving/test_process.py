@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 
 from kloop.pb import inference_pb2 as pb
 from kloop.pb import inference_pb2_grpc as pb_grpc
@@ -63,3 +64,63 @@ def test_subprocess_serves_and_exits_zero_on_sigterm(registry_root: Path, tmp_pa
             proc.wait()
         if proc.stderr:
             proc.stderr.close()
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="libgomp's spin count is a Linux matter")
+@pytest.mark.parametrize(("entry", "user_value"), [
+    (["-m", "serving"], None),
+    (["-m", "deploy.cli", "serve"], None),  # torch is loaded before `serve` runs: a restart
+    (["-m", "deploy.cli", "serve"], "777"),
+])
+def test_server_runs_with_a_short_openmp_spin(registry_root: Path, tmp_path: Path,
+                                               entry: list[str], user_value: str | None) -> None:
+    """libgomp reads GOMP_SPINCOUNT once, when torch loads: the serving process must have had
+    it from its start (serving.openmp), whichever command started it, unless the user set it."""
+    ports_file = tmp_path / "ports.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env.update(PYTHONPATH=str(REPO), KLOOP_HOME=str(tmp_path / "home"))
+    if user_value is not None:
+        env["GOMP_SPINCOUNT"] = user_value
+    proc = subprocess.Popen(
+        [sys.executable, *entry, "--registry", f"file://{registry_root}", "--http-port", "0",
+         "--grpc-port", "0", "--ports-file", str(ports_file)],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        ports = wait_for_file(ports_file, proc)
+        assert ports["pid"] == proc.pid  # a restart replaces the process image, not the process
+        assert _environ(proc.pid).get("GOMP_SPINCOUNT") == (user_value or "3000")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()  # type: ignore[union-attr]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def test_workers_share_the_cores_out(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Workers x intra-op threads stays within the cores unless the user says otherwise."""
+    import argparse
+
+    from serving import cli
+
+    monkeypatch.setattr(cli, "available_cores", lambda: 16)
+    parser = argparse.ArgumentParser()
+    cli.add_serve_arguments(parser)
+
+    def threads(*argv: str) -> int:
+        args = parser.parse_args(["--registry", str(tmp_path), "--http-port", "9100",
+                                  "--grpc-port", "9101", *argv])
+        return cli.config_from_args(args).intra_op_threads
+
+    assert threads() == 16
+    assert threads("--workers", "4") == 4
+    assert threads("--workers", "32") == 1
+    assert threads("--workers", "4", "--intra-op-threads", "8") == 8
