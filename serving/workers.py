@@ -10,6 +10,10 @@ workers. What that implies, and why it is a choice rather than the default:
   ``grpc_load.py`` and most clients open) is served by one process, so more workers help
   many clients, not one busy channel;
 * every worker loads every model (memory x N; on a GPU, one CUDA context each);
+* each worker's forward passes get cores / N torch threads unless ``--intra-op-threads`` says
+  otherwise (``serving.cli.default_intra_op_threads``): more would make the workers' OpenMP
+  threads wait for each other's cores, and a lone request runs on fewer threads than with one
+  process;
 * metrics are summed over the workers at each scrape (prometheus_client's multiprocess mode);
 * versions and weights are fixed at start: a management call would reach one worker, so the
   workers refuse changes (409). Local rollouts need ``--workers 1``; on Kubernetes a pod
