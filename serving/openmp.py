@@ -32,6 +32,8 @@ from __future__ import annotations
 import os
 import sys
 
+from serving.workers import own_command  # no torch there either
+
 SPIN_ENV = "GOMP_SPINCOUNT"
 SPIN_DEFAULT = "3000"
 _USER_SETTINGS = (SPIN_ENV, "OMP_WAIT_POLICY")
@@ -50,4 +52,4 @@ def restart_with_spin_count() -> None:
     env = dict(os.environ, **{SPIN_ENV: SPIN_DEFAULT})
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    os.execve(sys.executable, own_command(), env)

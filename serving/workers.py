@@ -46,11 +46,16 @@ POLL_S = 0.1  # how often the supervisor looks at its workers
 KILL_AFTER_S = 10.0  # past the grace period, a worker still running is killed
 
 
+def own_command() -> list[str]:
+    """This process's own command line, with this interpreter (``-m serving``, ``kloop serve``
+    or ``-m deploy.cli serve`` alike)."""
+    return [sys.executable, *sys.orig_argv[1:]]
+
+
 def worker_command(workers: int, ports_file: Path) -> list[str]:
     """This process's own command line, as one worker of ``workers`` (the last occurrence of
     an option wins in argparse, so the appended ones override)."""
-    return [sys.executable, *sys.orig_argv[1:], "--group-size", str(workers),
-            "--ports-file", str(ports_file)]
+    return [*own_command(), "--group-size", str(workers), "--ports-file", str(ports_file)]
 
 
 def supervise(workers: int, ports_file: Path | None, grace_seconds: float) -> int:

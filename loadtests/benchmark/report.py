@@ -71,12 +71,18 @@ def load_runs(path: Path) -> list[dict[str, Any]]:
     return [*(merge_rounds(recs) for recs in cells.values()), *failed.values()]
 
 
-def merge_rounds(recs: list[dict[str, Any]]) -> dict[str, Any]:
+def _mean_of(recs: list[dict[str, Any]], fields: Iterable[str]) -> dict[str, Any]:
+    """The last record, with each of ``fields`` the mean over the records that have it."""
     out = dict(recs[-1])
-    for field in _MEAN_FIELDS:
+    for field in fields:
         values = [float(r[field]) for r in recs if isinstance(r.get(field), int | float)]
         if values:
             out[field] = sum(values) / len(values)
+    return out
+
+
+def merge_rounds(recs: list[dict[str, Any]]) -> dict[str, Any]:
+    out = _mean_of(recs, _MEAN_FIELDS)
     for field in _SUM_FIELDS:
         out[field] = sum(int(r.get(field) or 0) for r in recs)
     if any("max_ms" in r for r in recs):
@@ -91,13 +97,7 @@ def merge_baselines(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     for baseline in rounds:
         for r in baseline:
             groups.setdefault((r["model"], r["batch"], r["threads"]), []).append(r)
-    out = []
-    for recs in groups.values():
-        merged = dict(recs[-1])
-        for field in ("items_per_s", "p50_ms"):
-            merged[field] = sum(float(r[field]) for r in recs) / len(recs)
-        out.append(merged)
-    return out
+    return [_mean_of(recs, ("items_per_s", "p50_ms")) for recs in groups.values()]
 
 
 def by_cell(runs: Iterable[Mapping[str, Any]]) -> dict[str, dict[KEY, Mapping[str, Any]]]:
