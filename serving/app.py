@@ -41,7 +41,7 @@ from aiohttp import web
 
 from kloop.artifact import ArtifactError, Registry, read_manifest
 from kloop.fsutil import atomic_write_bytes
-from serving import admin_api, grpc_api, http_api
+from serving import admin_api, grpc_api, grpc_native, http_api, native
 from serving.core.batching import BatchPolicy
 from serving.core.dataplane import DataPlane
 from serving.core.errors import ArtifactRejected, ModelNotFound
@@ -50,6 +50,7 @@ from serving.core.runtime import RuntimeOptions
 from serving.metrics import INFLIGHT_REFRESH_S, ServerMetrics
 
 log = logging.getLogger(__name__)
+GRPC_SERVERS = ("auto", "native", "aio")
 # A 503 is transient (queue full, not ready yet, replica stopping): retry soon, elsewhere if
 # a balancer is in front.
 RETRY_AFTER_SECONDS = 1
@@ -107,6 +108,9 @@ class ServerConfig:
     device: str = "cpu"
     dtype: str | None = None
     optimize: str = "auto"
+    # Who speaks gRPC: "native" (gRPC's C++ server moves the bytes, serving.grpc_native),
+    # "aio" (grpc.aio, pure Python binding), "auto" (native where it is built).
+    grpc_server: str = "auto"
     ports_file: Path | None = None  # written atomically once serving: {"http", "grpc", "pid"}
     # >1: this process is one of that many workers sharing both ports (SO_REUSEPORT; the kernel
     # spreads connections over them), started by ``kloop serve --workers N``
@@ -145,6 +149,16 @@ class ServerConfig:
             raise ValueError("admin_token must not be empty (use None to disable management)")
         if not self.host:
             raise ValueError("host must not be empty")
+        if self.grpc_server not in GRPC_SERVERS:
+            raise ValueError(f"grpc_server must be one of {', '.join(GRPC_SERVERS)}, got "
+                             f"{self.grpc_server!r}")
+        if self.grpc_server == "native" and native.grpc_front is None:
+            raise ValueError(native.UNAVAILABLE)
+
+    def native_grpc(self) -> bool:
+        """Whether gRPC is served by the native front end (serving.native)."""
+        return self.grpc_server == "native" or (
+            self.grpc_server == "auto" and native.grpc_front is not None)
 
     def batch_policy(self) -> BatchPolicy:
         return BatchPolicy(
@@ -185,6 +199,7 @@ class Server:
         self.http_port = 0
         self.grpc_port = 0
         self._grpc: grpc.aio.Server | None = None
+        self._native: grpc_native.NativeGrpcServer | None = None
         self._runner: web.AppRunner | None = None
         self._refresher: asyncio.Task[None] | None = None
 
@@ -204,8 +219,9 @@ class Server:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_metrics())
         if self.config.ports_file:
             _write_ports_file(self.config.ports_file, self.http_port, self.grpc_port)
-        log.info("serving http on %s:%d, grpc on %s:%d", self.config.host, self.http_port,
-                 self.config.host, self.grpc_port)
+        log.info("serving http on %s:%d, grpc (%s) on %s:%d", self.config.host, self.http_port,
+                 "native" if self._native is not None else "grpc.aio", self.config.host,
+                 self.grpc_port)
 
     async def stop(self) -> None:
         """Not ready and refusing new work, admitted requests finish (``grace_seconds`` at
@@ -222,10 +238,12 @@ class Server:
         tasks = []
         if self._grpc is not None:
             tasks.append(self._grpc.stop(grace))
+        if self._native is not None:
+            tasks.append(self._native.stop(grace))
         if self._runner is not None:
             tasks.append(self._runner.cleanup())
         await asyncio.gather(*tasks)
-        self._grpc = self._runner = None
+        self._grpc = self._runner = self._native = None
         await self.dataplane.aclose()
         if self.config.ports_file:
             self.config.ports_file.unlink(missing_ok=True)
@@ -265,12 +283,18 @@ class Server:
         log.info("loaded %s v%d from %s", loaded.model, loaded.version, path)
 
     async def _start_grpc(self) -> None:
-        # grpc sets SO_REUSEPORT by default: a second server would silently share the port.
-        # Only workers of one group may (they serve the same models).
-        server = grpc.aio.server(options=[("grpc.so_reuseport", int(self.config.group_size > 1))])
-        grpc_api.add_to_server(server, self.dataplane)
         host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host  # IPv6
         address = f"{host}:{self.config.grpc_port}"
+        # grpc sets SO_REUSEPORT by default: a second server would silently share the port.
+        # Only workers of one group may (they serve the same models).
+        reuse_port = self.config.group_size > 1
+        if self.config.native_grpc():
+            self._native = grpc_native.NativeGrpcServer(self.dataplane, address,
+                                                        reuse_port=reuse_port)
+            self.grpc_port = self._native.port
+            return
+        server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
+        grpc_api.add_to_server(server, self.dataplane)
         try:
             port = server.add_insecure_port(address)
         except RuntimeError as e:  # grpcio raises where older versions returned 0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kloop.artifact import registry_path
 from serving import openmp
-from serving.app import ServerConfig, available_cores, serve
+from serving.app import GRPC_SERVERS, ServerConfig, available_cores, serve
 from serving.core.errors import ServingError
 from serving.core.runtime import DTYPES, OPTIMIZE_CHOICES
 from serving.workers import supervise
@@ -93,6 +93,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser, default_registry: str |
                              "ports and refuses runtime changes of versions and weights "
                              "(docs/serving.md) (default: %(default)s)")
     parser.add_argument("--group-size", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--grpc-server", choices=GRPC_SERVERS, default=d["grpc_server"].default,
+                        help="gRPC front end: native (gRPC's C++ server, serving.native), aio "
+                             "(grpc.aio), auto = native where built (default: %(default)s)")
     parser.add_argument("--ports-file", type=Path, default=None,
                         help='write {"http": N, "grpc": M, "pid": P} here once serving')
 
@@ -140,6 +143,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         dtype=args.dtype,
         optimize=args.optimize,
         inline_batch_ms=args.inline_batch_ms,
+        grpc_server=args.grpc_server,
         ports_file=args.ports_file,
         group_size=max(args.group_size, args.workers),
     )

@@ -10,6 +10,7 @@ their own copy.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from kloop.artifact import Registry, TensorSpec
+from serving import native
 from serving.app import Server, ServerConfig
 from serving.client import AdminClient, GrpcClient, HttpClient
 
@@ -86,10 +88,27 @@ def images() -> np.ndarray:
     return np.random.default_rng(0).standard_normal((3, 1, 8, 8), dtype=np.float32)
 
 
+def require_native() -> None:
+    """Skip a test of the native gRPC front end where it is not built; CI builds it and sets
+    KLOOP_REQUIRE_NATIVE, so there a missing build fails instead of skipping."""
+    if native.grpc_front is None:
+        if os.environ.get("KLOOP_REQUIRE_NATIVE"):
+            pytest.fail(native.UNAVAILABLE)
+        pytest.skip(native.UNAVAILABLE)
+
+
 @pytest.fixture
-async def server(registry_root: Path) -> AsyncIterator[Server]:
+def grpc_server() -> str:
+    """Which gRPC server the ``server`` fixture runs; test modules override it to run against
+    both (tests/serving/test_grpc_api.py)."""
+    return "auto"
+
+
+@pytest.fixture
+async def server(registry_root: Path, grpc_server: str) -> AsyncIterator[Server]:
     config = ServerConfig(
-        registry=registry_root, http_port=0, grpc_port=0, admin_token=TOKEN, grace_seconds=2.0
+        registry=registry_root, http_port=0, grpc_port=0, admin_token=TOKEN, grace_seconds=2.0,
+        grpc_server=grpc_server,
     )
     srv = Server(config)
     await srv.start()

@@ -1,4 +1,5 @@
-"""Every RPC of the OIP v2 service through the generated stub, against a real grpc.aio server."""
+"""Every RPC of the OIP v2 service through the generated stub, against a real server: each test
+runs against both gRPC servers, the native front end (serving.native) and grpc.aio."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import pytest
 
 from kloop.pb import inference_pb2 as pb
 from kloop.pb import inference_pb2_grpc as pb_grpc
-from tests.serving.conftest import MODEL, reference
+from tests.serving.conftest import MODEL, reference, require_native
+
+
+@pytest.fixture(params=["native", "aio"])
+def grpc_server(request: pytest.FixtureRequest) -> str:
+    if request.param == "native":
+        require_native()
+    return str(request.param)
 
 
 @pytest.fixture
