@@ -34,7 +34,8 @@ from typing import Any
 from loadtests.benchmark import models, report
 from loadtests.benchmark.harness import HarnessMissing, peers_dir
 
-DEFAULT_PEERS = "null_grpc,null_http,kloop,kloop_w2,kserve,torchserve,torchserve_batch"
+DEFAULT_PEERS = ("null_grpc,null_grpc_nginx,null_http,kloop,kloop_w2,kserve,torchserve,"
+                 "torchserve_batch")
 
 
 def _log(msg: str) -> None:
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conc", default="1,8,32", help="concurrent clients per cell")
     ap.add_argument("--protos", default="grpc,http")
     ap.add_argument("--duration", type=int, default=10, help="seconds per cell (default 10)")
+    ap.add_argument("--null-conc", default="1,8,32",
+                    help="clients for the ceilings (null_* servers; default: %(default)s)")
     ap.add_argument("--baseline-seconds", type=float, default=3.0,
                     help="seconds per in-process cell; 0 skips it")
     ap.add_argument("--scratch", type=Path,
@@ -94,13 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure everything this many times; cells are the means (default 1)")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: kloop and the gRPC ceiling, tiny, 8 clients, 2 s")
+                    help="smoke run: kloop and the gRPC ceilings, tiny, 8 clients, 2 s")
     a = ap.parse_args(argv)
     if a.rounds < 1:
         ap.error("--rounds must be >= 1")
     if a.quick:
         a.peers, a.models, a.conc, a.duration, a.baseline_seconds = \
-            "null_grpc,kloop", "tiny", "8", 2, 0.0
+            "null_grpc,null_grpc_nginx,kloop", "tiny", "8", 2, 0.0
+        a.null_conc = "32"
     try:
         harness = peers_dir()
     except HarnessMissing as e:
@@ -138,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         _run([py, str(driver), "--harness", str(harness), "--kloop-python", sys.executable,
               "--registry", str(registry), *kloop_args, "--",
               "--peers", ",".join(names), "--models", a.models, "--conc", a.conc,
-              "--protos", a.protos, "--duration", str(a.duration), "--out", str(runs_path)], env)
+              "--protos", a.protos, "--duration", str(a.duration), "--null_conc", a.null_conc,
+              "--out", str(runs_path)], env)
     baseline = report.merge_baselines(baselines)
     if baselines:
         (out / "baseline.json").write_text(json.dumps(baselines, indent=1))  # every round
@@ -165,6 +170,10 @@ def _versions(py: str, env: dict[str, str]) -> dict[str, str]:
             out[f"kloop's {dist}"] = md.version(dist)
         except md.PackageNotFoundError:
             pass
+    from serving.native import grpc_front  # the native gRPC front end, where built
+
+    if grpc_front is not None:
+        out["kloop's gRPC C++ (native front end)"] = grpc_front.GRPC_VERSION
     code = (
         "import importlib.metadata as md, json\n"
         "out = {}\n"

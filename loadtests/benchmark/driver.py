@@ -17,8 +17,71 @@ import os
 import sys
 
 # kloop's configurations, each measured as a peer of its own: one process (the default, and
-# what local rollouts need), and two worker processes sharing the ports (serving.workers).
-VARIANTS: dict[str, list[str]] = {"kloop": [], "kloop_w2": ["--workers", "2"]}
+# what local rollouts need), two worker processes sharing the ports (serving.workers), and one
+# process speaking gRPC through grpc.aio instead of the native front end (serving.native).
+VARIANTS: dict[str, list[str]] = {"kloop": [], "kloop_w2": ["--workers", "2"],
+                                  "kloop_aio": ["--grpc-server", "aio"]}
+NGINX_GRPC_PORT = 8291
+NGINX_GRPC_CONF = """# The load generator's own gRPC ceiling: nginx answers every call with one fixed, pre-serialized
+# ModelInferResponse (no Python, no model). Written by loadtests/benchmark/driver.py.
+{user}worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/nginx_error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    client_max_body_size 64m;
+    client_body_buffer_size 1m;
+    http2_max_concurrent_streams 1024;
+    server {{
+        listen 127.0.0.1:{port} http2;
+        location / {{
+            root {d}/root;
+            default_type application/grpc;
+            error_page 405 =200 $uri;  # the static module refuses POST; answer with the file
+            add_trailer grpc-status 0 always;
+        }}
+    }}
+}}
+"""
+
+
+def nginx_grpc_peer(scratch: str) -> dict[str, object]:
+    """A peer (in the harness's format) for the gRPC ceiling without a Python server: nginx over
+    cleartext HTTP/2 returning the same fixed reply as the harness's null_grpc_server.py, with
+    the grpc-status trailer. Named null_* so the harness runs it at its --null_conc levels."""
+    import shutil
+    import struct
+
+    from tritonclient.grpc import service_pb2 as pb  # the harness venv has it
+
+    directory = os.path.join(scratch, "null_grpc_nginx")
+
+    def prepare() -> None:
+        os.makedirs(os.path.join(directory, "root", "inference.GRPCInferenceService"),
+                    exist_ok=True)
+        resp = pb.ModelInferResponse(model_name="null", id="")
+        out = resp.outputs.add()
+        out.name, out.datatype = "output-0", "FP32"
+        out.shape.extend([1, 10])
+        resp.raw_output_contents.append(b"\0" * 40)
+        body = resp.SerializeToString()
+        with open(os.path.join(directory, "root", "inference.GRPCInferenceService",
+                               "ModelInfer"), "wb") as f:
+            f.write(b"\0" + struct.pack(">I", len(body)) + body)  # one gRPC message frame
+        with open(os.path.join(directory, "nginx.conf"), "w") as f:
+            # Started as root, nginx would run its worker as nobody, who may not read the
+            # scratch directory (pytest's is private): keep the worker the invoking user.
+            user = "user root;\n" if os.geteuid() == 0 else ""
+            f.write(NGINX_GRPC_CONF.format(d=directory, port=NGINX_GRPC_PORT, user=user))
+
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    return dict(start=[nginx, "-p", f"{directory}/", "-e", f"{directory}/nginx_error.log",
+                       "-c", f"{directory}/nginx.conf"],
+                cwd=directory, prepare=prepare,
+                grpc=(f"127.0.0.1:{NGINX_GRPC_PORT}", "null"), ready_port=NGINX_GRPC_PORT)
 
 
 def main() -> None:
@@ -47,6 +110,7 @@ def main() -> None:
             http=f"http://127.0.0.1:{args.http_port}/v2/models/{{m}}/infer",
             grpc=(f"127.0.0.1:{args.grpc_port}", "v2"),
         )
+    bench.PEERS["null_grpc_nginx"] = nginx_grpc_peer(scratch)
     sys.argv = ["bench.py", *rest]
     bench.main()
 

@@ -5,7 +5,9 @@ to hour), so every verdict is a ratio between servers measured in the same run:
 
 * ``best peer``: per cell (model, protocol, clients), kloop's req/s against the best of the real
   servers (KServe, TorchServe default and batching), and its p99 against that peer's p99;
-* ``4x KServe``: the tiny model at 8 and 32 clients, kloop's req/s over KServe's;
+* ``4x KServe``: the tiny model at 8 and 32 clients, kloop's req/s over KServe's; next to it,
+  for context, what the load generator reaches against nginx answering a fixed reply (no
+  server can beat that; on a 2-core box it bounds every ratio);
 * ``gRPC ceiling``: tiny model, gRPC, 32 clients: kloop's req/s over the trivial grpc.aio
   server's (a fixed reply, no model: what one Python process and this load generator reach);
 * ``in-process limit``: CNN at 32 clients, kloop's req/s (batch-1 requests = items/s) over
@@ -25,11 +27,13 @@ from typing import Any
 PEER_LABELS = {
     "kloop": "kloop, 1 process",
     "kloop_w2": "kloop, --workers 2",
+    "kloop_aio": "kloop, 1 process, grpc.aio",
     "kserve": "KServe 0.21 ModelServer",
     "torchserve": "TorchServe 0.12, default",
     "torchserve_batch": "TorchServe 0.12, batch 8 / 5 ms",
     "null_grpc": "ceiling: trivial grpc.aio server",
     "null_http": "ceiling: nginx return 200",
+    "null_grpc_nginx": "ceiling: nginx, fixed gRPC reply",
 }
 REAL_PEERS = ("kserve", "torchserve", "torchserve_batch")
 KEY = tuple[str, str, int]  # (model, proto, conc)
@@ -142,6 +146,14 @@ def checks(runs: list[dict[str, Any]], baseline: list[Mapping[str, Any]],
             ratio = k["rps"] / ks["rps"]
             out.append(Check("4x KServe", name, f"{ratio:.2f}x", f">= {KSERVE_FACTOR:.0f}x",
                              ratio >= KSERVE_FACTOR))
+            # What no server can beat: the load generator against nginx's fixed reply.
+            ceiling = cells.get(f"null_{proto}" if proto == "http" else "null_grpc_nginx",
+                                {}).get((model, proto, conc))
+            if ceiling:
+                out.append(Check(
+                    "context: load generator's ceiling", name,
+                    f"nginx {ceiling['rps']:.0f} req/s = {ceiling['rps'] / ks['rps']:.1f}x KServe",
+                    "(no Python server; not a target)", None))
         if conc == 1 and ks:
             out.append(Check("lone client no slower than KServe", name,
                              f"p50 {k['p50_ms']:.2f} ms", f"<= KServe p50 {ks['p50_ms']:.2f} ms",
@@ -204,7 +216,7 @@ def markdown(runs: list[dict[str, Any]], baseline: list[Mapping[str, Any]],
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
                   + ("---:|" if rounds > 1 else "")]
         kloop = cells.get("kloop", {})
-        order = [*kloop_variants(runs), *REAL_PEERS, "null_grpc", "null_http"]
+        order = [*kloop_variants(runs), *REAL_PEERS, "null_grpc", "null_grpc_nginx", "null_http"]
         for proto in ("grpc", "http"):
             for peer in order:
                 for (m, p, conc), r in sorted(cells.get(peer, {}).items()):

@@ -35,6 +35,7 @@ def test_verdicts_compare_with_the_best_peer_of_each_cell_and_the_limits() -> No
         _cell("kserve", "tiny", "http", 32, 1000, p99=30),
         _cell("kloop", "cnn", "grpc", 8, 400),
         _cell("kloop", "cnn", "grpc", 32, 330),  # 0.825 of c=8: a collapse
+        _cell("null_grpc_nginx", "tiny", "grpc", 32, 9800),
         _cell("kloop", "tiny", "grpc", 1, 900, p50=1.1),
         _cell("kserve", "tiny", "grpc", 1, 950, p50=1.0),
     ]
@@ -45,6 +46,8 @@ def test_verdicts_compare_with_the_best_peer_of_each_cell_and_the_limits() -> No
     assert got[("ahead of the best peer", "tiny http c=32")].ok is True
     assert got[("4x KServe", "tiny grpc c=32")].ok is True  # 3000 / 700
     assert got[("4x KServe", "tiny http c=32")].ok is True
+    context = got[("context: load generator's ceiling", "tiny grpc c=32")]
+    assert context.ok is None and "14.0x KServe" in context.value  # 9800 / 700
     assert got[("share of the trivial gRPC server", "tiny grpc c=32")].ok is True  # 75 %
     assert got[("share of in-process batch-32", "cnn grpc c=32")].ok is True  # 330 / 400
     assert got[("no collapse from 8 to 32 clients", "cnn grpc")].ok is False
@@ -89,8 +92,9 @@ def test_the_benchmark_command_runs_end_to_end(clients_python: Path, tmp_path: P
         peers_dir()
     except HarnessMissing as e:
         pytest.skip(str(e))
-    if shutil.which("wrk") is None:
-        pytest.skip("wrk is not installed (.ci/run installs it)")
+    for tool in ("wrk", "nginx"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (.ci/run installs it)")
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, "-m", "loadtests.benchmark", "--quick", "--rounds", "2", "--harness-python",
@@ -99,9 +103,10 @@ def test_the_benchmark_command_runs_end_to_end(clients_python: Path, tmp_path: P
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     runs = report.load_runs(out / "runs.jsonl")
     cells = {(r["peer"], r["proto"], r["conc"]): r for r in runs}
-    for key in (("kloop", "grpc", 8), ("kloop", "http", 8), ("null_grpc", "grpc", 32)):
+    for key in (("kloop", "grpc", 8), ("kloop", "http", 8), ("null_grpc", "grpc", 32),
+                ("null_grpc_nginx", "grpc", 32)):
         assert key in cells, sorted(cells)
-        assert cells[key]["errors"] == 0 and cells[key]["rps"] > 0
+        assert cells[key].get("errors") == 0 and cells[key]["rps"] > 0, json.dumps(cells[key])
         assert len(cells[key]["rps_rounds"]) == 2  # measured in each round
     text = (out / "report.md").read_text()
     assert "| kloop, 1 process | grpc | 8 |" in text
