@@ -23,6 +23,9 @@ Its image has torch (CUDA), torchvision, grpcio, aiohttp, prometheus-client, uvl
 carry what it lacks as wheels (device README): at least ``orjson``, ``pysimdjson`` and a ``protobuf`` >= the
 version kloop's stubs were generated with (``python -m pip download --no-deps --only-binary
 =:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl orjson pysimdjson protobuf``).
+That image has no gRPC C++ library, so the servers there speak gRPC through grpc.aio (``auto``
+falls back; the server log says ``grpc (grpc.aio)``): the native front end is measured on CPU
+machines only until an image with ``libgrpc++`` is lent.
 """
 
 from __future__ import annotations
