@@ -23,9 +23,9 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from kloop.pb import inference_pb2 as pb
+from serving import native
 from serving.core.dataplane import DataPlane
 from serving.grpc_api import InferenceServicer
-from serving.native import grpc_front
 
 log = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
@@ -76,8 +76,10 @@ class NativeGrpcServer:
             request_type = getattr(pb, method.input_type.name)
             self._methods[f"/{SERVICE}/{method.name}"] = (getattr(servicer, method.name),
                                                           request_type)
+        if native.grpc_front is None:
+            raise RuntimeError(native.UNAVAILABLE)
         try:
-            self._front = grpc_front.Front(address, reuse_port=reuse_port)
+            self._front = native.grpc_front.Front(address, reuse_port=reuse_port)
         except RuntimeError as e:
             raise OSError(str(e)) from e
         self.port: int = self._front.port

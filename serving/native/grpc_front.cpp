@@ -1,20 +1,24 @@
-// kloop's native gRPC front end: gRPC's C++ callback server moves the bytes, Python decides.
+// kloop's native gRPC front end: gRPC's C++ server moves the bytes, Python decides.
 //
 // Why: a grpc.aio server spends most of a small request's CPU inside the Python binding (the
 // trivial grpc.aio server, which parses nothing, tops out at ~4.3 k req/s on a 2-core box where
-// the same load generator reaches 13 k against nginx). Here the HTTP/2 framing, flow control and
-// status/trailer writing run on gRPC's own threads without the GIL; Python sees each call once,
-// as (handle, method, request bytes, seconds left), in batches drained on one eventfd wake-up,
-// and answers with respond(handle, code, details, response bytes).
+// the same load generator reaches 10-13 k against nginx). Here HTTP/2 framing, flow control and
+// status/trailer writing run on C++ threads without the GIL; Python sees each call once, as
+// (handle, method, request bytes, seconds left), in batches drained on one eventfd wake-up, and
+// answers with respond(handle, code, details, response bytes).
 //
 // Nothing here knows the OIP v2 protocol: every method goes through one generic service, so
-// parsing, validation, error mapping and the model stay in Python (serving.grpc_native).
+// parsing, validation, error mapping and the model stay in Python (serving/grpc_native.py).
 //
-// Lifetime: a Call (the reactor of one RPC) is created by gRPC, handed to Python once its request
-// arrived, and deleted in OnDone, which gRPC runs only after Finish. Python's handles are looked
-// up in `live_` under the lock before use, so a stale or repeated handle is refused, never
-// dereferenced. stop() answers every call Python still holds with UNAVAILABLE, then shuts the
-// server down.
+// Threads: the completion-queue thread (Run) requests calls, reads each request and deletes
+// finished calls; the writer thread (WriteAnswers) starts the writes of Python's answers; the
+// Python event loop polls and responds. docs/serving.md has the measurements behind this shape.
+//
+// Lifetime: a Call is created before it is requested and deleted on the completion-queue thread
+// once its Finish completed. While Python holds it, no operation is pending on it. Python's
+// handles are looked up in `live_` under the lock before use, so a stale or repeated handle is
+// refused, never dereferenced. Stop() answers every call Python still holds with UNAVAILABLE,
+// then shuts the server down and drains the queue.
 #include <pybind11/pybind11.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -23,7 +27,6 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/support/byte_buffer.h>
 
-#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
@@ -154,8 +157,8 @@ class Front {
     return out;
   }
 
-  // The Python loop: answer a call it got from poll(). The answer is written by the CQ thread
-  // (gRPC writes in the thread that starts the write: HTTP/2 framing and the send syscall;
+  // The Python loop: answer a call it got from poll(). The writer thread starts the write
+  // (gRPC writes in the thread that starts a write: HTTP/2 framing and the send syscall;
   // measured, doing that on the event loop took a third of its time on a tiny model). False
   // if the handle is not held (answered before, or by stop()).
   bool Respond(uintptr_t handle, int code, const std::string& details, py::bytes payload) {
@@ -236,7 +239,7 @@ class Front {
     }
   }
 
-  // The completion-queue thread: accepts calls, reads requests, writes answers.
+  // The completion-queue thread: requests calls, reads each request, deletes finished calls.
   void Run() {
     void* tag;
     bool ok;
@@ -314,7 +317,7 @@ class Front {
 }  // namespace
 
 PYBIND11_MODULE(_grpc_front, m) {
-  m.doc() = "gRPC's C++ async server as a byte mover for a Python event loop (kloop)";
+  m.doc() = "gRPC's C++ server as a byte mover for a Python event loop (kloop)";
   py::class_<Front>(m, "Front")
       .def(py::init<const std::string&, bool, int, int>(), py::arg("address"),
            py::arg("reuse_port") = false, py::arg("max_receive_bytes") = 4 << 20,
