@@ -272,13 +272,14 @@ class Front {
   }
 
   void Arrived(Call* call) {
-    bool refuse;
+    bool refuse, wake = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
       refuse = stopping_;
       if (!refuse) {
         call->state = Call::State::kHeld;
         live_.insert(call);
+        wake = ready_.empty();  // else the loop was woken and has not polled yet
         ready_.push_back(call);
       }
     }
@@ -286,9 +287,11 @@ class Front {
       call->Answer(kUnavailable, "server is shutting down", {});
       return;
     }
-    uint64_t one = 1;
-    ssize_t n = write(efd_, &one, sizeof one);  // wakes the Python loop
-    (void)n;
+    if (wake) {  // Poll resets the eventfd before it takes ready_, so no wake-up is lost
+      uint64_t one = 1;
+      ssize_t n = write(efd_, &one, sizeof one);
+      (void)n;
+    }
   }
 
   bool stopping_flag() {
