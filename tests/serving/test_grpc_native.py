@@ -165,3 +165,21 @@ def test_config_chooses_the_grpc_server(registry_root: Any,
     with pytest.raises(ValueError, match="not built here"):
         ServerConfig(registry=registry_root, grpc_server="native")
     assert not ServerConfig(registry=registry_root).native_grpc()  # auto falls back to grpc.aio
+
+
+def test_serve_flag_chooses_the_grpc_server(tmp_path: Any) -> None:
+    import argparse
+
+    from serving import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_serve_arguments(parser)
+
+    def chosen(*argv: str) -> str:
+        args = parser.parse_args(["--registry", str(tmp_path), *argv])
+        return cli.config_from_args(args).grpc_server
+
+    assert chosen() == "auto"
+    assert chosen("--grpc-server", "aio") == "aio"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--registry", str(tmp_path), "--grpc-server", "fast"])
