@@ -1,4 +1,4 @@
-"""The server's native (C++) part: gRPC's C++ callback server as the gRPC front end.
+"""The server's native (C++) part: gRPC's C++ server (completion-queue API) as the gRPC front end.
 
 ``grpc_front`` is the compiled module, or None where it was not built; ``UNAVAILABLE`` then says
 why. It is built by ``python -m serving.native.build`` (``scripts/setup`` runs it where gRPC's
