@@ -29,7 +29,6 @@ from serving.grpc_api import InferenceServicer
 
 log = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
-_OK = 0
 _EMPTY = b""
 
 
@@ -101,28 +100,25 @@ class NativeGrpcServer:
     async def _run(self, handle: int, entry: tuple[Handler, type[Message]], body: bytes,
                    seconds_left: float | None) -> None:
         fn, request_type = entry
+        code, details, payload = grpc.StatusCode.OK, "", _EMPTY
         try:
             request = request_type.FromString(body)
         except DecodeError:
-            self._front.respond(handle, grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                                f"could not parse the request as {request_type.__name__}", _EMPTY)
-            return
-        context = _Context(seconds_left)
-        try:
-            reply = await fn(request, context)
-        except _Abort as e:
-            self._front.respond(handle, e.code.value[0], e.details, _EMPTY)
-            return
-        except NotImplementedError:
-            code = context.code or grpc.StatusCode.UNIMPLEMENTED
-            self._front.respond(handle, code.value[0], context.details, _EMPTY)
-            return
-        except Exception:  # a bug must not leak internals, nor leave the call unanswered
-            log.exception("unexpected error in %s", fn.__name__)
-            self._front.respond(handle, grpc.StatusCode.INTERNAL.value[0], "internal error",
-                                _EMPTY)
-            return
-        self._front.respond(handle, _OK, "", reply.SerializeToString())
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            details = f"could not parse the request as {request_type.__name__}"
+        else:
+            context = _Context(seconds_left)
+            try:
+                payload = (await fn(request, context)).SerializeToString()
+            except _Abort as e:
+                code, details = e.code, e.details
+            except NotImplementedError:  # the generated base servicer's answer
+                code = context.code or grpc.StatusCode.UNIMPLEMENTED
+                details = context.details
+            except Exception:  # a bug must not leak internals, nor leave the call unanswered
+                log.exception("unexpected error in %s", fn.__name__)
+                code, details = grpc.StatusCode.INTERNAL, "internal error"
+        self._front.respond(handle, code.value[0], details, payload)
 
     async def stop(self, grace: float) -> None:
         """Answers being computed get ``grace`` seconds; then every call still unanswered gets

@@ -36,6 +36,8 @@ PEER_LABELS = {
     "null_grpc_nginx": "ceiling: nginx, fixed gRPC reply",
 }
 REAL_PEERS = ("kserve", "torchserve", "torchserve_batch")
+# Per protocol, the load generator's own ceiling: nginx answering a fixed reply.
+NGINX_CEILING = {"http": "null_http", "grpc": "null_grpc_nginx"}
 KEY = tuple[str, str, int]  # (model, proto, conc)
 
 # The targets of issue 4, as ratios (see the module docstring).
@@ -147,8 +149,7 @@ def checks(runs: list[dict[str, Any]], baseline: list[Mapping[str, Any]],
             out.append(Check("4x KServe", name, f"{ratio:.2f}x", f">= {KSERVE_FACTOR:.0f}x",
                              ratio >= KSERVE_FACTOR))
             # What no server can beat: the load generator against nginx's fixed reply.
-            ceiling = cells.get(f"null_{proto}" if proto == "http" else "null_grpc_nginx",
-                                {}).get((model, proto, conc))
+            ceiling = cells.get(NGINX_CEILING[proto], {}).get((model, proto, conc))
             if ceiling:
                 out.append(Check(
                     "context: load generator's ceiling", name,

@@ -52,10 +52,10 @@ def missing() -> str:
     return ""
 
 
-def _stamp() -> str:
+def _stamp(grpc_version: str) -> str:
     """What the built module depends on: the source, gRPC's version, this Python."""
     digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update(_pkg_config("--modversion").encode())
+    digest.update(grpc_version.encode())
     digest.update(sysconfig.get_config_var("EXT_SUFFIX").encode())
     return digest.hexdigest()
 
@@ -65,7 +65,8 @@ def build(force: bool = False) -> Path:
 
     out = target()
     stamp_file = out.with_suffix(".stamp")
-    stamp = _stamp()
+    grpc_version = _pkg_config("--modversion")
+    stamp = _stamp(grpc_version)
     if not force and out.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
         print(f"[native] {out.name} is up to date", file=sys.stderr)
         return out
@@ -77,8 +78,7 @@ def build(force: bool = False) -> Path:
         *_pkg_config("--cflags").split(), str(SOURCE), "-o", str(tmp),
         *_pkg_config("--libs").split(),
     ]
-    print(f"[native] building {out.name} against gRPC {_pkg_config('--modversion')}",
-          file=sys.stderr)
+    print(f"[native] building {out.name} against gRPC {grpc_version}", file=sys.stderr)
     subprocess.run(command, check=True)
     os.replace(tmp, out)  # a running server keeps the old inode
     stamp_file.write_text(stamp)
