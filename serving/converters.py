@@ -58,6 +58,8 @@ CONTENTS_FIELD: dict[str, str] = {
 
 
 def parameters_from_proto(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
+    if not params:  # the usual case; iterating even an empty map costs a Python-level walk
+        return {}
     out: dict[str, Any] = {}
     for key, p in params.items():
         which = p.WhichOneof("parameter_choice")
@@ -131,26 +133,28 @@ def _typed_values(datatype: str, data: np.ndarray[Any, Any]) -> list[Any]:
 
 def infer_request_from_proto(msg: pb.ModelInferRequest) -> InferenceRequest:
     raw = msg.raw_input_contents
-    if raw and len(raw) != len(msg.inputs):
-        raise InvalidInput(
-            f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs"
-        )
-    inputs = []
-    for i, tensor in enumerate(msg.inputs):
-        if raw:
+    tensors = msg.inputs
+    if raw:
+        if len(raw) != len(tensors):
+            raise InvalidInput(
+                f"raw_input_contents has {len(raw)} entries for {len(tensors)} inputs"
+            )
+        inputs = []
+        for tensor, data in zip(tensors, raw, strict=True):
             if tensor.HasField("contents"):
                 raise InvalidInput(
                     f"input {tensor.name!r} has contents although raw_input_contents is used"
                 )
-            inputs.append(_decode_raw(tensor, raw[i]))
-        else:
-            inputs.append(_decode_typed(tensor))
+            inputs.append(_decode_raw(tensor, data))
+    else:
+        inputs = [_decode_typed(tensor) for tensor in tensors]
+    outputs = msg.outputs
     return InferenceRequest(
         model=msg.model_name,
         version=msg.model_version or None,
         id=msg.id,
         inputs=tuple(inputs),
-        outputs=tuple(o.name for o in msg.outputs),
+        outputs=tuple(o.name for o in outputs) if outputs else (),
         parameters=parameters_from_proto(msg.parameters),
     )
 
@@ -163,12 +167,13 @@ def infer_response_to_proto(resp: InferenceResponse, raw: bool) -> pb.ModelInfer
     for key, value in resp.parameters.items():
         _set_parameter(msg.parameters[key], value)
     raw = raw or any(o.datatype not in CONTENTS_FIELD for o in resp.outputs)
+    tensors, raw_contents = msg.outputs, msg.raw_output_contents
     for out in resp.outputs:
-        tensor = msg.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+        tensor = tensors.add(name=out.name, datatype=out.datatype, shape=out.shape)
         for key, value in out.parameters.items():
             _set_parameter(tensor.parameters[key], value)
         if raw:
-            msg.raw_output_contents.append(encode_raw(out.datatype, out.data))
+            raw_contents.append(encode_raw(out.datatype, out.data))
         else:
             field = getattr(tensor.contents, CONTENTS_FIELD[out.datatype])
             field.extend(_typed_values(out.datatype, out.data))

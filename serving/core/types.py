@@ -161,9 +161,12 @@ def float32_to_bf16(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
 
 
 # ---- the typed request and response -----------------------------------------------------------
+# Built four times per request (input, request, output, response), so plain slotted dataclasses:
+# a frozen one's __init__ sets each field through object.__setattr__, three times the cost
+# (0.95 against 0.33 us for InferInput). Nothing mutates them after construction.
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class InferInput:
     """One input tensor as the client declared it. ``data`` is flat or shaped; validation checks
     its element count against ``shape`` before the dataplane reshapes it."""
@@ -179,7 +182,7 @@ class InferInput:
     parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class InferOutput:
     name: str
     datatype: str
@@ -188,7 +191,7 @@ class InferOutput:
     parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class InferenceRequest:
     model: str
     inputs: tuple[InferInput, ...]
@@ -198,7 +201,7 @@ class InferenceRequest:
     parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class InferenceResponse:
     model: str
     model_version: str

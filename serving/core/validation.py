@@ -17,7 +17,16 @@ from serving.core.types import InferenceRequest, InferInput, fixed_itemsize
 
 def validate(request: InferenceRequest, manifest: Manifest) -> None:
     """Raise ``InvalidInput`` for the first problem found; return when the request fits."""
-    specs = {s.name: s for s in manifest.inputs}
+    inputs, declared = request.inputs, manifest.inputs
+    if len(inputs) == len(declared) and all(
+            t.name == s.name for t, s in zip(inputs, declared, strict=True)):
+        # The usual request: the manifest's inputs, in its order (no lookups to build).
+        for tensor, spec in zip(inputs, declared, strict=True):
+            _check_tensor(tensor, spec)
+        if request.outputs:
+            _check_requested_outputs(request.outputs, manifest)
+        return
+    specs = {s.name: s for s in declared}
     seen: set[str] = set()
     for tensor in request.inputs:
         if tensor.name in seen:
@@ -42,7 +51,7 @@ def _check_tensor(tensor: InferInput, spec: TensorSpec) -> None:
             f"input {name!r} has datatype {tensor.datatype}, the model expects {spec.datatype}"
         )
     shape = tensor.shape
-    if any(d < 1 for d in shape):
+    if shape and min(shape) < 1:
         raise InvalidInput(f"input {name!r} has shape {list(shape)}: dimensions must be >= 1")
     if len(shape) != len(spec.shape) or any(
         want != -1 and got != want for got, want in zip(shape, spec.shape, strict=True)
