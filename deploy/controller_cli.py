@@ -57,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a Lease lasts without renewal (default 15, as client-go)")
     parser.add_argument("--renew", type=float, default=5.0,
                         help="seconds between Lease renewals (default 5)")
+    parser.add_argument("--renew-deadline", type=float, default=None,
+                        help="seconds after its last renewal the leader stops acting (default "
+                             "two thirds of --lease-duration, as client-go's 10 of 15): the rest "
+                             "of the lease lets a tick in progress finish before a successor")
     parser.add_argument("--interval", type=float, default=10.0,
                         help="seconds between resyncs of each active Rollout (default 10)")
     parser.add_argument("--health-port", type=int, default=0,
@@ -82,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     registry = Registry(args.registry)
     elector = LeaderElector(kube, args.lease_name, args.lease_namespace or kube.namespace,
                             args.identity, clock, lease_duration_s=args.lease_duration,
-                            renew_s=args.renew, elapsed=time.monotonic)
+                            renew_s=args.renew, renew_deadline_s=args.renew_deadline,
+                            elapsed=time.monotonic)
     backends = kserve_backends(kube, registry, clock, prometheus_url=args.prometheus_url,
                                scrape=args.metrics == "scrape")
     rec = Reconciler(kube, namespaces, registry, backends, clock, elector=elector,

@@ -12,7 +12,10 @@ The protocol is client-go's ``leaderelection`` with a Lease lock, written out sm
 * The holder renews every ``renew_s``. A renew that fails with 409 (somebody else wrote the
   Lease) means it has lost it: it steps down at once. A renew that fails otherwise (API
   server unreachable) keeps it leader only until its last successful renew is
-  ``lease_duration_s`` old; it must stop acting before anybody else may take over.
+  ``renew_deadline_s`` old (client-go's RenewDeadline; two thirds of the lease by default).
+  Nobody else may take over before ``lease_duration_s``: the difference is the time a tick
+  that began just before the deadline has to finish its writes before a successor may start
+  its own (a leader that stopped at the lease's very end would leave no such margin).
 * ``release()`` (on SIGTERM) clears ``holderIdentity`` so a successor need not wait.
 
 ``is_leader()`` is what the reconciler checks before every action. Time is a ``Clock`` for the
@@ -37,16 +40,23 @@ LEASE = k.KINDS["Lease"]
 class LeaderElector:
     def __init__(self, kube: k.Kube, name: str, namespace: str, identity: str, clock: Clock, *,
                  lease_duration_s: float = 15.0, renew_s: float = 5.0,
+                 renew_deadline_s: float | None = None,
                  elapsed: Callable[[], float] | None = None):
-        """``elapsed``: seconds from any fixed origin, for durations (default: ``clock.now``,
-        which tests drive; the controller passes ``time.monotonic``)."""
-        if not 0 < renew_s < lease_duration_s:
-            raise ValueError(f"renew_s {renew_s} must be in (0, lease_duration_s "
-                             f"{lease_duration_s}): a holder must renew before its lease expires")
+        """``renew_deadline_s``: how long after its last successful renew the holder still
+        acts (default two thirds of ``lease_duration_s``). ``elapsed``: seconds from any fixed
+        origin, for durations (default: ``clock.now``, which tests drive; the controller passes
+        ``time.monotonic``)."""
+        deadline = lease_duration_s * 2 / 3 if renew_deadline_s is None else renew_deadline_s
+        if not 0 < renew_s < deadline < lease_duration_s:
+            raise ValueError(
+                f"need 0 < renew_s ({renew_s}) < renew_deadline_s ({deadline:g}) < "
+                f"lease_duration_s ({lease_duration_s}): a holder must renew before it stops "
+                "acting, and stop acting before anybody else may take over")
         self.kube, self.name, self.namespace = kube, name, namespace
         self.identity, self.clock = identity, clock
         self._elapsed = elapsed or clock.now
         self.lease_duration_s, self.renew_s = lease_duration_s, renew_s
+        self.renew_deadline_s = deadline
         self._renewed_at: float | None = None  # last successful write as holder (our clock)
         self._observed: tuple[Any, ...] | None = None  # the other holder's record as last seen
         self._observed_at = 0.0
@@ -55,9 +65,9 @@ class LeaderElector:
     # ---- state --------------------------------------------------------------------------
 
     def is_leader(self) -> bool:
-        """Holding the Lease, renewed within ``lease_duration_s`` (our clock)."""
+        """Holding the Lease, renewed within ``renew_deadline_s`` (our clock)."""
         return (self._renewed_at is not None
-                and self._elapsed() - self._renewed_at < self.lease_duration_s)
+                and self._elapsed() - self._renewed_at < self.renew_deadline_s)
 
     def step(self) -> bool:
         """Acquire or renew when due (every ``renew_s``); returns ``is_leader()``. Call it often."""

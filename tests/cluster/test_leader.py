@@ -56,6 +56,30 @@ def test_one_holder_and_takeover_after_expiry(kube, namespace):
     assert a.try_acquire_or_renew() is False  # a comes back: sees b's fresh record, stays out
 
 
+def test_the_holder_stops_acting_before_anybody_may_take_over(kube, namespace):
+    """client-go's RenewDeadline: a holder that cannot renew stops acting at two thirds of the
+    lease (10 of 15 s), while a candidate may take over only when the whole lease has run out:
+    a tick begun just before the deadline has the difference to finish its writes before a
+    successor starts its own."""
+    clock = FakeClock()
+    a, b = electors(kube, namespace, clock)
+    assert a.renew_deadline_s == 10
+    assert a.step() and not b.step()  # b first sees a's record now; a never renews again
+    clock.advance(9)
+    assert a.is_leader()
+    clock.advance(1)
+    assert not a.is_leader()  # the deadline: a stops acting ...
+    clock.advance(4)
+    assert b.try_acquire_or_renew() is False  # ... and nobody acts until the lease ran out
+    clock.advance(1)
+    assert b.try_acquire_or_renew() is True
+    assert holder(kube, namespace) == "b"
+    for deadline in (5, 15):  # at most the renew interval, or at least the lease: refused
+        with pytest.raises(ValueError, match="renew_deadline_s"):
+            LeaderElector(kube, "kloop-controller", namespace, "c", clock, lease_duration_s=15,
+                          renew_s=5, renew_deadline_s=deadline)
+
+
 def test_conflicting_write_on_renew_steps_down(cluster, kube, namespace):
     clock = FakeClock()
 
