@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kloop.artifact import Registry, TensorSpec
+from kloop.artifact import Registry
 from kloop.pb import inference_pb2 as pb
+from loadtests.benchmark.models import INPUT_NAME, publish_module
 from serving import native
 from serving.app import Server, ServerConfig
 
@@ -51,28 +52,17 @@ class _Answers:
 
 
 def publish_tiny(root: Path) -> None:
-    """The benchmark's tiny MLP shape (64 -> 128 -> 10), random weights, batch dim dynamic."""
+    """The benchmark's tiny MLP shape (64 -> 128 -> 10), random weights (seed 0): built here,
+    so this needs no peer harness."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
                                 torch.nn.Linear(128, 10)).eval()
-    example = torch.zeros(2, 64)
-    program = torch.export.export(
-        model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.export.save(program, Path(tmp) / "model.pt2")
-        Registry(root).publish(
-            MODEL, tmp, model_file="model.pt2", format="torch.export",
-            torch_version=torch.__version__,
-            inputs=(TensorSpec("input-0", "FP32", (-1, 64)),),
-            outputs=(TensorSpec("output-0", "FP32", (-1, 10)),),
-            metrics={}, params={"seed": 0}, data_fingerprint="random-weights",
-            run_id="hotpath",
-        )
+    publish_module(Registry(root), MODEL, model, (64,), params={"seed": 0})
 
 
 def request_bytes() -> bytes:
     req = pb.ModelInferRequest(model_name=MODEL)
-    tensor = req.inputs.add(name="input-0", datatype="FP32")
+    tensor = req.inputs.add(name=INPUT_NAME, datatype="FP32")
     tensor.shape.extend([1, 64])
     req.raw_input_contents.append(np.zeros(64, np.float32).tobytes())
     return req.SerializeToString()

@@ -487,12 +487,9 @@ def _select_outputs(
     if len(results) != len(loaded.manifest.outputs):  # a batch's split went wrong: a bug
         raise InferenceFailed(f"model {loaded.model} v{loaded.version}: {len(results)} outputs "
                               f"for {len(loaded.manifest.outputs)} declared")
-    if not request.outputs:  # all of them (the usual request)
-        return tuple(InferOutput(spec.name, spec.datatype, array.shape, array)
-                     for spec, array in zip(loaded.manifest.outputs, results, strict=True))
-    wanted = set(request.outputs)
+    wanted = set(request.outputs) if request.outputs else None  # None: all (the usual request)
     return tuple(
         InferOutput(spec.name, spec.datatype, array.shape, array)
         for spec, array in zip(loaded.manifest.outputs, results, strict=True)
-        if spec.name in wanted
+        if wanted is None or spec.name in wanted
     )

@@ -23,12 +23,16 @@ def validate(request: InferenceRequest, manifest: Manifest) -> None:
         # The usual request: the manifest's inputs, in its order (no lookups to build).
         for tensor, spec in zip(inputs, declared, strict=True):
             _check_tensor(tensor, spec)
-        if request.outputs:
-            _check_requested_outputs(request.outputs, manifest)
-        return
-    specs = {s.name: s for s in declared}
+    else:
+        _check_named_inputs(inputs, manifest)
+    _check_requested_outputs(request.outputs, manifest)
+
+
+def _check_named_inputs(inputs: Sequence[InferInput], manifest: Manifest) -> None:
+    """Inputs in any order: each known and given once, each checked, none missing."""
+    specs = {s.name: s for s in manifest.inputs}
     seen: set[str] = set()
-    for tensor in request.inputs:
+    for tensor in inputs:
         if tensor.name in seen:
             raise InvalidInput(f"input {tensor.name!r} is given more than once")
         seen.add(tensor.name)
@@ -41,7 +45,6 @@ def validate(request: InferenceRequest, manifest: Manifest) -> None:
     missing = sorted(set(specs) - seen)
     if missing:
         raise InvalidInput(f"missing input(s) {missing} for model {manifest.name!r}")
-    _check_requested_outputs(request.outputs, manifest)
 
 
 def _check_tensor(tensor: InferInput, spec: TensorSpec) -> None:
@@ -75,6 +78,8 @@ def _check_tensor(tensor: InferInput, spec: TensorSpec) -> None:
 
 
 def _check_requested_outputs(requested: Sequence[str], manifest: Manifest) -> None:
+    if not requested:  # all outputs (the usual request)
+        return
     known = {s.name for s in manifest.outputs}
     unknown = [n for n in requested if n not in known]
     if unknown:

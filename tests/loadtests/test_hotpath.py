@@ -3,20 +3,16 @@ servicer through the native front end's per-call coroutine and prints a row per 
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
 
 from loadtests import hotpath
-from serving import native
+from tests.serving.conftest import require_native
 
 
 def test_hotpath_prints_cpu_per_request_for_each_level(capsys: pytest.CaptureFixture[str]) -> None:
-    if native.grpc_front is None:
-        if os.environ.get("KLOOP_REQUIRE_NATIVE"):
-            pytest.fail(native.UNAVAILABLE)
-        pytest.skip(native.UNAVAILABLE)
+    require_native()
     assert hotpath.main(["--concurrency", "4,2", "--seconds", "0.2"]) == 0
     out = capsys.readouterr().out
     rows = re.findall(r"^\| (\d+) \| ([\d.]+) µs \| (\d+) \|$", out, flags=re.M)
