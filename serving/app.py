@@ -111,6 +111,9 @@ class ServerConfig:
     # Who speaks gRPC: "native" (gRPC's C++ server moves the bytes, serving.grpc_native),
     # "aio" (grpc.aio, pure Python binding), "auto" (native where it is built).
     grpc_server: str = "auto"
+    # The native front end's fast lane for the common ModelInfer (serving.grpc_native): on
+    # unless turned off to compare, or to rule it out.
+    grpc_fast_lane: bool = True
     ports_file: Path | None = None  # written atomically once serving: {"http", "grpc", "pid"}
     # >1: this process is one of that many workers sharing both ports (SO_REUSEPORT; the kernel
     # spreads connections over them), started by ``kloop serve --workers N``
@@ -290,7 +293,8 @@ class Server:
         reuse_port = self.config.group_size > 1
         if self.config.native_grpc():
             self._native = grpc_native.NativeGrpcServer(self.dataplane, address,
-                                                        reuse_port=reuse_port)
+                                                        reuse_port=reuse_port,
+                                                        fast_lane=self.config.grpc_fast_lane)
             self.grpc_port = self._native.port
             return
         server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])

@@ -96,6 +96,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser, default_registry: str |
     parser.add_argument("--grpc-server", choices=GRPC_SERVERS, default=d["grpc_server"].default,
                         help="gRPC front end: native (gRPC's C++ server, serving.native), aio "
                              "(grpc.aio), auto = native where built (default: %(default)s)")
+    parser.add_argument("--no-grpc-fast-lane", dest="grpc_fast_lane", action="store_false",
+                        help="send every gRPC call through the general path (the native front "
+                             "end's fast lane parses the common ModelInfer itself and batches it "
+                             "without a Python step per call; docs/serving.md)")
     parser.add_argument("--ports-file", type=Path, default=None,
                         help='write {"http": N, "grpc": M, "pid": P} here once serving')
 
@@ -144,6 +148,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         optimize=args.optimize,
         inline_batch_ms=args.inline_batch_ms,
         grpc_server=args.grpc_server,
+        grpc_fast_lane=args.grpc_fast_lane,
         ports_file=args.ports_file,
         group_size=max(args.group_size, args.workers),
     )

@@ -7,6 +7,18 @@ methods the grpc.aio server runs, and hands back the serialized answer or a stat
 servers give the same answers and the same errors; what changes is that HTTP/2 framing, flow
 control and trailers no longer take the GIL (docs/serving.md has the measurements).
 
+The fast lane: the front end is told the routes (``DataPlane.fast_routes``: model and version
+-> the loaded version, its inputs and outputs) and parses the common ``ModelInfer`` itself
+(inputs in the manifest's order with their datatypes and shapes in ``raw_input_contents``, no
+parameters, no requested outputs). Those calls reach Python grouped per route, one buffer per
+input with every member's rows; a group is one batcher request (``DataPlane.infer_group``) and
+the front end writes each member's response from the batch's outputs. Per call, Python then does
+nothing at all: no protobuf parse, no task, no response message. The answers are byte for byte
+the general path's (tests/serving/test_fast_lane.py). The route table is rebuilt whenever
+loads, traffic weights or faults change (``DataPlane.routing_generation``, checked at every
+wake-up); calls routed by an older table, groups when a member's deadline already passed or
+when the server would not admit them all, go down the general path one by one.
+
 Differences from grpc.aio a client can see: a request that does not parse is
 ``INVALID_ARGUMENT`` (grpc.aio says ``INTERNAL``); everything else is identical.
 """
@@ -14,18 +26,25 @@ Differences from grpc.aio a client can see: a request that does not parse is
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 import grpc
+import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from kloop.pb import inference_pb2 as pb
 from serving import native
 from serving.core.dataplane import DataPlane
-from serving.grpc_api import InferenceServicer
+from serving.core.errors import ServingError
+from serving.core.repository import LoadedVersion
+from serving.core.types import fixed_itemsize, numpy_dtype
+from serving.errormap import grpc_code_name
+from serving.grpc_api import PROTOCOL, InferenceServicer
 
 log = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
@@ -65,10 +84,17 @@ class _Context:
 Handler = Callable[[Any, Any], Awaitable[Message]]
 
 
+@dataclasses.dataclass(frozen=True)
+class _FastRoute:
+    loaded: LoadedVersion
+    inputs: tuple[tuple[np.dtype[Any], tuple[int, ...]], ...]  # per input: dtype, dims after 0
+
+
 class NativeGrpcServer:
     """The OIP v2 service on the native front end, driven by the running event loop."""
 
-    def __init__(self, dataplane: DataPlane, address: str, *, reuse_port: bool = False) -> None:
+    def __init__(self, dataplane: DataPlane, address: str, *, reuse_port: bool = False,
+                 fast_lane: bool = True) -> None:
         servicer = InferenceServicer(dataplane)
         self._methods: dict[str, tuple[Handler, type[Message]]] = {}
         for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
@@ -84,18 +110,82 @@ class NativeGrpcServer:
         self.port: int = self._front.port
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._dp = dataplane
+        self._infer = self._methods[f"/{SERVICE}/ModelInfer"]
+        self._fast_lane = fast_lane
+        self._synced: object = None  # the dataplane's routing generation the table reflects
+        self._generation = 0  # the table's, as the front end knows it
+        self._routes: dict[int, _FastRoute] = {}
+        if fast_lane:
+            self._sync_routes()
         self._loop.add_reader(self._front.fd, self._arrived)
 
+    def _sync_routes(self) -> None:
+        """Give the front end the dataplane's current fast-lane routes, if they changed."""
+        current = self._dp.routing_generation
+        if current == self._synced:
+            return
+        self._synced = current
+        self._generation += 1
+        table: dict[int, _FastRoute] = {}
+        routes = []
+        for route_id, ((model, version), loaded) in enumerate(self._dp.fast_routes().items()):
+            manifest = loaded.manifest
+            inputs = [(s.name, s.datatype, list(s.shape[1:]),
+                       math.prod(s.shape[1:]) * (fixed_itemsize(s.datatype) or 0))
+                      for s in manifest.inputs]
+            outputs = [(s.name, s.datatype) for s in manifest.outputs]
+            routes.append((model, version, route_id, self._dp.fast_max_rows(loaded), inputs,
+                           loaded.model, str(loaded.version), outputs))
+            table[route_id] = _FastRoute(loaded, tuple(
+                (numpy_dtype(s.datatype), tuple(s.shape[1:])) for s in manifest.inputs))
+        self._front.set_routes(self._generation, routes)
+        self._routes = table
+
     def _arrived(self) -> None:
+        if self._fast_lane:
+            self._sync_routes()  # before poll: calls routed by a stale table are told apart
         for handle, method, body, seconds_left in self._front.poll():
             entry = self._methods.get(method)
             if entry is None:
                 self._front.respond(handle, grpc.StatusCode.UNIMPLEMENTED.value[0],
                                     f"Method not found: {method}", _EMPTY)
                 continue
-            task = self._loop.create_task(self._run(handle, entry, body, seconds_left))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._track(self._loop.create_task(self._run(handle, entry, body, seconds_left)))
+        if self._fast_lane:
+            for group in self._front.poll_groups():
+                self._track(self._loop.create_task(self._run_group(group)))
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_group(self, group: Any) -> None:
+        """One fast-lane group: one batcher request, each member answered from its rows."""
+        route = self._routes.get(group.route) if group.generation == self._generation else None
+        left = group.seconds_left
+        if (route is None or not self._dp.admits(len(group))
+                or any(s is not None and s <= 0 for s in left)):
+            # Routed by an older table, or some member would not be admitted or has expired:
+            # each member gets exactly the answer the general path gives it.
+            await asyncio.gather(*(self._run(handle, self._infer, body, seconds_left)
+                                   for handle, body, seconds_left in group.requests()))
+            return
+        now = time.perf_counter()
+        started = [now - age for age in group.ages]
+        deadline = None if None in left else time.monotonic() + max(left)
+        rows = group.rows
+        try:
+            arrays = tuple(np.frombuffer(data, dtype).reshape(rows, *dims)
+                           for data, (dtype, dims) in zip(group.inputs, route.inputs, strict=True))
+            outputs = await self._dp.infer_group(route.loaded, arrays, started, PROTOCOL,
+                                                 deadline=deadline)
+            self._front.respond_group(group, [np.ascontiguousarray(o) for o in outputs])
+        except ServingError as e:
+            self._front.fail_group(group, grpc.StatusCode[grpc_code_name(e)].value[0], e.message)
+        except Exception:  # a bug must not leak internals, nor leave a member unanswered
+            log.exception("unexpected error in a fast-lane ModelInfer group")
+            self._front.fail_group(group, grpc.StatusCode.INTERNAL.value[0], "internal error")
 
     async def _run(self, handle: int, entry: tuple[Handler, type[Message]], body: bytes,
                    seconds_left: float | None) -> None:

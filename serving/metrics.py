@@ -16,6 +16,9 @@ do not collide and nothing else in the process leaks into ``/metrics``.
 * ``kloop_inference_batch_size{model,version}``: rows per forward pass (1 for a model without a
   batch dimension)
 * ``kloop_inference_inflight_requests``: admitted and not yet answered (queued ones included)
+* ``kloop_inference_fast_lane_requests_total{model,version}``: of the gRPC requests, those the
+  native front end's fast lane parsed and answered (serving.grpc_native); the rest took the
+  general path
 
 Requests that never reach a version (unknown model, version not loaded) are not counted: their
 labels would come from the client, and unbounded label values would swell the registry.
@@ -93,6 +96,11 @@ class ServerMetrics:
             "kloop_inference_batch_size", "Rows per forward pass (the executed batch's size).",
             ["model", "version"], buckets=BATCH_SIZE_BUCKETS, registry=self.registry,
         )
+        self.fast_lane = Counter(
+            "kloop_inference_fast_lane_requests_total",
+            "gRPC inference requests parsed, batched and answered by the native front end's "
+            "fast lane.", ["model", "version"], registry=self.registry,
+        )
         # Label children by label values, cached: the hot path skips labels()' lock and lookup.
         self._request_children: dict[tuple[str, ...], tuple[Any, Any]] = {}
         self._batch_children: dict[tuple[str, ...], tuple[Any, Any, Any]] = {}
@@ -115,6 +123,24 @@ class ServerMetrics:
         children[1].observe(seconds)
         if error is not None:
             self.errors.labels(model, version, protocol, str(http_status(error))).inc()
+
+    def observe_group(
+        self, model: str, version: str, protocol: str, seconds: Sequence[float],
+        error: ServingError | None,
+    ) -> None:
+        """A fast-lane group's requests, each counted as ``observe`` counts one."""
+        key = (model, version, protocol)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.requests.labels(*key), self.duration.labels(*key))
+        children[0].inc(len(seconds))
+        for s in seconds:
+            children[1].observe(s)
+        if error is not None:
+            self.errors.labels(model, version, protocol, str(http_status(error))).inc(len(seconds))
+        else:
+            self.fast_lane.labels(model, version).inc(len(seconds))
 
     def observe_batch(
         self, model: str, version: str, rows: int, queue_seconds: Sequence[float],

@@ -136,6 +136,7 @@ class _Item:
     future: asyncio.Future[Arrays]
     enqueued: float
     deadline: float | None
+    requests: int = 1  # clients' requests it stands for (a front end's group: several)
     queued: bool = True
     timer: asyncio.TimerHandle | None = None
 
@@ -223,10 +224,14 @@ class Batcher:
     def executing(self) -> int:
         return self._executing
 
-    async def submit(self, arrays: Arrays, *, deadline: float | None = None) -> Arrays:
+    async def submit(self, arrays: Arrays, *, deadline: float | None = None,
+                     requests: int = 1) -> Arrays:
         """Queue one request (``arrays``: one per input, dim 0 = its rows) and await its own
         rows of the batch's outputs. Raises ``Overloaded``, ``DeadlineExceeded``,
-        ``ModelNotReady`` (closed), or the batch's error."""
+        ``ModelNotReady`` (closed), or the batch's error.
+
+        ``requests``: how many clients' requests these rows are (a group a front end merged);
+        the observer's queue times count each."""
         rows = rows_of(arrays)
         if rows is None:
             raise ValueError("every input of a batched request needs the same dim 0")
@@ -241,7 +246,8 @@ class Batcher:
                 f"{self.policy.max_queue_size}); try again later"
             )
         loop = asyncio.get_running_loop()
-        item = _Item(arrays, rows, batch_key(arrays), loop.create_future(), now, deadline)
+        item = _Item(arrays, rows, batch_key(arrays), loop.create_future(), now, deadline,
+                     requests)
         self._sample(now)
         if self.inline:
             self._enqueue(loop, item)
@@ -487,7 +493,7 @@ class Batcher:
             0.8 * self._compute_avg + 0.2 * compute)
         self._measured += 1
         if self._observer is not None:
-            queue_seconds = [started - i.enqueued for i in live]
+            queue_seconds = [started - i.enqueued for i in live for _ in range(i.requests)]
             try:
                 self._observer.batch_executed(sum(i.rows for i in live), queue_seconds, compute)
             except Exception:  # metrics must never cost an answer

@@ -46,7 +46,7 @@ from serving.core.errors import (
     ServingError,
 )
 from serving.core.faults import Fault, FaultInjector
-from serving.core.repository import LoadedVersion, ModelRepository
+from serving.core.repository import TOTAL_WEIGHT, LoadedVersion, ModelRepository
 from serving.core.tensors import from_torch, to_torch
 from serving.core.types import (
     SERVER_EXTENSIONS,
@@ -71,6 +71,14 @@ class InferenceRecorder(Protocol):
     def observe(
         self, model: str, version: str, protocol: str, seconds: float, error: ServingError | None
     ) -> None: ...
+
+    def observe_group(
+        self, model: str, version: str, protocol: str, seconds: Sequence[float],
+        error: ServingError | None,
+    ) -> None:
+        """A front end's group of requests (``DataPlane.infer_group``), each as ``observe``
+        would count it; without ``error``, answered by the fast lane."""
+        ...
 
     def observe_batch(
         self, model: str, version: str, rows: int, queue_seconds: Sequence[float],
@@ -250,6 +258,89 @@ class DataPlane:
                 self._recorder.observe(
                     loaded.model, version, protocol, time.perf_counter() - start, error
                 )
+
+    # ---- the fast lane (serving.grpc_native): requests a front end parsed and grouped ----
+
+    @property
+    def routing_generation(self) -> tuple[int, int, bool]:
+        """Changes whenever ``fast_routes`` may answer differently."""
+        return self.repository.generation, self.faults.generation, self._shutting_down
+
+    def fast_routes(self) -> dict[tuple[str, str], LoadedVersion]:
+        """(model, version or '' for unversioned) -> the version such a request runs on, for
+        every route whose requests ``infer_group`` may take instead of ``infer``: batched
+        (a batch dimension, batching on), every input of fixed-size numeric datatype (not
+        BOOL, whose raw bytes need checking, nor BYTES) and fixed dims after the first, and no
+        fault set on the version. Unversioned only while one version takes all the traffic
+        (a split draws per request). Empty while shutting down."""
+        routes: dict[tuple[str, str], LoadedVersion] = {}
+        if self._shutting_down or not self.batch_policy.enabled:
+            return routes
+        for model in self.repository.models():
+            try:
+                weights = self.repository.weights(model)
+                versions = {v: self.repository.get(model, v) for v in weights}
+            except ModelNotFound:  # unloaded meanwhile
+                continue
+            for version, loaded in versions.items():
+                if self._fast(loaded):
+                    routes[(model, str(version))] = loaded
+            sole = [v for v, w in weights.items() if w == TOTAL_WEIGHT]
+            if sole and (model, str(sole[0])) in routes:
+                routes[(model, "")] = versions[sole[0]]
+        return routes
+
+    def _fast(self, loaded: LoadedVersion) -> bool:
+        return (_has_batch_dim(loaded) and self.faults.get(loaded.model, loaded.version) is None
+                and all(s.datatype not in ("BOOL", "BYTES") and all(d > 0 for d in s.shape[1:])
+                        for s in loaded.manifest.inputs))
+
+    def fast_max_rows(self, loaded: LoadedVersion) -> int:
+        """The most rows of one group: the version's batch size (``_policy_for``)."""
+        return _policy_for(loaded, self.batch_policy).max_batch_size
+
+    def admits(self, count: int) -> bool:
+        """Whether ``count`` more requests would be admitted now (not shutting down, room
+        under ``max_inflight``); when not, each one goes through ``infer`` to get its answer."""
+        return not self._shutting_down and self._inflight + count <= self._max_inflight
+
+    async def infer_group(
+        self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float], protocol: str, *,
+        deadline: float | None = None,
+    ) -> Arrays:
+        """Run requests a front end grouped (``fast_routes``), as one batcher request.
+
+        ``arrays``: one per manifest input, the members' rows concatenated; ``started``: each
+        member's arrival (``time.perf_counter()``), for the request metrics, which count each
+        member as a request of its own. Returns every output, all the group's rows (the caller
+        splits them). The caller checked ``admits``, and that no member's deadline passed;
+        ``deadline`` is the latest member's (None when one has none). Raises what ``infer``
+        would, for the whole group."""
+        count = len(started)
+        version = str(loaded.version)
+        self._inflight += count
+        if self._idle is not None:
+            self._idle.clear()
+        error: ServingError | None = None
+        try:
+            batcher = self._batcher(loaded, arrays)
+            if batcher is not None:
+                return await batcher.submit(arrays, deadline=deadline, requests=count)
+            return await self._run_alone(loaded, arrays, deadline)  # unloaded since routed
+        except ServingError as e:
+            error = e
+            raise
+        except Exception as e:
+            error = InferenceFailed(f"model {loaded.model} v{version} failed: {type(e).__name__}: {e}")
+            raise error from e
+        finally:
+            self._inflight -= count
+            if self._inflight == 0 and self._idle is not None:
+                self._idle.set()
+            if self._recorder:
+                now = time.perf_counter()
+                self._recorder.observe_group(loaded.model, version, protocol,
+                                             [now - start for start in started], error)
 
     def _batcher(self, loaded: LoadedVersion, arrays: Arrays) -> Batcher | None:
         """The version's batcher, or None when this request runs alone."""

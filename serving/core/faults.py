@@ -38,14 +38,17 @@ class FaultInjector:
         self._rng = rng or random.Random()
         self._faults: dict[tuple[str, int], Fault] = {}
         self._lock = threading.Lock()
+        self.generation = 0  # bumped by every set and clear
 
     def set(self, model: str, version: int, fault: Fault) -> None:
         with self._lock:
             self._faults[(model, version)] = fault
+            self.generation += 1
 
     def clear(self, model: str, version: int) -> None:
         with self._lock:
             self._faults.pop((model, version), None)
+            self.generation += 1
 
     @property
     def active(self) -> bool:

@@ -102,6 +102,9 @@ class ModelRepository:
         self._observer = observer
         self._models: dict[str, _Model] = {}
         self._lock = threading.Lock()
+        # Bumped by every change of what is loaded or how traffic splits: a cache of routing
+        # decisions (the native gRPC front end's fast lane) is current while it is unchanged.
+        self.generation = 0
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -168,6 +171,7 @@ class ModelRepository:
         with self._lock:
             m = self._models.setdefault(model, _Model())
             m.versions.setdefault(version, loaded)
+            self.generation += 1
             if not m.weights:
                 m.weights = {version: TOTAL_WEIGHT}
             else:
@@ -190,6 +194,7 @@ class ModelRepository:
                     "traffic: move its weight to another version before unloading it"
                 )
             del m.versions[version]
+            self.generation += 1
             m.weights.pop(version, None)
             if not m.versions:
                 del self._models[model]
@@ -218,6 +223,7 @@ class ModelRepository:
             if total != TOTAL_WEIGHT:
                 raise InvalidInput(f"weights must sum to {TOTAL_WEIGHT}, got {total}")
             m.weights = {v: parsed.get(v, 0) for v in sorted(m.versions)}
+            self.generation += 1
             result = dict(m.weights)
         self._notify_weights(model, result)
         return result
