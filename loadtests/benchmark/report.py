@@ -28,6 +28,7 @@ PEER_LABELS = {
     "kloop": "kloop, 1 process",
     "kloop_w2": "kloop, --workers 2",
     "kloop_aio": "kloop, 1 process, grpc.aio",
+    "kloop_nolane": "kloop, 1 process, no fast lane",
     "kserve": "KServe 0.21 ModelServer",
     "torchserve": "TorchServe 0.12, default",
     "torchserve_batch": "TorchServe 0.12, batch 8 / 5 ms",
