@@ -188,6 +188,7 @@ class Batcher:
         self._clock = clock
         self._queue: collections.deque[_Item] = collections.deque()
         self._queued_rows = 0
+        self._queued_requests = 0  # clients' requests queued (a group counts each member)
         self._executing = 0
         self._closed = False
         self._wake: asyncio.Event | None = None
@@ -203,10 +204,11 @@ class Batcher:
         self._util = 0.0  # the loop thread's busy fraction, sampled (see _inline_window)
         self._util_wall = 0.0
         self._util_cpu = 0.0
-        self._running_items = 0  # requests in batches executing (thread mode)
+        self._running_requests = 0  # clients' requests in batches executing (thread mode)
         self._last_submit = 0.0
         # The most requests inside this batcher at once (queued or executing) in the last
-        # sample period: how many clients recently came together.
+        # sample period: how many clients recently came together. Counted in clients'
+        # requests, so a front end's group (``submit(requests=)``) counts each member.
         self._company = 0
         self._period_peak = 0  # ... and so far in this one
 
@@ -251,7 +253,7 @@ class Batcher:
         self._sample(now)
         if self.inline:
             self._enqueue(loop, item)
-            waiting = len(self._queue)
+            waiting = self._queued_requests
             if not self._inline_scheduled:
                 self._inline_scheduled = True
                 window = self._inline_window(now)
@@ -362,7 +364,7 @@ class Batcher:
             # Idle: run now, unless requests recently came together and not all are back yet
             # (closed-loop clients return one by one after their answers): a batch of one
             # followed by one of the rest would cost two forward passes for one's work.
-            if self._company < 2 or len(batch) >= self._company:
+            if self._company < 2 or sum(i.requests for i in batch) >= self._company:
                 return batch, None
             remaining = self._gather_s() - (self._clock() - head.enqueued)
             return (batch, None) if remaining <= 0 else ([], remaining)
@@ -390,7 +392,8 @@ class Batcher:
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         submitted = False
-        self._running_items += len(batch)
+        running = sum(i.requests for i in batch)
+        self._running_requests += running
         try:
             live = self._live(batch)
             if not live:
@@ -416,7 +419,7 @@ class Batcher:
                 return
             self._finish(live, outputs, started, compute)
         finally:
-            self._running_items -= len(batch)
+            self._running_requests -= running
             if not submitted:
                 self._release()
 
@@ -508,13 +511,15 @@ class Batcher:
             item.timer = loop.call_later(item.deadline - item.enqueued, self._expire, item)
         self._queue.append(item)
         self._queued_rows += item.rows
-        self._period_peak = max(self._period_peak, len(self._queue) + self._running_items)
+        self._queued_requests += item.requests
+        self._period_peak = max(self._period_peak, self._queued_requests + self._running_requests)
 
     def _take(self, batch: list[_Item]) -> None:
         """Move a batch's requests out of the queue (they are about to run)."""
         for item in batch:
             item.queued = False
             self._queued_rows -= item.rows
+            self._queued_requests -= item.requests
             if item.timer is not None:
                 item.timer.cancel()
         ids = {id(item) for item in batch}
@@ -536,6 +541,7 @@ class Batcher:
         if item.queued:
             item.queued = False
             self._queued_rows -= item.rows
+            self._queued_requests -= item.requests
             if item.timer is not None:
                 item.timer.cancel()
 

@@ -210,6 +210,29 @@ async def test_multi_row_requests_merge_and_split_back_and_a_big_one_runs_alone(
     await batcher.close()
 
 
+async def test_a_group_of_requests_counts_each_in_the_queue_times(model, executor) -> None:
+    """A front end's group (``requests=``) is one item of several rows; the observer gets one
+    queue time per client request, so the queue histogram counts requests either way."""
+    seen: list[tuple[int, int]] = []
+
+    class Observer:
+        def batch_executed(self, rows: int, queue_seconds: Any, compute_seconds: float) -> None:
+            seen.append((rows, len(queue_seconds)))
+
+    batcher = Batcher(model, BatchPolicy(max_batch_size=8, max_queue_delay_ms=LONG),
+                      executor=executor, observer=Observer())
+    first = await hold_busy(batcher, model)
+    group = asyncio.create_task(batcher.submit(rows(1.0, 2.0, 3.0), requests=3))
+    single = asyncio.create_task(batcher.submit(rows(4.0)))
+    await settle()
+    model.gate.set()
+    (doubled, _), _ = await asyncio.wait_for(asyncio.gather(group, single), BOUND)
+    await first
+    np.testing.assert_array_equal(doubled, rows(2.0, 4.0, 6.0)[0])
+    assert seen == [(1, 1), (4, 4)]  # the held request, then the group of 3 with one more
+    await batcher.close()
+
+
 async def test_requests_of_other_trailing_shapes_do_not_merge(model, executor) -> None:
     batcher = make(model, executor, max_batch_size=8, max_queue_delay_ms=LONG)
     first = await hold_busy(batcher, model)
@@ -707,6 +730,35 @@ async def test_an_idle_model_waits_until_its_recent_company_is_back(
     results = await asyncio.wait_for(asyncio.gather(*back), BOUND)
     assert model.sizes[calls:] == [4]  # everyone back: one forward pass
     assert [float(r[1][0]) for r in results] == [30.0, 33.0, 36.0, 39.0]
+    await batcher.close()
+
+
+async def test_company_counts_the_members_of_groups(
+    model: FakeModel, executor: concurrent.futures.ThreadPoolExecutor,
+) -> None:
+    """Four clients that came together as one request and one group of three (a front end's
+    fast lane) are a company of four: the idle model waits until four requests are back,
+    however they are grouped, and does not run the first group of two alone."""
+    clock = Clock()
+    batcher = Batcher(model, BatchPolicy(max_batch_size=8, max_queue_delay_ms=LONG),
+                      executor=executor, clock=clock)
+    first = await hold_busy(batcher, model)
+    group = asyncio.create_task(batcher.submit(rows(1.0, 2.0, 3.0), requests=3))
+    await settle()
+    model.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, group), BOUND)
+    clock.advance(SAMPLE_S)
+    calls = len(model.batches)
+    back = [asyncio.create_task(batcher.submit(rows(10.0, 11.0), requests=2)),
+            asyncio.create_task(batcher.submit(rows(12.0)))]
+    await settle()
+    recheck(batcher)
+    await settle()
+    # Two items, as many as came together, but three of the four requests: it waits.
+    assert len(model.batches) == calls and batcher.queued_rows == 3
+    back.append(asyncio.create_task(batcher.submit(rows(13.0))))
+    await asyncio.wait_for(asyncio.gather(*back), BOUND)
+    assert model.sizes[calls:] == [4]  # everyone back: one forward pass
     await batcher.close()
 
 
