@@ -1,8 +1,10 @@
 """The Python half of one gRPC ``ModelInfer``, measured in process: CPU per request.
 
-What the event loop spends on each call of the native gRPC front end (``serving.grpc_native``):
-parse the request, convert, route, validate, queue, the (inline) batch's forward pass divided
-over its requests, answer, serialize, metrics. The front end itself is replaced by a stand-in
+What the event loop spends on each call of the native gRPC front end's general path
+(``serving.grpc_native``; the common request takes the fast lane instead, which leaves Python
+only the batches, and is measured under load in docs/serving.md): parse the request, convert,
+route, validate, queue, the (inline) batch's forward pass divided over its requests, answer,
+serialize, metrics. The front end itself is replaced by a stand-in
 that takes the answers, so no socket, no load generator and no C++ thread share the CPU: the
 figure moves far less with a noisy box than a load test's req/s does, which makes it the one to
 compare two versions of the hot path by (run both, alternately, a few times).
