@@ -187,7 +187,7 @@ def variations(draw: st.DrawFn) -> bytes:
             t.shape.pop()
         elif change == "rows":
             t.shape[0] = draw(st.sampled_from([0, rows + 1]))
-        elif change == "short-raw":
+        elif change == "short-raw" and msg.raw_input_contents:
             msg.raw_input_contents[0] = msg.raw_input_contents[0][:-4]
         elif change == "extra-raw":
             msg.raw_input_contents.append(b"\0" * 4)
@@ -203,7 +203,7 @@ def variations(draw: st.DrawFn) -> bytes:
             t.contents.fp32_contents.extend([0.0] * 4)
         elif change == "second-input":
             msg.inputs.add(name="image", datatype="FP32", shape=list(t.shape))
-            msg.raw_input_contents.append(msg.raw_input_contents[0])
+            msg.raw_input_contents.extend(msg.raw_input_contents[:1])
     body = msg.SerializeToString()
     damage = draw(st.sampled_from(["none", "none", "truncate", "append"]))
     if damage == "truncate":
