@@ -114,13 +114,9 @@ class ServerMetrics:
     def observe(
         self, model: str, version: str, protocol: str, seconds: float, error: ServingError | None
     ) -> None:
-        key = (model, version, protocol)
-        children = self._request_children.get(key)
-        if children is None:  # labels() costs a lock and a dict walk: once per label set
-            children = self._request_children[key] = (
-                self.requests.labels(*key), self.duration.labels(*key))
-        children[0].inc()
-        children[1].observe(seconds)
+        requests, duration = self._request_series(model, version, protocol)
+        requests.inc()
+        duration.observe(seconds)
         if error is not None:
             self.errors.labels(model, version, protocol, str(http_status(error))).inc()
 
@@ -129,18 +125,24 @@ class ServerMetrics:
         error: ServingError | None,
     ) -> None:
         """A fast-lane group's requests, each counted as ``observe`` counts one."""
+        requests, duration = self._request_series(model, version, protocol)
+        requests.inc(len(seconds))
+        for s in seconds:
+            duration.observe(s)
+        if error is not None:
+            self.errors.labels(model, version, protocol, str(http_status(error))).inc(len(seconds))
+        else:
+            self.fast_lane.labels(model, version).inc(len(seconds))
+
+    def _request_series(self, model: str, version: str, protocol: str) -> tuple[Any, Any]:
+        """The request counter's and duration histogram's children for these labels, cached:
+        labels() costs a lock and a dict walk, so once per label set."""
         key = (model, version, protocol)
         children = self._request_children.get(key)
         if children is None:
             children = self._request_children[key] = (
                 self.requests.labels(*key), self.duration.labels(*key))
-        children[0].inc(len(seconds))
-        for s in seconds:
-            children[1].observe(s)
-        if error is not None:
-            self.errors.labels(model, version, protocol, str(http_status(error))).inc(len(seconds))
-        else:
-            self.fast_lane.labels(model, version).inc(len(seconds))
+        return children
 
     def observe_batch(
         self, model: str, version: str, rows: int, queue_seconds: Sequence[float],
