@@ -46,7 +46,7 @@ from serving.core.errors import (
     ServingError,
 )
 from serving.core.faults import Fault, FaultInjector
-from serving.core.repository import TOTAL_WEIGHT, LoadedVersion, ModelRepository
+from serving.core.repository import LoadedVersion, ModelRepository, sole_version
 from serving.core.tensors import from_torch, to_torch
 from serving.core.types import (
     SERVER_EXTENSIONS,
@@ -221,9 +221,7 @@ class DataPlane:
             raise Overloaded(f"{self._inflight} requests in flight; try again later")
         loaded = self.repository.route(request.model, request.version)
         version = str(loaded.version)
-        self._inflight += 1
-        if self._idle is not None:
-            self._idle.clear()
+        self._admit(1)
         start = time.perf_counter()
         error: ServingError | None = None
         try:
@@ -251,9 +249,7 @@ class DataPlane:
             error = InferenceFailed(f"model {loaded.model} v{version} failed: {type(e).__name__}: {e}")
             raise error from e
         finally:
-            self._inflight -= 1
-            if self._inflight == 0 and self._idle is not None:
-                self._idle.set()
+            self._release(1)
             if self._recorder:
                 self._recorder.observe(
                     loaded.model, version, protocol, time.perf_counter() - start, error
@@ -285,9 +281,9 @@ class DataPlane:
             for version, loaded in versions.items():
                 if self._fast(loaded):
                     routes[(model, str(version))] = loaded
-            sole = [v for v, w in weights.items() if w == TOTAL_WEIGHT]
-            if sole and (model, str(sole[0])) in routes:
-                routes[(model, "")] = versions[sole[0]]
+            sole = sole_version(weights)
+            if sole is not None and (model, str(sole)) in routes:
+                routes[(model, "")] = versions[sole]
         return routes
 
     def _fast(self, loaded: LoadedVersion) -> bool:
@@ -318,9 +314,7 @@ class DataPlane:
         would, for the whole group."""
         count = len(started)
         version = str(loaded.version)
-        self._inflight += count
-        if self._idle is not None:
-            self._idle.clear()
+        self._admit(count)
         error: ServingError | None = None
         try:
             batcher = self._batcher(loaded, arrays)
@@ -334,13 +328,21 @@ class DataPlane:
             error = InferenceFailed(f"model {loaded.model} v{version} failed: {type(e).__name__}: {e}")
             raise error from e
         finally:
-            self._inflight -= count
-            if self._inflight == 0 and self._idle is not None:
-                self._idle.set()
+            self._release(count)
             if self._recorder:
                 now = time.perf_counter()
                 self._recorder.observe_group(loaded.model, version, protocol,
                                              [now - start for start in started], error)
+
+    def _admit(self, count: int) -> None:
+        self._inflight += count
+        if self._idle is not None:
+            self._idle.clear()
+
+    def _release(self, count: int) -> None:
+        self._inflight -= count
+        if self._inflight == 0 and self._idle is not None:
+            self._idle.set()  # drain() is waiting
 
     def _batcher(self, loaded: LoadedVersion, arrays: Arrays) -> Batcher | None:
         """The version's batcher, or None when this request runs alone."""

@@ -131,9 +131,9 @@ class ModelRepository:
             if version:
                 return self._get_version(model, version)
             m = self._get_model(model)
-            sole = [v for v, w in m.weights.items() if w == TOTAL_WEIGHT]
-            if sole:  # one version takes everything (the steady state): no draw
-                return m.versions[sole[0]]
+            sole = sole_version(m.weights)
+            if sole is not None:  # one version takes everything (the steady state): no draw
+                return m.versions[sole]
             candidates = [(v, w) for v, w in sorted(m.weights.items()) if w > 0]
             if not candidates:
                 raise ModelNotFound(f"model {model!r} has no version carrying traffic")
@@ -278,6 +278,11 @@ class ModelRepository:
     def _notify_weights(self, model: str, weights: Mapping[int, int]) -> None:
         if self._observer:
             self._observer.weights_changed(model, weights)
+
+
+def sole_version(weights: Mapping[int, int]) -> int | None:
+    """The version that takes all the traffic, if one does (then nothing is drawn)."""
+    return next((v for v, w in weights.items() if w == TOTAL_WEIGHT), None)
 
 
 def _parse_version(v: str | int) -> int | None:

@@ -81,7 +81,6 @@ struct OutputSpec {
 };
 
 struct Route {
-  int id;
   int64_t max_rows;  // a group never holds more rows; a bigger request takes the general path
   std::vector<InputSpec> inputs;
   std::string model;    // the answer's model_name and model_version
@@ -91,7 +90,8 @@ struct Route {
 
 struct Routes {
   int64_t generation = 0;
-  std::unordered_map<std::string, Route> by_key;  // model + '\0' + version ("" = unversioned)
+  std::vector<Route> list;  // a route's id is its position
+  std::unordered_map<std::string, size_t> by_key;  // model + '\0' + version ("" = unversioned)
 };
 
 bool ReadVarint(const uint8_t*& p, const uint8_t* end, uint64_t* v) {
@@ -384,28 +384,25 @@ class Front {
     }
     std::vector<std::unique_ptr<Group>> out;
     if (calls.empty()) return out;
-    std::unordered_map<int, const Route*> by_id;
-    for (const auto& [key, route] : routes->by_key) by_id[route.id] = &route;
     std::unordered_map<int, Group*> open;  // route id -> the group being filled
     const auto now = Clock::now();
     const auto steady_now = Steady::now();
     for (Call* call : calls) {
       auto it = open.find(call->route);
       Group* group = it == open.end() ? nullptr : it->second;
-      const auto route = by_id.find(call->route);
-      // A route that left the table since (a newer generation): a group of its own, which
-      // Python sends down the general path.
-      const int64_t max_rows = route == by_id.end() || call->generation != routes->generation
-                                   ? 0 : route->second->max_rows;
+      // Routed by an older table: a group of its own, which Python sends down the general path.
+      const Route* route =
+          call->generation == routes->generation ? &routes->list[call->route] : nullptr;
+      const int64_t max_rows = route == nullptr ? 0 : route->max_rows;
       if (group == nullptr || group->generation != call->generation ||
           group->rows + call->rows > max_rows) {
         out.push_back(std::make_unique<Group>());
         group = out.back().get();
         group->route = call->route;
         group->generation = call->generation;
-        if (max_rows > 0) {
+        if (route != nullptr) {
           group->table = routes;
-          group->spec = route->second;
+          group->spec = route;
         }
         open[call->route] = group;
       }
@@ -447,7 +444,9 @@ class Front {
       const auto t = item.cast<py::tuple>();
       Route route;
       const auto model = t[0].cast<std::string>(), version = t[1].cast<std::string>();
-      route.id = t[2].cast<int>();
+      if (t[2].cast<size_t>() != table->list.size()) {
+        throw std::invalid_argument("route ids are the positions in the list: 0, 1, 2, ...");
+      }
       route.max_rows = t[3].cast<int64_t>();
       for (const auto& in : t[4].cast<py::list>()) {
         const auto spec = in.cast<py::tuple>();
@@ -468,10 +467,11 @@ class Front {
       std::string key = model;
       key.push_back('\0');
       key += version;
-      table->by_key.emplace(std::move(key), std::move(route));
+      table->by_key.emplace(std::move(key), table->list.size());
+      table->list.push_back(std::move(route));
     }
     std::lock_guard<std::mutex> lock(mu_);
-    fast_on_ = !table->by_key.empty();
+    fast_on_ = !table->list.empty();
     routes_ = std::move(table);
   }
 
@@ -693,7 +693,7 @@ class Front {
     key.append(req.version);
     const auto it = routes->by_key.find(key);
     if (it == routes->by_key.end()) return;
-    const Route& route = it->second;
+    const Route& route = routes->list[it->second];
     if (req.inputs.size() != route.inputs.size() || req.raw.size() != route.inputs.size()) return;
     for (unsigned char ch : req.id) {
       if (ch >= 0x80) return;  // UTF-8 beyond ASCII: Python checks it
@@ -713,7 +713,7 @@ class Front {
       }
       if (req.raw[i].size() != static_cast<uint64_t>(rows) * spec.row_bytes) return;
     }
-    call->route = route.id;
+    call->route = static_cast<int>(it->second);
     call->generation = routes->generation;
     call->rows = rows;
     call->id = req.id;
