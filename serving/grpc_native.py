@@ -39,6 +39,7 @@ from google.protobuf.message import DecodeError, Message
 
 from kloop.pb import inference_pb2 as pb
 from serving import native
+from serving.core.batching import Arrays
 from serving.core.dataplane import DataPlane
 from serving.core.errors import ServingError
 from serving.core.repository import LoadedVersion
@@ -154,38 +155,73 @@ class NativeGrpcServer:
             self._track(self._loop.create_task(self._run(handle, entry, body, seconds_left)))
         if self._fast_lane:
             for group in self._front.poll_groups():
-                self._track(self._loop.create_task(self._run_group(group)))
+                if not self._run_group_now(group):
+                    self._track(self._loop.create_task(self._run_group(group)))
 
     def _track(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _lane(self, group: Any) -> tuple[_FastRoute, Arrays, list[float]] | None:
+        """A fast-lane group's route, input arrays and members' arrivals (perf_counter), or
+        None when each member must take the general path instead: routed by an older table,
+        or some member would not be admitted or has expired. There, each member gets exactly
+        the answer the general path gives it."""
+        route = self._routes.get(group.route) if group.generation == self._generation else None
+        if (route is None or not self._dp.admits(len(group))
+                or any(s is not None and s <= 0 for s in group.seconds_left)):
+            return None
+        now = time.perf_counter()
+        rows = group.rows
+        arrays = tuple(np.frombuffer(data, dtype).reshape(rows, *dims)
+                       for data, (dtype, dims) in zip(group.inputs, route.inputs, strict=True))
+        return route, arrays, [now - age for age in group.ages]
+
+    def _run_group_now(self, group: Any) -> bool:
+        """Answer a group right away when its version's batcher would run it at once on the
+        loop (a fast model, idle: ``DataPlane.infer_group_now``); False when nothing happened
+        (``_run_group`` then)."""
+        lane = self._lane(group)
+        if lane is None:
+            return False
+        route, arrays, started = lane
+        try:
+            outputs = self._dp.infer_group_now(route.loaded, arrays, started, PROTOCOL)
+            if outputs is None:
+                return False
+            self._respond_group(group, outputs)
+        except Exception as e:  # noqa: BLE001  (_fail_group words it)
+            self._fail_group(group, e)
+        return True
+
     async def _run_group(self, group: Any) -> None:
         """One fast-lane group: one batcher request, each member answered from its rows."""
-        route = self._routes.get(group.route) if group.generation == self._generation else None
-        left = group.seconds_left
-        if (route is None or not self._dp.admits(len(group))
-                or any(s is not None and s <= 0 for s in left)):
-            # Routed by an older table, or some member would not be admitted or has expired:
-            # each member gets exactly the answer the general path gives it.
+        lane = self._lane(group)
+        if lane is None:
             await asyncio.gather(*(self._run(handle, self._infer, body, seconds_left)
                                    for handle, body, seconds_left in group.requests()))
             return
-        now = time.perf_counter()
-        started = [now - age for age in group.ages]
+        route, arrays, started = lane
+        left = group.seconds_left
         deadline = None if None in left else time.monotonic() + max(left)
-        rows = group.rows
         try:
-            arrays = tuple(np.frombuffer(data, dtype).reshape(rows, *dims)
-                           for data, (dtype, dims) in zip(group.inputs, route.inputs, strict=True))
             outputs = await self._dp.infer_group(route.loaded, arrays, started, PROTOCOL,
                                                  deadline=deadline)
-            self._front.respond_group(group, [np.ascontiguousarray(o) for o in outputs])
-        except ServingError as e:
-            self._front.fail_group(group, grpc.StatusCode[grpc_code_name(e)].value[0], e.message)
-        except Exception:  # a bug must not leak internals, nor leave a member unanswered
-            log.exception("unexpected error in a fast-lane ModelInfer group")
-            self._front.fail_group(group, grpc.StatusCode.INTERNAL.value[0], "internal error")
+            self._respond_group(group, outputs)
+        except Exception as e:  # noqa: BLE001  (_fail_group words it)
+            self._fail_group(group, e)
+
+    def _respond_group(self, group: Any, outputs: Arrays) -> None:
+        self._front.respond_group(group, [np.ascontiguousarray(o) for o in outputs])
+
+    def _fail_group(self, group: Any, error: Exception) -> None:
+        """Every member still held gets the error's status; a bug's details stay inside."""
+        if isinstance(error, ServingError):
+            self._front.fail_group(group, grpc.StatusCode[grpc_code_name(error)].value[0],
+                                   error.message)
+            return
+        log.error("unexpected error in a fast-lane ModelInfer group", exc_info=error)
+        self._front.fail_group(group, grpc.StatusCode.INTERNAL.value[0], "internal error")
 
     async def _run(self, handle: int, entry: tuple[Handler, type[Message]], body: bytes,
                    seconds_left: float | None) -> None:

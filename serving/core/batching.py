@@ -280,6 +280,31 @@ class Batcher:
         self._start(loop)
         return await item.future
 
+    def run_now(self, arrays: Arrays, *, requests: int = 1) -> Arrays | None:
+        """Run a request right here, on the event loop, when ``submit`` would run it alone and
+        at once anyway: inline mode, nothing queued, scheduled or executing, no wait for
+        company, at most ``max_batch_size`` rows, not closed. Returns its outputs, or None
+        when it did nothing (``submit`` then decides). Raises the forward pass's error.
+
+        For a front end that already merged the requests that arrived together (the gRPC fast
+        lane's groups): the future, the task and the callback a submit costs are most of a
+        fast model's time on the loop."""
+        if (self._closed or self._queue or self._inline_scheduled or self._executing
+                or not self.inline):
+            return None
+        rows = rows_of(arrays)
+        if rows is None or rows > self.policy.max_batch_size:
+            return None
+        now = self._clock()
+        self._sample(now)
+        self._period_peak = max(self._period_peak, requests)
+        if self._inline_window(now) > 0:  # submit would wait for company
+            return None
+        outputs, started, compute = _compute(self._fn, [arrays], self._clock)
+        self._measure(compute)
+        self._observe(rows, [started - now] * requests, compute)
+        return outputs[0]
+
     async def close(self, reason: str = "shutting down", *, drain: bool = False) -> None:
         """Refuse new requests; with ``drain``, run every queued one first, else fail them with
         ``ModelNotReady``; stop the loop. Executing batches finish (threads cannot be stopped)."""
@@ -492,15 +517,22 @@ class Batcher:
         for item, result in zip(live, outputs, strict=True):
             if not item.future.done():  # the caller may have given up meanwhile
                 item.future.set_result(result)
+        self._measure(compute)
+        self._observe(sum(i.rows for i in live),
+                      [started - i.enqueued for i in live for _ in range(i.requests)], compute)
+
+    def _measure(self, compute: float) -> None:
         self._compute_avg = compute if self._compute_avg is None else (
             0.8 * self._compute_avg + 0.2 * compute)
         self._measured += 1
-        if self._observer is not None:
-            queue_seconds = [started - i.enqueued for i in live for _ in range(i.requests)]
-            try:
-                self._observer.batch_executed(sum(i.rows for i in live), queue_seconds, compute)
-            except Exception:  # metrics must never cost an answer
-                log.exception("%s: batch observer failed", self.name)
+
+    def _observe(self, rows: int, queue_seconds: list[float], compute: float) -> None:
+        if self._observer is None:
+            return
+        try:
+            self._observer.batch_executed(rows, queue_seconds, compute)
+        except Exception:  # metrics must never cost an answer
+            log.exception("%s: batch observer failed", self.name)
 
     # ---- queue bookkeeping ---------------------------------------------------------------
 

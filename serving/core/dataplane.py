@@ -334,6 +334,39 @@ class DataPlane:
                 self._recorder.observe_group(loaded.model, version, protocol,
                                              [now - start for start in started], error)
 
+    def infer_group_now(
+        self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float], protocol: str,
+    ) -> Arrays | None:
+        """``infer_group`` without awaiting, for a fast model whose batcher is idle: the
+        outputs when the version's batcher ran the group at once on this thread
+        (``Batcher.run_now``), counted as ``infer_group`` counts them; None when it would not
+        (nothing happened: ``infer_group`` then). Raises what ``infer_group`` would."""
+        batcher = self._batchers.get((loaded.model, loaded.version))
+        if batcher is None:
+            return None
+        count = len(started)
+        version = str(loaded.version)
+        self._admit(count)
+        ran = False
+        error: ServingError | None = None
+        try:
+            outputs = batcher.run_now(arrays, requests=count)
+            ran = outputs is not None
+            return outputs
+        except ServingError as e:
+            ran, error = True, e
+            raise
+        except Exception as e:
+            ran = True
+            error = InferenceFailed(f"model {loaded.model} v{version} failed: {type(e).__name__}: {e}")
+            raise error from e
+        finally:
+            self._release(count)
+            if ran and self._recorder:
+                now = time.perf_counter()
+                self._recorder.observe_group(loaded.model, version, protocol,
+                                             [now - start for start in started], error)
+
     def _admit(self, count: int) -> None:
         self._inflight += count
         if self._idle is not None:

@@ -668,6 +668,80 @@ async def test_on_a_busy_loop_an_inline_batch_waits_for_its_company_until_all_ar
     await batcher.close()
 
 
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, list[float], float]] = []
+
+    def batch_executed(self, rows: int, queue_seconds: Any, compute_seconds: float) -> None:
+        self.batches.append((rows, list(queue_seconds), compute_seconds))
+
+
+async def test_run_now_runs_an_idle_fast_models_request_on_the_calling_thread(
+    executor: concurrent.futures.ThreadPoolExecutor,
+) -> None:
+    """``run_now`` is ``submit`` without the future, for when submit would run the request
+    alone and at once: the same rows back, counted the same, on this thread."""
+    model = ThreadRecordingModel()
+    observer = RecordingObserver()
+    batcher = Batcher(model, BatchPolicy(max_batch_size=4, max_queue_delay_ms=LONG),
+                      executor=executor, clock=Clock(), inline_below_s=1.0, observer=observer)
+    assert batcher.run_now(rows(1.0)) is None  # not measured yet: submit decides
+    assert model.sizes == []
+    await measure(batcher)
+    calls, seen = len(model.batches), len(observer.batches)
+    out = batcher.run_now(rows(1.0, 2.0, 3.0), requests=2)
+    assert out is not None
+    np.testing.assert_array_equal(out[0], rows(2.0, 4.0, 6.0)[0])
+    np.testing.assert_array_equal(out[1], [3.0, 6.0, 9.0])
+    assert model.sizes[calls:] == [3]
+    assert model.threads[-1] == threading.get_ident()
+    ((batch_rows, queue_seconds, _),) = observer.batches[seen:]
+    assert batch_rows == 3 and queue_seconds == [0.0, 0.0]  # one queue time per request
+    assert batcher.queued_rows == 0
+    await batcher.close()
+
+
+async def test_run_now_steps_aside_whenever_submit_would_not_run_at_once(
+    model: FakeModel, executor: concurrent.futures.ThreadPoolExecutor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Too many rows, something queued (FIFO: nothing overtakes it), a wait for company, a
+    closed batcher: run_now does nothing and returns None."""
+    clock = Clock()
+    batcher = inline_batcher(model, executor, clock, max_batch_size=4)
+    await measure(batcher)
+    calls = len(model.batches)
+    assert batcher.run_now(rows(1.0, 2.0, 3.0, 4.0, 5.0)) is None  # over max_batch_size
+    queued = asyncio.create_task(batcher.submit(rows(1.0)))
+    await asyncio.sleep(0)  # queued; its inline run is scheduled, not yet run
+    assert batcher.queued_rows == 1
+    assert batcher.run_now(rows(2.0)) is None
+    await asyncio.wait_for(queued, BOUND)
+    assert model.sizes[calls:] == [1]
+    # A busy loop whose requests came together: submit would wait for the company.
+    monkeypatch.setattr(time, "thread_time", clock)
+    clock.advance(SAMPLE_S)
+    assert batcher.run_now(rows(3.0), requests=3) is not None  # this period: none together yet
+    clock.advance(SAMPLE_S)  # the period closes: three came together, the loop was busy
+    assert batcher.run_now(rows(4.0)) is None
+    assert model.sizes[calls:] == [1, 1]
+    await batcher.close()
+    assert batcher.run_now(rows(5.0)) is None
+
+
+async def test_run_now_raises_the_forward_passs_error_and_the_next_request_is_fine(
+    model: FakeModel, executor: concurrent.futures.ThreadPoolExecutor,
+) -> None:
+    model.fail_if_negative = True
+    batcher = inline_batcher(model, executor, Clock())
+    await measure(batcher)
+    with pytest.raises(InferenceFailed, match="negative"):
+        batcher.run_now(rows(-1.0))
+    out = batcher.run_now(rows(2.0))
+    assert out is not None and float(out[1][0]) == 6.0
+    await batcher.close()
+
+
 async def test_without_an_inline_threshold_batches_always_run_in_threads(
     executor: concurrent.futures.ThreadPoolExecutor,
 ) -> None:
