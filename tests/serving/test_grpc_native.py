@@ -9,6 +9,8 @@ uses it wherever it is built; tests/serving/test_grpc_api.py runs against both s
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -126,6 +128,36 @@ async def test_stop_answers_held_calls_unavailable(front: Any) -> None:
             assert outcome.code() == grpc.StatusCode.UNAVAILABLE
         assert not front.respond(calls[0][0], 0, "", b"too late")
         assert front.held == 0
+
+
+def batch_threads() -> set[int]:
+    """This process's threads that run as SCHED_BATCH."""
+    batch = set()
+    for tid in map(int, os.listdir("/proc/self/task")):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            if os.sched_getscheduler(tid) == os.SCHED_BATCH:
+                batch.add(tid)
+    return batch
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="needs Linux scheduling policies")
+async def test_the_fronts_threads_never_preempt_the_thread_they_wake() -> None:
+    """Its completion-queue and writer threads run as SCHED_BATCH (see grpc_front.cpp); the
+    calling thread, the event loop's, keeps its policy."""
+    require_native()
+    assert native.grpc_front is not None
+    before = batch_threads()
+    f = native.grpc_front.Front("127.0.0.1:0")
+    try:
+        for _ in range(200):  # the threads set their own policy as they start
+            if len(batch_threads() - before) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(batch_threads() - before) == 2
+        assert os.sched_getscheduler(0) != os.SCHED_BATCH
+    finally:
+        await asyncio.to_thread(f.stop, 0.0)
+    assert batch_threads() <= before  # gone with the front
 
 
 async def test_a_taken_port_is_an_error(front: Any) -> None:
