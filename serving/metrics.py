@@ -22,16 +22,28 @@ do not collide and nothing else in the process leaks into ``/metrics``.
 
 Requests that never reach a version (unknown model, version not loaded) are not counted: their
 labels would come from the client, and unbounded label values would swell the registry.
+
+Observations reach prometheus_client in bulk: the hot path appends each request's seconds (and
+each batch's) to a list per series, and ``flush`` applies the lists, one update per series and
+per histogram bucket touched, whenever the registry is collected (every scrape) and whenever
+PENDING_MAX wait. Errors, which are rare, are counted at once. Applied one by one, each request took about ten locked updates (counter,
+sums, buckets): a tenth of the server's time per request for a fast model on the gRPC fast
+lane at 8 clients. With several worker processes every observation is applied at once, since
+any worker may answer the scrape.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import bisect
+import collections
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from serving.core.errors import ServingError
 from serving.errormap import http_status
@@ -49,6 +61,19 @@ QUEUE_BUCKETS: tuple[float, ...] = tuple(
 BATCH_SIZE_BUCKETS: tuple[float, ...] = tuple(float(2**i) for i in range(13))
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 INFLIGHT_REFRESH_S = 1.0  # how often each worker of a group writes its in-flight count
+PENDING_MAX = 4096  # observations waiting before they are applied without a scrape
+
+
+class _Flush(Collector):
+    """Registered first, so collecting the registry applies the waiting observations before
+    the metrics are read."""
+
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self._flush = flush
+
+    def collect(self) -> Iterable[Metric]:
+        self._flush()
+        return ()
 
 
 class ServerMetrics:
@@ -60,7 +85,16 @@ class ServerMetrics:
         process imported prometheus_client) and every scrape sums them over the workers."""
         self.multiprocess = multiprocess
         self._inflight_fn: Callable[[], float] | None = None
+        # What waits, by series: floats in a few long-lived lists (tuples or lists per
+        # observation would be objects the garbage collector walks at every collection:
+        # measured, that cost more than the locks saved).
+        self._durations: dict[tuple[str, str, str], list[float]] = {}
+        self._lane: dict[tuple[str, str], int] = {}
+        self._batches: dict[tuple[str, str], tuple[list[float], list[float], list[float]]] = {}
+        self._pending = 0
+        self._pending_max = 1 if multiprocess else PENDING_MAX
         self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_Flush(self.flush))
         self.requests = Counter(
             "kloop_inference_requests_total", "Inference requests routed to a model version.",
             ["model", "version", "protocol"], registry=self.registry,
@@ -114,54 +148,84 @@ class ServerMetrics:
     def observe(
         self, model: str, version: str, protocol: str, seconds: float, error: ServingError | None
     ) -> None:
-        requests, duration = self._request_series(model, version, protocol)
-        requests.inc()
-        duration.observe(seconds)
-        if error is not None:
+        durations = self._durations.get((model, version, protocol))
+        if durations is None:
+            durations = self._durations[(model, version, protocol)] = []
+        durations.append(seconds)
+        if error is not None:  # rare: applied at once
             self.errors.labels(model, version, protocol, str(http_status(error))).inc()
+        self._pending += 1
+        if self._pending >= self._pending_max:
+            self.flush()
 
     def observe_group(
         self, model: str, version: str, protocol: str, seconds: Sequence[float],
         error: ServingError | None,
     ) -> None:
         """A fast-lane group's requests, each counted as ``observe`` counts one."""
-        requests, duration = self._request_series(model, version, protocol)
-        requests.inc(len(seconds))
-        for s in seconds:
-            duration.observe(s)
+        durations = self._durations.get((model, version, protocol))
+        if durations is None:
+            durations = self._durations[(model, version, protocol)] = []
+        durations.extend(seconds)
         if error is not None:
             self.errors.labels(model, version, protocol, str(http_status(error))).inc(len(seconds))
         else:
-            self.fast_lane.labels(model, version).inc(len(seconds))
+            self._lane[(model, version)] = self._lane.get((model, version), 0) + len(seconds)
+        self._pending += len(seconds)
+        if self._pending >= self._pending_max:
+            self.flush()
 
-    def _request_series(self, model: str, version: str, protocol: str) -> tuple[Any, Any]:
+    def observe_batch(
+        self, model: str, version: str, rows: int, queue_seconds: Sequence[float],
+        compute_seconds: float,
+    ) -> None:
+        pending = self._batches.get((model, version))
+        if pending is None:
+            pending = self._batches[(model, version)] = ([], [], [])
+        queued, computed, sizes = pending
+        queued.extend(queue_seconds)
+        computed.append(compute_seconds)
+        sizes.append(float(rows))
+        self._pending += len(queue_seconds)
+        if self._pending >= self._pending_max:
+            self.flush()
+
+    def flush(self) -> None:
+        """Apply the waiting observations: one update per series, and per histogram bucket."""
+        durations, self._durations = self._durations, {}
+        lane, self._lane = self._lane, {}
+        batches, self._batches = self._batches, {}
+        self._pending = 0
+        for key, values in durations.items():
+            counter, histogram = self._request_series(key)
+            counter.inc(len(values))
+            _observe_all(histogram, values)
+        for (model, version), count in lane.items():
+            self.fast_lane.labels(model, version).inc(count)
+        for key, observed in batches.items():
+            for histogram, values in zip(self._batch_series(key), observed, strict=True):
+                _observe_all(histogram, values)
+
+    def _request_series(self, key: tuple[str, str, str]) -> tuple[Any, Any]:
         """The request counter's and duration histogram's children for these labels, cached:
         labels() costs a lock and a dict walk, so once per label set."""
-        key = (model, version, protocol)
         children = self._request_children.get(key)
         if children is None:
             children = self._request_children[key] = (
                 self.requests.labels(*key), self.duration.labels(*key))
         return children
 
-    def observe_batch(
-        self, model: str, version: str, rows: int, queue_seconds: Sequence[float],
-        compute_seconds: float,
-    ) -> None:
-        key = (model, version)
+    def _batch_series(self, key: tuple[str, str]) -> tuple[Any, Any, Any]:
         children = self._batch_children.get(key)
         if children is None:
             children = self._batch_children[key] = (
                 self.queue.labels(*key), self.compute.labels(*key), self.batch_size.labels(*key))
-        queue, compute, batch_size = children
-        for seconds in queue_seconds:
-            queue.observe(seconds)
-        compute.observe(compute_seconds)
-        batch_size.observe(rows)
+        return children
 
     def model_loaded(self, model: str, version: int, loaded: bool) -> None:
         self.loaded.labels(model, str(version)).set(1 if loaded else 0)
         if not loaded:
+            self.flush()  # its last observations, before its cached series are forgotten
             for cache in (self._request_children, self._batch_children):
                 for key in [k for k in cache if k[:2] == (model, str(version))]:
                     del cache[key]
@@ -187,6 +251,7 @@ class ServerMetrics:
             self.inflight.set(self._inflight_fn())
 
     def exposition(self) -> bytes:
+        self.flush()
         if not self.multiprocess:
             return generate_latest(self.registry)
         self.refresh()
@@ -195,3 +260,16 @@ class ServerMetrics:
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
         return generate_latest(merged)
+
+
+def _observe_all(histogram: Any, values: Sequence[float]) -> None:
+    """``histogram.observe(v)`` for each of ``values``, with one update per bucket touched and
+    one of the sum. It works on the child's ``_upper_bounds``, ``_buckets`` and ``_sum`` as
+    prometheus_client's own ``observe`` does (a value goes to the first bucket whose bound is
+    at least the value); tests/serving/test_runtime.py checks the two agree."""
+    if not values:
+        return
+    bounds = histogram._upper_bounds
+    for index, count in collections.Counter(bisect.bisect_left(bounds, v) for v in values).items():
+        histogram._buckets[index].inc(count)
+    histogram._sum.inc(sum(values))

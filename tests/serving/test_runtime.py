@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -252,6 +253,61 @@ def test_metrics_unload_drops_the_versions_cached_labels_only() -> None:
                   model="m", version="1", protocol="grpc") == 2.0
     assert sample(metrics, "kloop_inference_errors_total",
                   model="m", version="1", protocol="grpc", code="500") == 1.0
+
+
+def test_bulk_histogram_updates_agree_with_prometheus_clients_observe() -> None:
+    """_observe_all works on prometheus_client's histogram internals: the same values give the
+    same buckets, count and sum as observe() one by one (bounds themselves included)."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from serving.metrics import DURATION_BUCKETS, _observe_all
+
+    rng = np.random.default_rng(7)
+    values = [0.0, *DURATION_BUCKETS, 1e9, *rng.exponential(0.01, 500).tolist()]
+    registry = CollectorRegistry()
+    one_by_one = Histogram("a", "a", ["k"], buckets=DURATION_BUCKETS, registry=registry)
+    in_bulk = Histogram("b", "b", ["k"], buckets=DURATION_BUCKETS, registry=registry)
+    for v in values:
+        one_by_one.labels("x").observe(v)
+    _observe_all(in_bulk.labels("x"), values)
+    samples = {m.name: [(s.name[1:], s.labels, s.value) for s in m.samples
+                        if not s.name.endswith("_created")]  # when the child was made
+               for m in registry.collect()}
+    assert len(samples["a"]) == len(DURATION_BUCKETS) + 3  # the buckets, +Inf, count, sum
+    assert samples["b"] == samples["a"]  # names differ only in their first letter
+
+
+def test_observations_wait_for_a_scrape_or_until_enough_wait() -> None:
+    """The hot path only queues an observation; reading the registry applies what waits, and
+    PENDING_MAX waiting are applied without a scrape (memory stays bounded)."""
+    from serving.metrics import PENDING_MAX
+
+    def applied() -> float:  # the counter itself, not the registry: nothing is flushed
+        (family,) = metrics.requests.collect()
+        return sum(s.value for s in family.samples if s.name.endswith("_total"))
+
+    metrics = ServerMetrics()
+    for _ in range(PENDING_MAX - 1):
+        metrics.observe("m", "1", "grpc", 0.01, None)
+    assert applied() == 0
+    metrics.observe_group("m", "1", "grpc", [0.01, 0.02], None)
+    assert applied() == PENDING_MAX + 1
+    metrics.observe("m", "1", "rest", 0.01, None)
+    assert applied() == PENDING_MAX + 1
+    assert sample(metrics, "kloop_inference_requests_total",
+                  model="m", version="1", protocol="rest") == 1.0  # collected: applied
+    assert sample(metrics, "kloop_inference_fast_lane_requests_total",
+                  model="m", version="1") == 2.0
+
+
+def test_several_workers_apply_every_observation_at_once() -> None:
+    """Any worker may answer a scrape, so none keeps observations waiting."""
+    metrics = ServerMetrics(multiprocess=True)
+    (before,) = metrics.requests.collect()
+    metrics.observe("m", "1", "grpc", 0.01, None)
+    (after,) = metrics.requests.collect()
+    total = [s.value for s in after.samples if s.name.endswith("_total")]
+    assert [s.value for s in before.samples] == [] and total == [1.0]
 
 
 def test_fault_injector_is_active_only_while_a_fault_is_set() -> None:
