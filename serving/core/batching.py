@@ -41,7 +41,10 @@ tiny model the hand-off to a thread and back costs more than the forward pass. R
 queue and one callback runs everything queued, in batches of at most ``max_batch_size``: soon
 after the first request, or, while the loop thread is busy and requests recently came
 together, after up to ``max_queue_delay_ms`` (see ``Batcher._inline_window``). The averages
-keep being measured: a model that gets slower goes back to threads.
+keep being measured: a model that gets slower goes back to threads. A front end that already
+merged the requests that arrived together (the gRPC fast lane) may call ``run_now`` instead of
+``submit``: when submit would run the request alone and at once anyway, it runs right there,
+without the future, the task and the callback.
 """
 
 from __future__ import annotations
