@@ -26,10 +26,12 @@ labels would come from the client, and unbounded label values would swell the re
 Observations reach prometheus_client in bulk: the hot path appends each request's seconds (and
 each batch's) to a list per series, and ``flush`` applies the lists, one update per series and
 per histogram bucket touched, whenever the registry is collected (every scrape) and whenever
-PENDING_MAX wait. Errors, which are rare, are counted at once. Applied one by one, each request took about ten locked updates (counter,
-sums, buckets): a tenth of the server's time per request for a fast model on the gRPC fast
-lane at 8 clients. With several worker processes every observation is applied at once, since
-any worker may answer the scrape.
+PENDING_MAX wait. Errors, which are rare, are counted at once. Applied one by one, a request
+took about ten locked updates (counter, sums, buckets); switching the metrics off raised a fast
+model's throughput on the gRPC fast lane at 8 clients by 9-15 %. With several worker processes
+every observation is applied at once, since any worker may answer the scrape. The observe
+methods are called from one thread, the event loop's (the dataplane's): what waits is not
+locked.
 """
 
 from __future__ import annotations
