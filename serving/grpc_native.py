@@ -155,6 +155,8 @@ class NativeGrpcServer:
             self._track(self._loop.create_task(self._run(handle, entry, body, seconds_left)))
         if self._fast_lane:
             for group in self._front.poll_groups():
+                # A group that cannot run now is looked at again in its task: admission is
+                # checked in the same step that admits it, as infer does.
                 if not self._run_group_now(group):
                     self._track(self._loop.create_task(self._run_group(group)))
 
