@@ -242,11 +242,10 @@ class DataPlane:
                 model=loaded.model, model_version=version,
                 outputs=_select_outputs(loaded, request, results), id=request.id,
             )
-        except ServingError as e:
-            error = e
-            raise
-        except Exception as e:  # a bug or an unexpected torch error: still the version's 500
-            error = InferenceFailed(f"model {loaded.model} v{version} failed: {type(e).__name__}: {e}")
+        except Exception as e:
+            error = _version_error(loaded, e)
+            if error is e:
+                raise
             raise error from e
         finally:
             self._release(1)
@@ -313,7 +312,6 @@ class DataPlane:
         ``deadline`` is the latest member's (None when one has none). Raises what ``infer``
         would, for the whole group."""
         count = len(started)
-        version = str(loaded.version)
         self._admit(count)
         error: ServingError | None = None
         try:
@@ -321,18 +319,14 @@ class DataPlane:
             if batcher is not None:
                 return await batcher.submit(arrays, deadline=deadline, requests=count)
             return await self._run_alone(loaded, arrays, deadline)  # unloaded since routed
-        except ServingError as e:
-            error = e
-            raise
         except Exception as e:
-            error = InferenceFailed(f"model {loaded.model} v{version} failed: {type(e).__name__}: {e}")
+            error = _version_error(loaded, e)
+            if error is e:
+                raise
             raise error from e
         finally:
             self._release(count)
-            if self._recorder:
-                now = time.perf_counter()
-                self._recorder.observe_group(loaded.model, version, protocol,
-                                             [now - start for start in started], error)
+            self._observe_group(loaded, started, protocol, error)
 
     def infer_group_now(
         self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float], protocol: str,
@@ -340,32 +334,30 @@ class DataPlane:
         """``infer_group`` without awaiting, for a fast model whose batcher is idle: the
         outputs when the version's batcher ran the group at once on this thread
         (``Batcher.run_now``), counted as ``infer_group`` counts them; None when it would not
-        (nothing happened: ``infer_group`` then). Raises what ``infer_group`` would."""
+        (nothing happened: ``infer_group`` then). Raises what ``infer_group`` would. Nothing
+        else runs meanwhile, so the group is never seen in flight and is not admitted (the
+        caller checked ``admits``)."""
         batcher = self._batchers.get((loaded.model, loaded.version))
         if batcher is None:
             return None
-        count = len(started)
-        version = str(loaded.version)
-        self._admit(count)
-        ran = False
-        error: ServingError | None = None
         try:
-            outputs = batcher.run_now(arrays, requests=count)
-            ran = outputs is not None
-            return outputs
-        except ServingError as e:
-            ran, error = True, e
-            raise
+            outputs = batcher.run_now(arrays, requests=len(started))
         except Exception as e:
-            ran = True
-            error = InferenceFailed(f"model {loaded.model} v{version} failed: {type(e).__name__}: {e}")
+            error = _version_error(loaded, e)
+            self._observe_group(loaded, started, protocol, error)
+            if error is e:
+                raise
             raise error from e
-        finally:
-            self._release(count)
-            if ran and self._recorder:
-                now = time.perf_counter()
-                self._recorder.observe_group(loaded.model, version, protocol,
-                                             [now - start for start in started], error)
+        if outputs is not None:
+            self._observe_group(loaded, started, protocol, None)
+        return outputs
+
+    def _observe_group(self, loaded: LoadedVersion, started: Sequence[float], protocol: str,
+                       error: ServingError | None) -> None:
+        if self._recorder:
+            now = time.perf_counter()
+            self._recorder.observe_group(loaded.model, str(loaded.version), protocol,
+                                         [now - start for start in started], error)
 
     def _admit(self, count: int) -> None:
         self._inflight += count
@@ -572,6 +564,14 @@ def _input_arrays(loaded: LoadedVersion, request: InferenceRequest) -> Arrays:
         by_name[spec.name].data.reshape(by_name[spec.name].shape)
         for spec in loaded.manifest.inputs
     )
+
+
+def _version_error(loaded: LoadedVersion, e: Exception) -> ServingError:
+    """What a request gets for ``e``: a ServingError as it is; anything else (a bug, an
+    unexpected torch error) as the version's InferenceFailed, a 500."""
+    if isinstance(e, ServingError):
+        return e
+    return InferenceFailed(f"model {loaded.model} v{loaded.version} failed: {type(e).__name__}: {e}")
 
 
 def _forward(loaded: LoadedVersion, inputs: Arrays) -> Arrays:
