@@ -648,7 +648,7 @@ class Front {
       py::gil_scoped_release release;
       std::lock_guard<std::mutex> lock(inline_mu_);
       if (!inline_closed_) {  // Stop() closes it before the server and its queue shut down
-        for (auto& o : answers) o.call->Answer(o.code, o.details, std::move(o.payload));
+        Write(&answers);
         return;
       }
     }
@@ -659,6 +659,11 @@ class Front {
       for (auto& o : answers) out_.push_back(std::move(o));
     }
     if (wake) out_cv_.notify_one();
+  }
+
+  // Starts the writes (gRPC does the HTTP/2 framing and the send syscall in this thread).
+  static void Write(std::vector<Outgoing>* answers) {
+    for (auto& o : *answers) o.call->Answer(o.code, o.details, std::move(o.payload));
   }
 
   void Send(Outgoing o) {
@@ -685,7 +690,7 @@ class Front {
         if (out_.empty()) return;  // quit_, and everything written
         batch.swap(out_);
       }
-      for (auto& o : batch) o.call->Answer(o.code, o.details, std::move(o.payload));
+      Write(&batch);
       batch.clear();
     }
   }
