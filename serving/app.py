@@ -172,7 +172,8 @@ class ServerConfig:
 
     def runtime_options(self) -> RuntimeOptions:
         return RuntimeOptions(device=self.device, dtype=self.dtype, optimize=self.optimize,
-                              preferred_batch_sizes=self.preferred_batch_sizes)
+                              preferred_batch_sizes=self.preferred_batch_sizes,
+                              max_batch_size=self.max_batch_size)
 
 
 class Server:

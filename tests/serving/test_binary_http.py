@@ -62,7 +62,7 @@ async def test_binary_outputs_as_asked(server: Server, images: np.ndarray, outpu
         raw = blobs.get(out["name"])
         data = np.frombuffer(raw, dtype) if raw is not None else np.asarray(out["data"], dtype)
         got[out["name"]] = data.reshape(out["shape"])
-    np.testing.assert_allclose(got.get("logits", logits), logits, rtol=1e-5)
+    np.testing.assert_allclose(got.get("logits", logits), logits, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(got.get("label", label), label)
 
 

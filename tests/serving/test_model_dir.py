@@ -97,7 +97,8 @@ def test_serves_exactly_that_version(registry_root, tmp_path, images):
         async def logits() -> np.ndarray:
             async with HttpClient(url) as c:
                 return (await c.infer(MODEL, {"image": images})).outputs["logits"]
-        np.testing.assert_allclose(asyncio.run(logits()), reference(2, images)[0], rtol=1e-5)
+        np.testing.assert_allclose(asyncio.run(logits()), reference(2, images)[0],
+                                   rtol=1e-5, atol=1e-6)
         admin = AdminClient(url, TOKEN)
         assert admin.traffic(MODEL) == {"2": 100}
         for call in (lambda: admin.load(MODEL, 1), lambda: admin.unload(MODEL, 2)):

@@ -17,6 +17,7 @@ import torch
 
 from kloop.artifact import Manifest, TensorSpec
 from serving.app import ServerConfig
+from serving.core import runtime
 from serving.core.errors import InferenceFailed
 from serving.core.faults import Fault, FaultInjector
 from serving.core.runtime import ModelRunner, RuntimeOptions, prepare
@@ -79,7 +80,7 @@ def run(runner: Any, x: torch.Tensor) -> torch.Tensor:
 
 def test_trace_agrees_with_the_exported_module_at_every_batch_size() -> None:
     module = export(Linear(), 0)
-    runner = prepare(module, BATCH_ONLY, RuntimeOptions())  # "auto" on CPU: trace
+    runner = prepare(module, BATCH_ONLY, RuntimeOptions(optimize="trace"))
     assert runner.strategy == "trace"
     assert isinstance(runner._fn, torch.jit.ScriptModule)  # what runs is the frozen graph
     for rows in range(1, 6):
@@ -118,6 +119,121 @@ def test_optimize_none_keeps_the_exported_module() -> None:
     assert runner.pad_to == () and runner.max_rows is None
     x = torch.randn(3, WIDTH)
     torch.testing.assert_close(run(runner, x), run(module, x))
+
+
+class SmallConv(torch.nn.Module):
+    """Conv + BN + ReLU and a linear head: what optimize_for_inference hands to oneDNN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Linear(8, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+IMAGE = manifest(TensorSpec("x", "FP32", (-1, 3, 8, 8)))
+
+
+def export_conv() -> torch.nn.Module:
+    program = torch.export.export(SmallConv().eval(), (torch.randn(2, 3, 8, 8),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    return program.module()
+
+
+def test_onednn_graph_runs_and_agrees_with_the_exported_module() -> None:
+    module = export_conv()
+    runner = prepare(module, IMAGE, RuntimeOptions(optimize="onednn"))
+    assert runner.strategy == "onednn"
+    for rows in range(1, 6):
+        x = torch.randn(rows, 3, 8, 8)
+        torch.testing.assert_close(run(runner, x), run(module, x), rtol=1e-4, atol=1e-5)
+    # What ran is the oneDNN graph, not a plan compiled before the pass (see runtime._onednn)
+    assert "mkldnn_convolution" in str(torch.jit.last_executed_optimized_graph())
+
+
+@pytest.mark.parametrize(("share", "strategy"), [(0.78, "onednn"), (0.99, "trace")])
+def test_auto_on_cpu_runs_onednn_only_when_it_measures_faster(
+    monkeypatch: pytest.MonkeyPatch, share: float, strategy: str
+) -> None:
+    measured: list[tuple[list[str], int]] = []
+
+    def relative_time(candidates: dict[str, Any], m: Manifest, max_rows: int,
+                      clock: Any = None) -> tuple[dict[str, float], int]:
+        measured.append((list(candidates), max_rows))
+        return {"trace": 1.0, "onednn": share}, max_rows
+
+    monkeypatch.setattr(runtime, "relative_time", relative_time)
+    module = export_conv()
+    runner = prepare(module, IMAGE, RuntimeOptions(max_batch_size=16))  # "auto" on CPU
+    assert runner.strategy == strategy
+    assert measured == [(["trace", "onednn"], 16)]  # timed at the batcher's largest batch
+    x = torch.randn(3, 3, 8, 8)
+    torch.testing.assert_close(run(runner, x), run(module, x), rtol=1e-4, atol=1e-5)
+
+
+def test_trace_and_onednn_strategies_measure_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def relative_time(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("only auto measures")
+
+    monkeypatch.setattr(runtime, "relative_time", relative_time)
+    assert prepare(export_conv(), IMAGE, RuntimeOptions(optimize="trace")).strategy == "trace"
+    assert prepare(export_conv(), IMAGE, RuntimeOptions(optimize="onednn")).strategy == "onednn"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def costing(clock: FakeClock, per_row_s: float, seen: list[int],
+            extra: list[float] | None = None) -> Any:
+    """A candidate graph that 'takes' ``per_row_s`` a row on ``clock`` (plus, once each, the
+    delays in ``extra``: a busy spell on the box) and records the batch sizes it ran."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape[0])
+        clock.now += per_row_s * x.shape[0] + (extra.pop(0) if extra else 0.0)
+        return x
+    return fn
+
+
+def test_relative_time_is_each_candidates_best_time_against_the_first() -> None:
+    clock = FakeClock()
+    seen_a: list[int] = []
+    seen_b: list[int] = []
+    # b is twice as fast, but its first timed calls hit a busy spell: the best call counts.
+    a = costing(clock, 0.001, seen_a)
+    b = costing(clock, 0.0005, seen_b, extra=[0.0, 0.0, 5.0, 5.0])  # warm-ups, then 2 slow
+    share, rows = runtime.relative_time({"a": a, "b": b}, BATCH_ONLY, 32, clock)
+    assert rows == 32
+    assert share["a"] == 1.0
+    assert share["b"] == pytest.approx(0.5)
+    assert set(seen_a) == set(seen_b) == {1, 32}
+    assert seen_b.count(1) == seen_b.count(32) == 1 + runtime.MEASURE_ROUNDS  # warm-up + rounds
+
+
+def test_relative_time_halves_the_batch_until_a_call_fits_the_budget() -> None:
+    clock = FakeClock()
+    seen: list[int] = []
+    slow = costing(clock, 0.02, seen)  # 32 rows: 0.64 s, 16: 0.32 s, 8: 0.16 s
+    share, rows = runtime.relative_time({"trace": slow, "onednn": slow}, BATCH_ONLY, 32, clock)
+    assert rows == 8
+    assert seen[:3] == [32, 16, 8]  # the probes
+    assert set(seen[3:]) == {1, 8}
+    assert share == {"trace": 1.0, "onednn": 1.0}
+
+
+def test_keep_onednn_needs_a_clear_margin() -> None:
+    for per_row, keep in ((0.001 * 0.9, True), (0.001 * 0.97, False)):
+        clock = FakeClock()
+        candidates = {"trace": costing(clock, 0.001, []), "onednn": costing(clock, per_row, [])}
+        assert runtime._keep_onednn(candidates, BATCH_ONLY, 32, "m v1", clock) is keep
 
 
 def test_compile_without_preferred_sizes_traces_instead() -> None:
@@ -171,6 +287,8 @@ def test_cuda_graph_replays_give_each_batch_its_own_outputs_in_the_declared_dtyp
     ({"dtype": "int4", "device": "cuda"}, "dtype must be one of"),
     ({"dtype": "bf16"}, "reduced dtype is for GPUs"),
     ({"optimize": "cudagraph"}, "CUDA graphs need a CUDA device"),
+    ({"optimize": "onednn", "device": "cuda"}, "oneDNN"),
+    ({"max_batch_size": 0}, "max_batch_size"),
 ])
 def test_runtime_options_reject_bad_combinations(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -406,14 +524,29 @@ async def test_loading_and_serving_start_one_openmp_team(tmp_path: Path) -> None
                      inputs=(TensorSpec("x", "FP32", (-1, width)),),
                      outputs=(TensorSpec("y", "FP32", (-1, width)),), metrics={}, params={},
                      data_fingerprint="t", run_id="t")
+    # and a conv net: under "auto" the loader builds its oneDNN graph, checks and times it
+    conv = torch.export.export(SmallConv().eval(), (torch.zeros(2, 3, 32, 32),),
+                               dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    (tmp_path / "conv").mkdir()
+    torch.export.save(conv, str(tmp_path / "conv" / "model.pt2"))
+    registry.publish("conv", tmp_path / "conv", model_file="model.pt2", format="torch.export",
+                     torch_version=torch.__version__,
+                     inputs=(TensorSpec("x", "FP32", (-1, 3, 32, 32)),),
+                     outputs=(TensorSpec("y", "FP32", (-1, WIDTH)),), metrics={}, params={},
+                     data_fingerprint="t", run_id="t")
     before = _native_threads_outside_python()
     dp = DataPlane(ModelRepository(registry), intra_op_threads=2, inline_below_ms=0)
     try:
         await dp.load("wide", 1)
+        await dp.load("conv", 1)
         x = np.linspace(-1, 1, 3 * width, dtype=np.float32).reshape(3, width)
         request = InferenceRequest(model="wide", inputs=(InferInput("x", "FP32", x.shape, x),))
+        image = np.random.default_rng(0).standard_normal((64, 3, 32, 32), dtype=np.float32)
+        images = InferenceRequest(
+            model="conv", inputs=(InferInput("x", "FP32", image.shape, image),))
         for _ in range(3):
             answer = await dp.infer(request, "test")
+            await dp.infer(images, "test")
         np.testing.assert_allclose(answer.outputs[0].data, np.sin(x) * 2 + 1, atol=1e-5)
         helpers = _native_threads_outside_python() - before
         assert len(helpers) == 1, f"OpenMP helper threads started: {len(helpers)}; want one team"
