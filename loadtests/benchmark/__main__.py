@@ -5,12 +5,15 @@
 2. the same models (``tiny`` MLP, ResNet-18-style ``cnn``; the harness's definitions and seed):
    TorchScript files and .mar archives for the peers, a kloop registry (torch.export) for kloop;
    the same request bodies for every server;
-3. the in-process limit: the harness's ``baseline.py`` (TorchScript in a loop, no server);
+3. the in-process limit: the harness's ``baseline.py`` (TorchScript in a loop, no server), and
+   beside it kloop's own graph in the same loop (``inprocess.py``: how much of a gap comes from
+   the server, how much from the graph);
 4. every server in turn, each alone on the box: started, waited for, driven by the same load
    generators (wrk + ``post.lua``; ``grpc_load.py``, one channel, ``raw_input_contents``) at
    each concurrency, stopped by PID (``driver.py`` runs the harness's own ``bench.py``);
 5. the report (``report.py``): every cell, the ratios, the verdicts; ``report.md``,
-   ``runs.jsonl``, ``baseline.json`` and ``meta.json`` in the output directory.
+   ``runs.jsonl``, ``baseline.json``, ``kloop_inprocess.json`` and ``meta.json`` in the output
+   directory.
 
 The full matrix takes about 25 min at the default 10 s per cell; ``--quick`` is a smoke run.
 ``--rounds N`` repeats steps 3-4 N times (each round the whole list of servers, one after
@@ -33,6 +36,9 @@ from typing import Any
 
 from loadtests.benchmark import models, report
 from loadtests.benchmark.harness import HarnessMissing, peers_dir
+from serving.openmp import SPIN_DEFAULT
+
+ROOT = Path(__file__).resolve().parents[2]  # the project: inprocess.py runs as a module there
 
 DEFAULT_PEERS = ("null_grpc,null_grpc_nginx,null_http,kloop,kloop_w2,kserve,torchserve,"
                  "torchserve_batch")
@@ -131,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     driver = Path(__file__).with_name("driver.py")
     kloop_args = [f"--kloop-arg={x}" for x in a.kloop_arg]
     baselines: list[list[dict[str, Any]]] = []
+    own: list[list[dict[str, Any]]] = []  # kloop's graph in process, each round
     for round_no in range(1, a.rounds + 1):
         if a.rounds > 1:
             _log(f"round {round_no} of {a.rounds}")
@@ -139,24 +146,31 @@ def main(argv: list[str] | None = None) -> int:
             res = _run([py, str(harness / "baseline.py"), str(scratch / "models"),
                         str(a.baseline_seconds)], env, stdout=subprocess.PIPE)
             baselines.append(json.loads(res.stdout))
+            _log("in-process, kloop's graph (inprocess.py)")
+            res = _run([sys.executable, "-m", "loadtests.benchmark.inprocess", str(registry),
+                        str(a.baseline_seconds)], dict(env, GOMP_SPINCOUNT=SPIN_DEFAULT),
+                       stdout=subprocess.PIPE, cwd=ROOT)
+            own.append(json.loads(res.stdout))
         _run([py, str(driver), "--harness", str(harness), "--kloop-python", sys.executable,
               "--registry", str(registry), *kloop_args, "--",
               "--peers", ",".join(names), "--models", a.models, "--conc", a.conc,
               "--protos", a.protos, "--duration", str(a.duration), "--null_conc", a.null_conc,
               "--out", str(runs_path)], env)
     baseline = report.merge_baselines(baselines)
+    kloop_graph = report.merge_baselines(own)
     if baselines:
         (out / "baseline.json").write_text(json.dumps(baselines, indent=1))  # every round
+        (out / "kloop_inprocess.json").write_text(json.dumps(own, indent=1))
     versions = _versions(py, env)
     meta = {"date": stamp, "duration_s": a.duration, "rounds": a.rounds, "peers": names,
             "versions": versions,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     runs = report.load_runs(runs_path)
-    text = report.markdown(runs, baseline, meta)
+    text = report.markdown(runs, baseline, meta, kloop_graph)
     (out / "report.md").write_text(text)
     print(text)
-    report.print_rich(runs, baseline)
+    report.print_rich(runs, baseline, kloop_graph)
     _log(f"results in {out}")
     return 0
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +127,10 @@ def kloop_variants(runs: Iterable[Mapping[str, Any]]) -> list[str]:
 
 
 def checks(runs: list[dict[str, Any]], baseline: list[Mapping[str, Any]],
-           variant: str = "kloop") -> list[Check]:
-    """The targets, for one kloop configuration (a peer name starting with ``kloop``)."""
+           variant: str = "kloop", kloop_graph: Sequence[Mapping[str, Any]] = ()) -> list[Check]:
+    """The targets, for one kloop configuration (a peer name starting with ``kloop``);
+    ``kloop_graph``: kloop's own graph in process (``inprocess.py``), context beside the
+    in-process target."""
     cells = by_cell(runs)
     kloop = cells.get(variant, {})
     out: list[Check] = []
@@ -169,6 +171,7 @@ def checks(runs: list[dict[str, Any]], baseline: list[Mapping[str, Any]],
             f"{share:.0%} ({tiny['rps']:.0f} of {null['rps']:.0f} req/s)" if null else "-",
             f">= {GRPC_CEILING_SHARE:.0%}", None if share is None else share >= GRPC_CEILING_SHARE))
     limit = inprocess(baseline, "cnn", 32, 2)
+    own = inprocess(list(kloop_graph), "cnn", 32, 2)
     for proto in ("grpc", "http"):
         cnn32 = kloop.get(("cnn", proto, 32))
         cnn8 = kloop.get(("cnn", proto, 8))
@@ -178,6 +181,13 @@ def checks(runs: list[dict[str, Any]], baseline: list[Mapping[str, Any]],
                 "share of in-process batch-32", f"cnn {proto} c=32",
                 f"{share:.0%} ({cnn32['rps']:.0f} of {limit:.0f} items/s)" if limit else "-",
                 f">= {INPROCESS_SHARE:.0%}", None if share is None else share >= INPROCESS_SHARE))
+            if own:
+                graph = next(str(r.get("graph", "?")) for r in kloop_graph
+                             if r["model"] == "cnn" and r["batch"] == 32)
+                out.append(Check(
+                    "context: share of kloop's own graph in process", f"cnn {proto} c=32",
+                    f"{cnn32['rps'] / own:.0%} ({cnn32['rps']:.0f} of {own:.0f} items/s, "
+                    f"{graph} graph)", "(the server's own overhead; not a target)", None))
         if cnn32 and cnn8:
             share = cnn32["rps"] / cnn8["rps"]
             out.append(Check("no collapse from 8 to 32 clients", f"cnn {proto}",
@@ -195,7 +205,7 @@ def _mark(ok: bool | None) -> str:
 
 
 def markdown(runs: list[dict[str, Any]], baseline: list[Mapping[str, Any]],
-             meta: Mapping[str, Any]) -> str:
+             meta: Mapping[str, Any], kloop_graph: Sequence[Mapping[str, Any]] = ()) -> str:
     """The whole report: the cells, the in-process limit, the ratios and the verdicts."""
     lines = [f"Run: {meta.get('date', '?')}, {meta.get('duration_s', '?')} s per cell after a "
              f"2 s warm-up, closed loop. {meta.get('machine', '')}", ""]
@@ -243,10 +253,19 @@ def markdown(runs: list[dict[str, Any]], baseline: list[Mapping[str, Any]],
             lines.append(f"| {r['model']} | {r['batch']} | {r['threads']} | "
                          f"{r['items_per_s']:.0f} | {r['p50_ms']:.2f} |")
         lines.append("")
+    if kloop_graph:
+        lines += ["### in-process, kloop's graph (loaded as `kloop serve` loads it, no server; "
+                  "inprocess.py)", "",
+                  "| model | batch | torch threads | graph | items/s | p50 ms per call |",
+                  "|---|---:|---:|---|---:|---:|"]
+        for r in kloop_graph:
+            lines.append(f"| {r['model']} | {r['batch']} | {r['threads']} | {r.get('graph', '')} "
+                         f"| {r['items_per_s']:.0f} | {r['p50_ms']:.2f} |")
+        lines.append("")
     for variant in kloop_variants(runs):
         lines += [f"### targets: {PEER_LABELS.get(variant, variant)}", "",
                   "| check | cell | kloop | target | met |", "|---|---|---|---|---|"]
-        for c in checks(runs, baseline, variant):
+        for c in checks(runs, baseline, variant, kloop_graph):
             lines.append(f"| {c.name} | {c.cell} | {c.value} | {c.target} | {_mark(c.ok)} |")
         lines.append("")
     if failed:
@@ -255,7 +274,8 @@ def markdown(runs: list[dict[str, Any]], baseline: list[Mapping[str, Any]],
     return "\n".join(lines) + "\n"
 
 
-def print_rich(runs: list[dict[str, Any]], baseline: list[Mapping[str, Any]]) -> None:
+def print_rich(runs: list[dict[str, Any]], baseline: list[Mapping[str, Any]],
+               kloop_graph: Sequence[Mapping[str, Any]] = ()) -> None:
     """The verdicts as a terminal table."""
     from rich.console import Console
     from rich.table import Table
@@ -265,7 +285,7 @@ def print_rich(runs: list[dict[str, Any]], baseline: list[Mapping[str, Any]]) ->
                             "(ratios from this run)")
         for col in ("check", "cell", "kloop", "target", "met"):
             table.add_column(col)
-        for c in checks(runs, baseline, variant):
+        for c in checks(runs, baseline, variant, kloop_graph):
             met = "-" if c.ok is None else ("[green]yes" if c.ok else "[red]no")
             table.add_row(c.name, c.cell, c.value, c.target, met)
         Console().print(table)

@@ -55,6 +55,36 @@ def test_verdicts_compare_with_the_best_peer_of_each_cell_and_the_limits() -> No
     text = report.markdown(runs, baseline, {"date": "d", "duration_s": 1})
     assert "| kloop, 1 process | grpc | 32 | 3000 |" in text
     assert "4.29x" in text  # kloop / KServe on the tiny gRPC c=32 row
+    # kloop's own graph in process: context beside the target, in the checks and the report
+    own = [{"model": "cnn", "batch": 32, "threads": 2, "items_per_s": 500.0, "p50_ms": 64,
+            "graph": "onednn"}]
+    got = {(c.name, c.cell): c for c in report.checks(runs, baseline, "kloop", own)}
+    context = got[("context: share of kloop's own graph in process", "cnn grpc c=32")]
+    assert context.ok is None and context.value.startswith("66% (330 of 500")  # 330 / 500
+    assert got[("share of in-process batch-32", "cnn grpc c=32")].ok is True  # still 330 / 400
+    text = report.markdown(runs, baseline, {"date": "d", "duration_s": 1}, own)
+    assert "| cnn | 32 | 2 | onednn | 500 | 64.00 |" in text
+
+
+def test_kloop_graph_in_process_is_measured_as_the_server_loads_it(tmp_path: Path) -> None:
+    try:
+        peers_dir()
+    except HarnessMissing as e:
+        pytest.skip(str(e))
+    from loadtests.benchmark import models
+
+    models.publish(tmp_path / "registry", ("tiny",))
+    code = ("import json, sys; from pathlib import Path; from loadtests.benchmark import inprocess;"
+            " print(json.dumps(inprocess.measure(Path(sys.argv[1]), 0.05, ('tiny',))))")
+    # its own process: it sets torch's thread count, as the benchmark's subprocess does
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "registry")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, check=True)
+    got = json.loads(done.stdout)
+    cells = [(r["model"], r["batch"], r["threads"]) for r in got]
+    assert cells == [("tiny", 1, 2), ("tiny", 32, 2)]
+    for r in got:
+        assert r["graph"] in ("trace", "onednn")  # what "auto" chose, as the server would
+        assert r["items_per_s"] > 0 and r["p50_ms"] > 0
 
 
 def test_a_failed_cell_is_reported_not_hidden(tmp_path: Path) -> None:
