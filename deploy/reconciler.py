@@ -47,7 +47,9 @@ from kloop.artifact import Registry
 log = logging.getLogger(__name__)
 
 BackendFactory = Callable[[Mapping[str, Any]], RolloutBackend]
-"""``backend_for(rollout_cr)``: the backend that serves this Rollout's model."""
+"""``backend_for(rollout_cr)``: the backend that serves this Rollout's model. A factory that
+keeps backends may also have ``forget(namespace, name)``: the reconciler calls it once a Rollout
+has ended or is gone."""
 
 _WARNING_KINDS = {"error", "rollback", "abort"}
 _TERMINAL = {p.value for p in Phase if p.terminal}
@@ -90,8 +92,10 @@ class Reconciler:
         try:
             obj = store.get_object(name)
         except NotFound:
+            self._forget(namespace, name)
             return None
         if (obj.get("status") or {}).get("phase") in _TERMINAL:
+            self._forget(namespace, name)
             return None
         try:
             before = rollout_from_cr(obj, self._champion_of)
@@ -116,6 +120,8 @@ class Reconciler:
         else:
             return None
         self._record(obj, before, after)
+        if after.phase.terminal:
+            self._forget(namespace, name)
         return after
 
     def resync(self) -> None:
@@ -170,12 +176,13 @@ class Reconciler:
                 self.clock.sleep(1.0)
 
     def _wants(self, namespace: str, etype: str, obj: Mapping[str, Any]) -> bool:
-        """Spec changes and new objects, not our own status writes (generation predicate)."""
+        """Spec changes, new objects and deletions (the reconcile then finds the Rollout gone
+        and forgets what it held for it), not our own status writes (generation predicate)."""
         meta = obj.get("metadata", {})
         key = (namespace, meta.get("name", ""))
         if etype == "DELETED":
             self._generations.pop(key, None)
-            return False
+            return True
         gen = int(meta.get("generation") or 0)
         changed = self._generations.get(key) != gen
         self._generations[key] = gen
@@ -190,6 +197,14 @@ class Reconciler:
             log.exception("reconcile of rollout %s/%s failed", namespace, name)
 
     # ---- helpers ------------------------------------------------------------------------
+
+    def _forget(self, namespace: str, name: str) -> None:
+        """Drop what this process keeps for a Rollout that ended or is gone: the backend (when
+        the factory keeps one) and the conditions already announced."""
+        self._noted = {key for key in self._noted if key[:2] != (namespace, name)}
+        forget = getattr(self.backend_for, "forget", None)
+        if forget is not None:
+            forget(namespace, name)
 
     def _champion_of(self, model: str) -> str | None:
         v = self.registry.alias(model, "champion")
@@ -240,34 +255,55 @@ def _message(e: Event) -> str:
     return f"{e.message}{verdict}" + (f" (weights {weights})" if weights else "")
 
 
-def kserve_backends(kube: k.Kube, registry: Registry, clock: Clock, *,
-                    prometheus_url: str | None = None, scrape: bool = False) -> BackendFactory:
-    """The production factory: a ``KServeBackend`` per Rollout, configured from its
-    ``spec.backend`` and ``spec.metrics`` (falling back to the controller's flags). Imported
-    lazily, so the controller's other parts load without the KServe backend."""
-    cache: dict[tuple[str, str, int], RolloutBackend] = {}
+class KServeBackends:
+    """The production ``BackendFactory``: a ``KServeBackend`` per Rollout, configured from its
+    ``spec.backend`` and ``spec.metrics`` (falling back to the controller's flags). One per
+    Rollout: a new spec generation replaces it, and ``forget`` (the reconciler's call when a
+    Rollout ends or is deleted) drops it, so a long-lived controller holds backends for its
+    live Rollouts only. Imported lazily, so the controller's other parts load without the
+    KServe backend. Called from the reconciler's loop thread only."""
 
-    def backend_for(obj: Mapping[str, Any]) -> RolloutBackend:
+    def __init__(self, kube: k.Kube, registry: Registry, clock: Clock, *,
+                 prometheus_url: str | None = None, scrape: bool = False) -> None:
+        self.kube, self.registry, self.clock = kube, registry, clock
+        self.prometheus_url, self.scrape = prometheus_url, scrape
+        self._backends: dict[tuple[str, str], tuple[int, RolloutBackend]] = {}
+
+    def __len__(self) -> int:
+        return len(self._backends)
+
+    def __call__(self, obj: Mapping[str, Any]) -> RolloutBackend:
         from deploy.backends.kserve import KServeBackend, KServeConfig
         from deploy.promql import PromQLMetrics, ScrapeMetrics
 
         meta, spec = obj["metadata"], obj.get("spec") or {}
-        key = (meta.get("namespace", ""), meta["name"], int(meta.get("generation") or 0))
-        if key not in cache:
-            b, m = spec.get("backend") or {}, spec.get("metrics") or {}
-            url = m.get("prometheusUrl") or prometheus_url
-            metrics = ScrapeMetrics() if (m.get("scrape") or scrape or not url) \
-                else PromQLMetrics(url)
-            wanted = {"namespace": meta.get("namespace"), "mode": b.get("mode"),
-                      "storage_uri_prefix": b.get("storageUriPrefix"),
-                      "resources": b.get("resources"), "min_replicas": b.get("minReplicas"),
-                      "max_replicas": b.get("maxReplicas"), "autoscaler": b.get("autoscaler")}
-            names = {f.name for f in dataclasses.fields(KServeConfig)}
-            cfg = KServeConfig(**{n: v for n, v in wanted.items() if v is not None and n in names})
-            cache[key] = KServeBackend(kube, registry, cfg, metrics, now=clock.now)
-        return cache[key]
+        key = (meta.get("namespace", ""), meta["name"])
+        generation = int(meta.get("generation") or 0)
+        held = self._backends.get(key)
+        if held is not None and held[0] == generation:
+            return held[1]
+        b, m = spec.get("backend") or {}, spec.get("metrics") or {}
+        url = m.get("prometheusUrl") or self.prometheus_url
+        metrics = ScrapeMetrics() if (m.get("scrape") or self.scrape or not url) \
+            else PromQLMetrics(url)
+        wanted = {"namespace": meta.get("namespace"), "mode": b.get("mode"),
+                  "storage_uri_prefix": b.get("storageUriPrefix"),
+                  "resources": b.get("resources"), "min_replicas": b.get("minReplicas"),
+                  "max_replicas": b.get("maxReplicas"), "autoscaler": b.get("autoscaler")}
+        names = {f.name for f in dataclasses.fields(KServeConfig)}
+        cfg = KServeConfig(**{n: v for n, v in wanted.items() if v is not None and n in names})
+        backend = KServeBackend(self.kube, self.registry, cfg, metrics, now=self.clock.now)
+        self._backends[key] = (generation, backend)
+        return backend
 
-    return backend_for
+    def forget(self, namespace: str, name: str) -> None:
+        self._backends.pop((namespace, name), None)
 
 
-__all__ = ["BackendFactory", "Reconciler", "kserve_backends"]
+def kserve_backends(kube: k.Kube, registry: Registry, clock: Clock, *,
+                    prometheus_url: str | None = None, scrape: bool = False) -> KServeBackends:
+    """``KServeBackends`` with the controller's flags."""
+    return KServeBackends(kube, registry, clock, prometheus_url=prometheus_url, scrape=scrape)
+
+
+__all__ = ["BackendFactory", "KServeBackends", "Reconciler", "kserve_backends"]

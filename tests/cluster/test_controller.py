@@ -211,16 +211,39 @@ def test_rollout_succeeds_with_only_the_shipped_rbac(cluster, admin, namespace, 
             call()
 
 
+class Backends:
+    """A backend factory that records what the reconciler tells it to forget."""
+
+    def __init__(self, backend: KServeBackend) -> None:
+        self.backend = backend
+        self.forgotten: list[tuple[str, str]] = []
+
+    def __call__(self, obj: dict) -> KServeBackend:
+        return self.backend
+
+    def forget(self, namespace: str, name: str) -> None:
+        self.forgotten.append((namespace, name))
+
+
 def test_bad_candidate_rolls_back_and_spec_errors_abort(admin, namespace, registry):
     clock, traffic = FakeClock(), Traffic()
-    backend = KServeBackend(admin, registry, KServeConfig(namespace=namespace), traffic,
-                            now=clock.now)
-    rec = Reconciler(admin, [namespace], registry, lambda obj: backend, clock)
-    create_rollout(admin, namespace)
+    backends = Backends(KServeBackend(admin, registry, KServeConfig(namespace=namespace),
+                                      traffic, now=clock.now))
+    rec = Reconciler(admin, [namespace], registry, backends, clock)
+    created = create_rollout(admin, namespace)
+    rec._noted |= {(namespace, "digits-v2", "Waiting", "w"), (namespace, "other", "Waiting", "w")}
     r = drive(rec, admin, namespace, "digits-v2", clock, traffic, bad="2")
     assert r.phase is Phase.ROLLED_BACK, r.reason
     assert route_weights(admin, namespace) == {"1": 100}
     assert registry.alias("digits", "champion") == 1
+    # Ended: the factory may drop its backend, and only this Rollout's notes go.
+    assert backends.forgotten == [(namespace, "digits-v2")]
+    assert rec._noted == {(namespace, "other", "Waiting", "w")}
+    # Deleted: the watch queues it (not only spec changes), and the reconcile finds it gone.
+    admin.delete(ROLLOUT, "digits-v2", namespace)
+    assert rec._wants(namespace, "DELETED", created) is True
+    assert rec.reconcile(namespace, "digits-v2") is None
+    assert backends.forgotten == [(namespace, "digits-v2")] * 2
 
     # Past the schema, not past kloop: steps not increasing -> Aborted with the reason.
     bad = admin.create({"apiVersion": ROLLOUT.api_version, "kind": "Rollout",

@@ -1,0 +1,47 @@
+"""The controller's backend factory (``deploy.reconciler.KServeBackends``): one backend per
+Rollout, rebuilt when its spec changes and dropped when the reconciler forgets the Rollout, so
+a controller that runs for months holds backends for its live Rollouts only. (The reconciler's
+calls to ``forget`` run against the real API server in tests/cluster/test_controller.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from deploy.backends.kserve import KServeBackend
+from deploy.controller import FakeClock
+from deploy.promql import PromQLMetrics, ScrapeMetrics
+from deploy.reconciler import KServeBackends
+from kloop.artifact import Registry
+
+
+def rollout(name: str, generation: int, namespace: str = "team-a",
+            **spec: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": namespace, "generation": generation},
+            "spec": {"model": "digits", "candidate": "2", **spec}}
+
+
+def test_one_backend_per_rollout_rebuilt_on_a_new_generation_dropped_when_forgotten(
+    tmp_path: Path,
+) -> None:
+    factory = KServeBackends(None, Registry(tmp_path), FakeClock(),  # type: ignore[arg-type]
+                             prometheus_url="http://prometheus:9090")
+    first = factory(rollout("a", 1))
+    assert isinstance(first, KServeBackend) and first.config.namespace == "team-a"
+    assert isinstance(first.metrics, PromQLMetrics)
+    assert factory(rollout("a", 1)) is first  # status writes do not rebuild it
+    assert factory(rollout("a", 1, namespace="team-b")) is not first  # another Rollout
+    # A spec edit (new generation) replaces the backend; the old one is not kept beside it.
+    edited = factory(rollout("a", 2, backend={"minReplicas": 2}, metrics={"scrape": True}))
+    assert edited is not first and edited.config.min_replicas == 2
+    assert isinstance(edited.metrics, ScrapeMetrics)
+    assert len(factory) == 2  # team-a/a and team-b/a, whatever the generations seen
+    for generation in range(3, 50):
+        factory(rollout("a", generation))
+    assert len(factory) == 2
+    factory.forget("team-a", "a")
+    assert len(factory) == 1
+    factory.forget("team-a", "never-seen")  # forgetting what was never held is fine
+    factory.forget("team-b", "a")
+    assert len(factory) == 0
+    assert factory(rollout("a", 50)) is not edited  # a Rollout re-created under the same name
