@@ -104,7 +104,14 @@ def merge_baselines(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     for baseline in rounds:
         for r in baseline:
             groups.setdefault((r["model"], r["batch"], r["threads"]), []).append(r)
-    return [_mean_of(recs, ("items_per_s", "p50_ms")) for recs in groups.values()]
+    merged = []
+    for recs in groups.values():
+        out = _mean_of(recs, ("items_per_s", "p50_ms"))
+        graphs = list(dict.fromkeys(str(r["graph"]) for r in recs if "graph" in r))
+        if graphs:  # kloop's graph may differ between rounds (chosen at each load)
+            out["graph"] = " / ".join(graphs)
+        merged.append(out)
+    return merged
 
 
 def by_cell(runs: Iterable[Mapping[str, Any]]) -> dict[str, dict[KEY, Mapping[str, Any]]]:

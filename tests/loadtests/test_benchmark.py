@@ -140,3 +140,14 @@ def test_the_benchmark_command_runs_end_to_end(clients_python: Path, tmp_path: P
         assert len(cells[key]["rps_rounds"]) == 2  # measured in each round
     text = (out / "report.md").read_text()
     assert "| kloop, 1 process | grpc | 8 |" in text
+
+
+def test_kloop_graph_over_rounds_is_the_mean_and_names_every_graph_that_ran() -> None:
+    def rec(items: float, graph: str) -> dict[str, object]:
+        return {"model": "tiny", "batch": 32, "threads": 2, "items_per_s": items,
+                "p50_ms": 0.03, "graph": graph}
+
+    [merged] = report.merge_baselines([[rec(1000.0, "trace")], [rec(3000.0, "onednn")]])
+    assert merged["items_per_s"] == 2000.0 and merged["graph"] == "trace / onednn"
+    [same] = report.merge_baselines([[rec(1000.0, "onednn")], [rec(1000.0, "onednn")]])
+    assert same["graph"] == "onednn"
