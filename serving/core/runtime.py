@@ -336,18 +336,28 @@ def _trace(
             traced = torch.jit.trace(module, _on_device(_examples(manifest, 2), options),
                                      check_trace=False)
             frozen = torch.jit.freeze(traced.eval())
-        with torch.inference_mode():
-            for rows in CHECK_BATCHES:
-                example = _on_device(_examples(manifest, rows, seed=rows), options)
-                if not _agree(module(*example), frozen(*example)):
-                    log.warning("%s: the traced graph disagrees with the exported module at "
-                                "batch %d; running the exported module", label, rows)
-                    return None
+        rows = _disagreement(module, frozen, manifest, options)
+        if rows is not None:
+            log.warning("%s: the traced graph disagrees with the exported module at batch %d; "
+                        "running the exported module", label, rows)
+            return None
     except Exception as e:  # noqa: BLE001  (an optimisation never fails a load; logged)
         log.warning("%s: could not trace (%s: %s); running the exported module",
                     label, type(e).__name__, e)
         return None
     return _Traced(traced, frozen)
+
+
+def _disagreement(module: torch.nn.Module, candidate: Callable[..., Any], manifest: Manifest,
+                  options: RuntimeOptions) -> int | None:
+    """The first of CHECK_BATCHES at which ``candidate`` answers differently from the exported
+    module, or None when it agrees at all of them."""
+    with torch.inference_mode():
+        for rows in CHECK_BATCHES:
+            example = _on_device(_examples(manifest, rows, seed=rows), options)
+            if not _agree(module(*example), candidate(*example)):
+                return rows
+    return None
 
 
 def _onednn(
@@ -363,13 +373,11 @@ def _onednn(
     try:
         with torch.inference_mode(False), torch.no_grad():
             optimized = torch.jit.optimize_for_inference(traced.eval())
-        with torch.inference_mode():
-            for rows in CHECK_BATCHES:
-                example = _examples(manifest, rows, seed=rows)
-                if not _agree(module(*example), optimized(*example)):
-                    log.warning("%s: the oneDNN graph disagrees with the exported module at "
-                                "batch %d; running the frozen trace", label, rows)
-                    return None
+        rows = _disagreement(module, optimized, manifest, RuntimeOptions())
+        if rows is not None:
+            log.warning("%s: the oneDNN graph disagrees with the exported module at batch %d; "
+                        "running the frozen trace", label, rows)
+            return None
     except Exception as e:  # noqa: BLE001  (an optimisation never fails a load; logged)
         log.warning("%s: could not build a oneDNN graph (%s: %s); running the frozen trace",
                     label, type(e).__name__, e)
