@@ -19,8 +19,8 @@ graph, because batch norms stay separate from their convolutions. So, once per l
   (alternating calls, the best of ``MEASURE_ROUNDS``) at one row and at the batch size the
   batcher forms (``max_batch_size``, halved while one call takes over ``MEASURE_CALL_S``); the
   oneDNN graph is kept when it needs at most ``ONEDNN_KEEP`` of the trace's time (the geometric
-  mean over the two sizes). On the benchmark CNN it takes 0.73-0.84 of the time; on the tiny MLP
-  it is a wash, and the plain trace stays.
+  mean over the two sizes). On the benchmark CNN it takes 0.72-0.84 of the time; on the tiny MLP
+  it is a near-tie (0.93-1.11), so either may run, from one load to the next.
 * ``optimize="cudagraph"`` (the CUDA default through ``"auto"`` when preferred batch sizes are
   set): the traced graph (or the exported module) is captured as one CUDA graph per preferred
   batch size; a batch is padded up to the next preferred size and replayed: one launch per batch
@@ -259,7 +259,7 @@ def prepare(module: torch.nn.Module, manifest: Manifest, options: RuntimeOptions
         else:
             fn, strategy = traced.frozen, "trace"
             if options.optimize in ("auto", "onednn") and not options.cuda:
-                optimized = _onednn(module, traced.unfrozen, manifest, label)
+                optimized = _onednn(module, traced.unfrozen, manifest, options, label)
                 if optimized is not None and (options.optimize == "onednn" or _keep_onednn(
                         {"trace": traced.frozen, "onednn": optimized}, manifest,
                         options.max_batch_size, label)):
@@ -361,7 +361,8 @@ def _disagreement(module: torch.nn.Module, candidate: Callable[..., Any], manife
 
 
 def _onednn(
-    module: torch.nn.Module, traced: torch.jit.ScriptModule, manifest: Manifest, label: str
+    module: torch.nn.Module, traced: torch.jit.ScriptModule, manifest: Manifest,
+    options: RuntimeOptions, label: str,
 ) -> Callable[..., Any] | None:
     """``torch.jit.optimize_for_inference`` of the trace (which freezes a copy of it first)
     when it agrees with the exported module, else None (logged).
@@ -373,7 +374,7 @@ def _onednn(
     try:
         with torch.inference_mode(False), torch.no_grad():
             optimized = torch.jit.optimize_for_inference(traced.eval())
-        rows = _disagreement(module, optimized, manifest, RuntimeOptions())
+        rows = _disagreement(module, optimized, manifest, options)
         if rows is not None:
             log.warning("%s: the oneDNN graph disagrees with the exported module at batch %d; "
                         "running the frozen trace", label, rows)

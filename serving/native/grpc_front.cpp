@@ -556,8 +556,8 @@ class Front {
   // The Python loop: answer a call it got from poll(). The writer thread starts the write
   // (gRPC writes in the thread that starts a write: HTTP/2 framing and the send syscall;
   // measured before the fast lane, when every call came here, doing that on the event loop
-  // took a third of its time on a tiny model). False
-  // if the handle is not held (answered before, or by stop()).
+  // took a third of its time on a tiny model). False if the handle is not held (answered
+  // before, or by stop()).
   bool Respond(uintptr_t handle, int code, const std::string& details, py::bytes payload) {
     Call* call = reinterpret_cast<Call*>(handle);
     {
