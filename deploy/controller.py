@@ -6,54 +6,42 @@ an optimistic-concurrency check. All state lives in the store, so a controller k
 point resumes from the next tick: if it died after writing weights but before saving, the next
 tick sees those weights in the world and adopts the step instead of stepping again.
 
-Time comes from a ``Clock`` so tests tick through a 30-minute rollout in milliseconds.
+Written against ``deploy.ports`` only (store, backend, clock), so the same tick runs a local
+rollout (SQLite, the local server) and an in-cluster one (Rollout CRs, KServe). Time comes from
+a ``Clock`` so tests tick through a 30-minute rollout in milliseconds.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Protocol
 
-from deploy.analysis import GateResult, Verdict, gate
-from deploy.backends import BackendError, RolloutBackend, World
-from deploy.rollout import Action, Applied, Decision, Event, Phase, Rollout, decide, transition
-from deploy.store import Conflict, RolloutStore
+from deploy.ports import BackendError, Clock, Conflict, RolloutBackend, RolloutStore
+from deploy.rollout import (
+    Action,
+    Applied,
+    Decision,
+    Event,
+    GateResult,
+    Phase,
+    Rollout,
+    Verdict,
+    decide,
+    gate,
+    transition,
+)
 from kloop.artifact import ArtifactError, Registry
-
-
-class Clock(Protocol):
-    def now(self) -> float:
-        """Unix seconds."""
-        ...
-
-    def sleep(self, seconds: float) -> None: ...
+from kloop.model_version import Version
 
 
 class RealClock:
+    """The system's clock (``time.time``, ``time.sleep``)."""
+
     def now(self) -> float:
         return time.time()
 
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
-
-
-class FakeClock:
-    """Time that moves only when told: ``sleep`` advances it instantly."""
-
-    def __init__(self, start: float = 1_700_000_000.0):
-        self.t = float(start)
-
-    def now(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.advance(seconds)
-
-    def advance(self, seconds: float) -> None:
-        if seconds < 0:
-            raise ValueError("time does not go backwards")
-        self.t += seconds
 
 
 def tick(
@@ -65,7 +53,7 @@ def tick(
 ) -> Rollout:
     """Advance one rollout by at most one decision; returns it as stored.
 
-    Raises ``deploy.store.Conflict`` when another writer saved the rollout during this tick;
+    Raises ``deploy.ports.Conflict`` when another writer saved the rollout during this tick;
     nothing is lost (writes are idempotent), the caller simply ticks again.
     """
     r = store.get(rollout_id)
@@ -100,6 +88,7 @@ def apply(d: Decision, r: Rollout, backend: RolloutBackend, registry: Registry) 
                 backend.set_weights(r.model, d.weights or {})
             case Action.PROMOTE:
                 backend.promote(r.model, r.candidate)
+                move_champion(registry, r.model, r.candidate)
             case Action.RETIRE:
                 if r.champion is not None:
                     backend.retire(r.model, r.champion)
@@ -120,12 +109,24 @@ def _prepare(r: Rollout, backend: RolloutBackend) -> None:
         backend.ensure_loaded(r.model, r.champion)
 
 
+def move_champion(registry: Registry, model: str, candidate: Version) -> None:
+    """Point the registry's ``champion`` alias at ``candidate`` and drop its ``candidate``
+    alias (idempotent): the registry half of a promotion, the same for every backend."""
+    try:
+        if registry.alias(model, "champion") != candidate:
+            registry.set_alias(model, "champion", candidate)
+        if registry.alias(model, "candidate") == candidate:
+            registry.remove_alias(model, "candidate")
+    except (ArtifactError, OSError) as e:
+        raise BackendError(f"moving {model}'s champion alias to {candidate}: {e}") from e
+
+
 def run_gate(r: Rollout, registry: Registry) -> GateResult:
     """The offline gate on the registry's manifests. A missing or corrupt manifest is a gate
     error (abort, nothing to compare), not a failure of the candidate."""
     try:
-        cand = registry.manifest(r.model, int(r.candidate))
-        champ = registry.manifest(r.model, int(r.champion)) if r.champion is not None else None
+        cand = registry.manifest(r.model, r.candidate)
+        champ = registry.manifest(r.model, r.champion) if r.champion is not None else None
     except ArtifactError as e:
         return GateResult(Verdict.ERROR, (f"cannot read manifests: {e}",))
     return gate(cand, champ, r.policy.gate)
@@ -157,6 +158,4 @@ def run_until_done(
         clock.sleep(interval_s)
 
 
-__all__ = [
-    "Clock", "FakeClock", "RealClock", "World", "apply", "run_gate", "run_until_done", "tick",
-]
+__all__ = ["RealClock", "apply", "move_champion", "run_gate", "run_until_done", "tick"]

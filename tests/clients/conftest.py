@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.localserver import ServerHandle, ServerProcess
+from deploy.local.server_process import ServerHandle, ServerProcess
 from tests.serving.dtype_models import publish_all
 
 HERE = Path(__file__).resolve().parent

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.localserver import ServerHandle
+from deploy.local.server_process import ServerHandle
 from tests.clients.conftest import run_client
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy.kube import KINDS, Kube, KubeConfig, NotFound
+from deploy.cluster.kube import KINDS, Kube, KubeConfig, NotFound
 
 pytestmark = pytest.mark.cluster
 

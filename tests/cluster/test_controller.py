@@ -11,19 +11,18 @@ import math
 
 import pytest
 
-from deploy import kube as k
-from deploy.backends.kserve import KServeBackend, KServeConfig
-from deploy.controller import FakeClock, tick
-from deploy.crstore import ROLLOUT, CRRolloutStore, rollout_from_cr, status_from_rollout
-from deploy.kserve import isvc_name
-from deploy.leader import LeaderElector
-from deploy.metrics import VersionSample
-from deploy.reconciler import Reconciler
+from deploy.cluster import kube as k
+from deploy.cluster.cr_store import ROLLOUT, CRRolloutStore, rollout_from_cr, status_from_rollout
+from deploy.cluster.kserve_backend import KServeBackend, KServeConfig
+from deploy.cluster.leader import LeaderElector
+from deploy.cluster.reconciler import Reconciler
+from deploy.controller import tick
+from deploy.ports import Conflict
 from deploy.rollout import Phase
-from deploy.store import Conflict
+from deploy.rollout.samples import VersionSample
 from kloop.artifact import Registry
 from tests.cluster.test_manifests import apply_all, rendered
-from tests.deploy.fakes import publish
+from tests.deploy.fakes import FakeClock, publish
 
 pytestmark = pytest.mark.cluster
 
@@ -37,11 +36,13 @@ class Traffic:
     """The test's MetricsSource: cumulative counters per version, grown by ``serve``."""
 
     def __init__(self) -> None:
-        self.requests: dict[str, float] = {}
-        self.errors: dict[str, float] = {}
+        self.requests: dict[int, float] = {}
+        self.errors: dict[int, float] = {}
 
-    def serve(self, weights: dict[str, int], n: int, bad: str | None = None) -> None:
-        for v, w in weights.items():
+    def serve(self, weights: dict[str, int], n: int, bad: int | None = None) -> None:
+        """``weights`` as the routes spell them (text)."""
+        for text, w in weights.items():
+            v = int(text)
             got = n * w // 100
             self.requests[v] = self.requests.get(v, 0) + got
             if v == bad:
@@ -73,7 +74,7 @@ def route_weights(admin: k.Kube, namespace: str) -> dict[str, int]:
         route = admin.get(k.KINDS["HTTPRoute"], "digits", namespace)
     except k.NotFound:
         return {}
-    prefix = isvc_name("digits", "")
+    prefix = "digits-v"
     return {ref["name"].removeprefix(prefix).removesuffix("-predictor"): int(ref.get("weight", 1))
             for rule in route["spec"]["rules"] for ref in rule["backendRefs"]}
 
@@ -99,7 +100,7 @@ def create_rollout(admin: k.Kube, namespace: str, name: str = "digits-v2") -> di
 
 
 def drive(rec: Reconciler, admin: k.Kube, namespace: str, name: str, clock: FakeClock,
-          traffic: Traffic, *, bad: str | None = None, max_ticks: int = 60):
+          traffic: Traffic, *, bad: int | None = None, max_ticks: int = 60):
     for _ in range(max_ticks):
         if rec.elector is not None:
             rec.elector.step()  # what Reconciler.run does every loop
@@ -116,11 +117,11 @@ def drive(rec: Reconciler, admin: k.Kube, namespace: str, name: str, clock: Fake
 
 
 def test_cr_store_round_trip_and_conflict(admin, namespace, registry):
-    store = CRRolloutStore(admin, namespace, champion_of=lambda m: "1")
+    store = CRRolloutStore(admin, namespace, champion_of=lambda m: 1)
     create_rollout(admin, namespace)
     r = store.get("digits-v2")
-    assert (r.phase, r.model, r.candidate, r.champion) == (Phase.PENDING, "digits", "2", "1")
-    assert r.policy.steps == (10, 50, 100) and r.policy.min_requests == 20
+    assert (r.phase, r.model, r.candidate, r.champion) == (Phase.PENDING, "digits", 2, 1)
+    assert r.policy.steps == (10, 50, 100) and r.policy.analysis.min_requests == 20
     assert isinstance(r.generation, str) and r.generation  # the resourceVersion
 
     moved = dataclasses.replace(r, phase=Phase.GATING, reason="first writer")
@@ -154,9 +155,8 @@ def test_tick_retries_a_conflict_cleanly(cluster, admin, namespace, registry):
 
     kube = Interfering.connect(k.KubeConfig(kubeconfig=cluster.kubeconfig, namespace=namespace))
     clock = FakeClock()
-    backend = KServeBackend(kube, registry, KServeConfig(namespace=namespace), Traffic(),
-                            now=clock.now)
-    store = CRRolloutStore(kube, namespace, champion_of=lambda m: "1")
+    backend = KServeBackend(kube, KServeConfig(namespace=namespace), Traffic(), now=clock.now)
+    store = CRRolloutStore(kube, namespace, champion_of=lambda m: 1)
     create_rollout(admin, namespace)
     with pytest.raises(Conflict):
         tick(store, backend, registry, "digits-v2", clock)  # tick itself raises on 409
@@ -164,7 +164,7 @@ def test_tick_retries_a_conflict_cleanly(cluster, admin, namespace, registry):
     kube.interfere = 1
     r = rec.reconcile(namespace, "digits-v2")  # the reconciler re-reads and ticks again
     assert r is not None and r.phase is Phase.GATING
-    assert [e.kind for e in r.history] == ["run_gate"]  # one decision, recorded once
+    assert [e.kind_name for e in r.history] == ["run_gate"]  # one decision, recorded once
 
 
 # ---- (b) the controller with exactly the shipped RBAC ---------------------------------------
@@ -178,7 +178,7 @@ def test_rollout_succeeds_with_only_the_shipped_rbac(cluster, admin, namespace, 
                                      impersonate=SA, impersonate_group="system:serviceaccounts"))
     clock, traffic = FakeClock(), Traffic()
     elector = LeaderElector(sa, "kloop-controller", "kloop-system", "rbac-test", clock)
-    backend = KServeBackend(sa, registry, KServeConfig(namespace=namespace), traffic, now=clock.now)
+    backend = KServeBackend(sa, KServeConfig(namespace=namespace), traffic, now=clock.now)
     rec = Reconciler(sa, [namespace], registry, lambda obj: backend, clock, elector=elector)
     create_rollout(admin, namespace)
 
@@ -187,10 +187,10 @@ def test_rollout_succeeds_with_only_the_shipped_rbac(cluster, admin, namespace, 
     r = drive(rec, admin, namespace, "digits-v2", clock, traffic)
 
     assert r.phase is Phase.SUCCEEDED, r.reason
-    steps = [dict(e.weights) for e in r.history if e.kind == "set_weights"]
-    assert [s.get("2") for s in steps] == [10, 50, 100]  # analysis between the steps
-    assert [e.kind for e in r.history][-2:] == ["promote", "retire"]
-    assert r.weights == {"2": 100} and registry.alias("digits", "champion") == 2
+    steps = [dict(e.weights) for e in r.history if e.kind_name == "set_weights"]
+    assert [s.get(2) for s in steps] == [10, 50, 100]  # analysis between the steps
+    assert [e.kind_name for e in r.history][-2:] == ["promote", "retire"]
+    assert r.weights == {2: 100} and registry.alias("digits", "champion") == 2
     obj = admin.get(ROLLOUT, "digits-v2", namespace)
     obj.update(apiVersion=ROLLOUT.api_version, kind="Rollout")
     reasons = [e["reason"] for e in admin.events_for(obj)]
@@ -227,12 +227,12 @@ class Backends:
 
 def test_bad_candidate_rolls_back_and_spec_errors_abort(admin, namespace, registry):
     clock, traffic = FakeClock(), Traffic()
-    backends = Backends(KServeBackend(admin, registry, KServeConfig(namespace=namespace),
-                                      traffic, now=clock.now))
+    backends = Backends(KServeBackend(admin, KServeConfig(namespace=namespace), traffic,
+                                      now=clock.now))
     rec = Reconciler(admin, [namespace], registry, backends, clock)
     created = create_rollout(admin, namespace)
     rec._noted |= {(namespace, "digits-v2", "Waiting", "w"), (namespace, "other", "Waiting", "w")}
-    r = drive(rec, admin, namespace, "digits-v2", clock, traffic, bad="2")
+    r = drive(rec, admin, namespace, "digits-v2", clock, traffic, bad=2)
     assert r.phase is Phase.ROLLED_BACK, r.reason
     assert route_weights(admin, namespace) == {"1": 100}
     assert registry.alias("digits", "champion") == 1
@@ -272,7 +272,7 @@ def test_two_controller_processes_one_leader_and_sigterm_hands_over(cluster, adm
 
     def start(identity: str) -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, "-m", "deploy.controller_cli", "--kubeconfig", str(cluster.kubeconfig),
+            [sys.executable, "-m", "deploy.cli", "controller", "--kubeconfig", str(cluster.kubeconfig),
              "-n", namespace, "--lease-namespace", namespace, "--registry", str(registry.root),
              "--metrics", "scrape", "--identity", identity, "--lease-duration", "4",
              "--renew", "1", "--interval", "1"],

@@ -1,4 +1,4 @@
-"""The controller end to end: ``python -m deploy.controller_cli`` as a REAL PROCESS against the
+"""The controller end to end: ``python -m deploy.cli controller`` as a REAL PROCESS against the
 real kube-apiserver, with real clocks, real model servers and real requests.
 
 Nothing here calls ``tick`` or the reconciler in-process. The test only plays the parts of the
@@ -37,9 +37,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from deploy import kube as k
-from deploy.crstore import ROLLOUT, CRRolloutStore, rollout_from_cr
-from deploy.kserve import isvc_name
+from deploy.cluster import kube as k
+from deploy.cluster.cr_store import ROLLOUT, CRRolloutStore, rollout_from_cr
+from deploy.cluster.kserve_manifests import isvc_name
 from deploy.rollout import Phase, Rollout, RolloutPolicy, new_rollout
 from kloop.artifact import Registry
 from serving.client import AdminClient
@@ -53,9 +53,9 @@ LEASE_NAME = "kloop-controller"
 NOW = "2026-01-01T00:00:00Z"
 # Fast, but every step is still judged on real traffic: >= 10 candidate requests and >= 1 s.
 # Latency is not what these scenarios test (2 shared cores make p99 noisy): a wide p99 slack.
-POLICY = RolloutPolicy(steps=(10, 50, 100), min_requests=10, min_duration_s=1.0,
-                       step_timeout_s=60.0, failure_limit=1, retire_after_s=0.0,
-                       ready_timeout_s=60.0, p99_slack_ms=2000.0)
+POLICY = RolloutPolicy.from_dict(dict(
+    steps=(10, 50, 100), min_requests=10, min_duration_s=1.0, step_timeout_s=60.0,
+    failure_limit=1, retire_after_s=0.0, ready_timeout_s=60.0, p99_slack_ms=2000.0))
 # What only the acting replica may send (reads, watches and the Lease are everyone's).
 WRITE = re.compile(r'"(PUT|POST|PATCH|DELETE) /(apis/(kloop\.dev|serving\.kserve\.io|'
                    r'gateway\.networking\.k8s\.io|autoscaling)/|api/v1/namespaces/[^/]+/events)')
@@ -261,13 +261,13 @@ class Gateway(Loop):
 
 
 class Controller:
-    """``python -m deploy.controller_cli`` as a child process, logging to a file."""
+    """``python -m deploy.cli controller`` as a child process, logging to a file."""
 
     def __init__(self, kubeconfig: Path, namespace: str, registry: Path, identity: str,
                  log_dir: Path, *, debug: bool = False, lease_s: float = 3.0) -> None:
         self.identity = identity
         self.log = log_dir / f"controller-{identity}.log"
-        self.cmd = [sys.executable, "-m", "deploy.controller_cli", "--kubeconfig", str(kubeconfig),
+        self.cmd = [sys.executable, "-m", "deploy.cli", "controller", "--kubeconfig", str(kubeconfig),
                     "-n", namespace, "--lease-namespace", namespace, "--lease-name", LEASE_NAME,
                     "--registry", str(registry), "--metrics", "scrape", "--identity", identity,
                     "--lease-duration", str(lease_s), "--renew", "0.5", "--interval", "0.5",
@@ -330,7 +330,8 @@ class World:
 
     def create(self, name: str, candidate: str, champion: str) -> None:
         self.registry.set_alias(MODEL, "champion", int(champion))  # what the last rollout left
-        self.store.create(new_rollout(name, MODEL, candidate, champion, POLICY, time.time()))
+        self.store.create(new_rollout(name, MODEL, int(candidate), int(champion), POLICY,
+                                      time.time()))
 
     def rollout(self, name: str) -> Rollout:
         obj = self.store.get_object(name)
@@ -369,7 +370,7 @@ class World:
         try:
             r = self.store.get(name)
             lines = [f"phase {r.phase.value} step {r.step} weights {dict(r.weights)} "
-                     f"reason {r.reason!r}"] + [f"  {e.kind} [{e.verdict}] {e.message}"
+                     f"reason {r.reason!r}"] + [f"  {e.kind_name} [{e.verdict}] {e.message}"
                                                 for e in r.history]
         except Exception as e:  # noqa: BLE001 - diagnostics only
             lines = [f"rollout unreadable: {e}"]
@@ -407,15 +408,15 @@ def assert_promoted_once(w: World, r: Rollout, champion: str = "1", candidate: s
     ``lost_events``: a SIGKILL may land between a status write and its Event (Events are
     best effort, written after the status), so one Event may be missing, never duplicated."""
     assert r.phase is Phase.SUCCEEDED, w.diagnose(r.id)
-    steps = [e for e in r.history if e.kind == "set_weights"]
-    assert [e.weights.get(candidate) for e in steps] == [10, 50, 100], w.diagnose(r.id)
+    steps = [e for e in r.history if e.kind_name == "set_weights"]
+    assert [e.weights.get(int(candidate)) for e in steps] == [10, 50, 100], w.diagnose(r.id)
     for e in steps[1:]:  # each later step was earned by the previous step's analysis
-        assert e.verdict == "successful" and "passed" in e.message, e
-    kinds = [e.kind for e in r.history]
+        assert (e.verdict and e.verdict.value) == "successful" and "passed" in e.message, e
+    kinds = [e.kind_name for e in r.history]
     assert kinds.count("promote") == 1 and kinds.count("retire") == 1 and kinds[-2:] == [
         "promote", "retire"], kinds
     assert "rollback" not in kinds and "abort" not in kinds and "error" not in kinds, kinds
-    assert r.weights == {candidate: 100}
+    assert r.weights == {int(candidate): 100}
     assert w.registry.alias(MODEL, "champion") == int(candidate)  # moved in the shared registry
     assert not w.exists(champion) and w.exists(candidate)  # the old champion retired
     # The Gateway saw each step once, in order, never going back (nothing applied twice).
@@ -423,7 +424,7 @@ def assert_promoted_once(w: World, r: Rollout, champion: str = "1", candidate: s
     assert wait_for("the retired champion to leave the route",
                     lambda: w.gateway.routes if w.gateway.routes[-1:] == want[-1:] else None,
                     5) == want
-    assert w.gateway.served(candidate) >= 3 * POLICY.min_requests
+    assert w.gateway.served(candidate) >= 3 * POLICY.analysis.min_requests
     steps_seen = [s.get("step") for s in w.observed if s.get("step") is not None]
     assert steps_seen == sorted(steps_seen), steps_seen  # status step never went back
     reasons = collections.Counter(e["reason"] for e in w.events(r.id))
@@ -445,7 +446,7 @@ def test_rollout_steps_10_50_100_and_promotes(world):
     assert_promoted_once(w, r)
     assert set(w.kserve.served) == {"1", "2"}  # both versions deployed by the controller
     assert r.gate is not None and r.gate.verdict.value == "successful"
-    promote = next(e for e in r.history if e.kind == "promote")
+    promote = next(e for e in r.history if e.kind_name == "promote")
     assert promote.message.startswith("step 3/3 (100%) passed"), promote
     events = w.events("digits-v2")
     assert all(e["source"]["component"] == "kloop-controller" for e in events)
@@ -467,10 +468,10 @@ def test_injected_5xx_rolls_back_and_deletes_the_candidate(world, servers):
         admin.clear_fault(MODEL, 3)
     assert r.phase is Phase.ROLLED_BACK, w.diagnose(r.id)
     assert "step 1/3 (10%) failed" in r.reason and "error rate 1.0000" in r.reason, r.reason
-    assert [e.weights.get("3") for e in r.history if e.kind == "set_weights"] == [10]
-    assert w.gateway.served("3", 500) >= POLICY.min_requests and w.gateway.served("3") == 0
+    assert [e.weights.get(3) for e in r.history if e.kind_name == "set_weights"] == [10]
+    assert w.gateway.served("3", 500) >= POLICY.analysis.min_requests and w.gateway.served("3") == 0
     assert not w.exists("3") and w.exists("2")  # the candidate's InferenceService deleted
-    assert route_weights(w.kube, w.ns) == {"2": 100} and r.weights == {"2": 100}
+    assert route_weights(w.kube, w.ns) == {"2": 100} and r.weights == {2: 100}
     assert w.registry.alias(MODEL, "champion") == 2  # unchanged
     wait_for("the Gateway to route only to the champion",
              lambda: w.gateway.routes[-1] == {"2": 100}, 5)
@@ -488,7 +489,7 @@ def test_sigkill_mid_rollout_resumes_at_the_same_step(world):
     assert first.signal(signal.SIGKILL) == -signal.SIGKILL  # no release, no cleanup
     killed = w.rollout("digits-v2")  # what the dead controller left
     assert killed.step == at_kill.step == 0 and w.holder() == "ctl-a"
-    assert killed.weights == {"1": 90, "2": 10}
+    assert killed.weights == {1: 90, 2: 10}
 
     second = w.controller("ctl-b")  # a new pod: a new identity, waits out the old Lease
     r = w.wait("digits-v2", "Succeeded after the restart", lambda r: r.phase.terminal, 60)
@@ -553,7 +554,7 @@ def test_candidate_that_never_loads_fails_and_is_cleaned_up(world):
     r = w.wait("digits-v3-broken", "RolledBack", lambda r: r.phase.terminal)
     assert r.phase is Phase.ROLLED_BACK, w.diagnose(r.id)
     assert r.reason.startswith("candidate never became ready") and "out of memory" in r.reason
-    assert not any(e.kind == "set_weights" for e in r.history)  # never got traffic
+    assert not any(e.kind_name == "set_weights" for e in r.history)  # never got traffic
     assert w.gateway.served("3") == 0 and w.gateway.served("3", 500) == 0
     wait_for("the broken candidate's InferenceService to be deleted",
              lambda: not w.exists("3") or None, 10)

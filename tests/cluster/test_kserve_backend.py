@@ -18,21 +18,22 @@ import numpy as np
 import pytest
 import yaml
 
-from deploy.backends.kserve import (
+from deploy.cluster.kserve_backend import (
     CHAMPION_ANNOTATION,
     KServeBackend,
     KServeConfig,
     readiness,
 )
-from deploy.controller import FakeClock, tick
-from deploy.kserve import isvc_name
-from deploy.kube import KINDS, Kube, NotFound
-from deploy.promql import ScrapeMetrics
+from deploy.cluster.kserve_manifests import isvc_name
+from deploy.cluster.kube import KINDS, Kube, NotFound
+from deploy.cluster.prometheus import ScrapeMetrics
+from deploy.controller import tick
+from deploy.local.rollout_store import SQLiteRolloutStore
 from deploy.rollout import Phase, RolloutPolicy, new_rollout
-from deploy.store import RolloutStore
 from kloop.artifact import Registry
 from serving.client import HttpClient
 from tests.crds import REPO, validate
+from tests.deploy.fakes import FakeClock
 from tests.serving.conftest import MODEL, publish_version
 from tests.serving.test_model_dir import ModelDirServer
 
@@ -78,8 +79,7 @@ def kube(cluster, namespace) -> Kube:
 def backend(kube: Kube, registry_root: Path, clock: FakeClock | None = None,
             mode: str = "Standard") -> KServeBackend:
     config = KServeConfig(mode=mode, namespace=kube.namespace)  # type: ignore[arg-type]
-    return KServeBackend(kube, Registry(registry_root), config, ScrapeMetrics(),
-                         now=(clock or FakeClock()).now)
+    return KServeBackend(kube, config, ScrapeMetrics(), now=(clock or FakeClock()).now)
 
 
 # ---- playing the KServe controller ----------------------------------------------------------
@@ -167,33 +167,33 @@ def test_cluster_serving_runtimes_are_valid_and_accepted(cluster):
 
 def test_standard_mode_objects_readiness_and_traffic(kube, registry_root, servers):
     b = backend(kube, registry_root)
-    b.ensure_loaded(MODEL, "1")
-    b.ensure_loaded(MODEL, "1")  # idempotent
+    b.ensure_loaded(MODEL, 1)
+    b.ensure_loaded(MODEL, 1)  # idempotent
     isvc = kube.get(ISVC, isvc_name(MODEL, "1"))
     assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
     assert isvc["spec"]["predictor"]["model"]["protocolVersion"] == "v2"
     assert b.read(MODEL).loaded == frozenset()  # applied is not ready
     play_kserve(kube, isvc_name(MODEL, "1"), ready=False)
-    assert "Ready is not True" in b.readiness(MODEL)["1"].reason
+    assert "Ready is not True" in b.readiness(MODEL)[1].reason
     play_kserve(kube, isvc_name(MODEL, "1"), url=servers["1"])
-    b.set_weights(MODEL, {"1": 100})
+    b.set_weights(MODEL, {1: 100})
     w = b.read(MODEL)
-    assert (w.error, w.loaded, dict(w.weights)) == (None, frozenset({"1"}), {"1": 100})
+    assert (w.error, w.loaded, dict(w.weights)) == (None, frozenset({1}), {1: 100})
 
-    b.ensure_loaded(MODEL, "2")
-    assert b.read(MODEL).loaded == frozenset({"1"})  # v2 created, not ready yet
+    b.ensure_loaded(MODEL, 2)
+    assert b.read(MODEL).loaded == frozenset({1})  # v2 created, not ready yet
     play_kserve(kube, isvc_name(MODEL, "2"), url=servers["2"])
-    b.set_weights(MODEL, {"2": 10, "1": 90})
+    b.set_weights(MODEL, {2: 10, 1: 90})
     assert route_weights(kube, HTTP) == route_weights(kube, GRPC) == {"1": 90, "2": 10}
     send(servers, {"1": 90, "2": 10}, 50)
     w = b.read(MODEL)
-    assert w.loaded == frozenset({"1", "2"}) and dict(w.weights) == {"1": 90, "2": 10}
-    assert w.samples["2"].requests >= 5 and w.samples["1"].requests >= 45
+    assert w.loaded == frozenset({1, 2}) and dict(w.weights) == {1: 90, 2: 10}
+    assert w.samples[2].requests >= 5 and w.samples[1].requests >= 45
 
-    b.promote(MODEL, "2")
+    b.promote(MODEL, 2)
     assert route_weights(kube, HTTP) == route_weights(kube, GRPC) == {"1": 0, "2": 100}
-    assert Registry(registry_root).alias(MODEL, "champion") == 2
-    b.retire(MODEL, "1")
+    assert Registry(registry_root).alias(MODEL, "champion") == 1  # the controller's to move
+    b.retire(MODEL, 1)
     assert not exists(kube, ISVC, isvc_name(MODEL, "1"))
     assert route_weights(kube, HTTP) == route_weights(kube, GRPC) == {"2": 100}
     reasons = [e["reason"] for e in kube.events_for(kube.get(ISVC, isvc_name(MODEL, "2")))]
@@ -203,23 +203,23 @@ def test_standard_mode_objects_readiness_and_traffic(kube, registry_root, server
 
 def test_standard_rollback_deletes_the_candidate(kube, registry_root, servers):
     b = backend(kube, registry_root)
-    b.ensure_loaded(MODEL, "1")
+    b.ensure_loaded(MODEL, 1)
     play_kserve(kube, isvc_name(MODEL, "1"), url=servers["1"])
-    b.set_weights(MODEL, {"1": 100})
-    b.ensure_loaded(MODEL, "3")
+    b.set_weights(MODEL, {1: 100})
+    b.ensure_loaded(MODEL, 3)
     play_kserve(kube, isvc_name(MODEL, "3"), failure="torch.export.load: bad magic number")
     w = b.read(MODEL)
-    assert "3" not in w.loaded
-    assert w.failed == {"3": "FailedToLoad: ModelLoadFailed: torch.export.load: bad magic number"}
-    b.rollback(MODEL, "1", "3")
-    b.rollback(MODEL, "1", "3")  # repeated after a crash: nothing left to do
+    assert 3 not in w.loaded
+    assert w.failed == {3: "FailedToLoad: ModelLoadFailed: torch.export.load: bad magic number"}
+    b.rollback(MODEL, 1, 3)
+    b.rollback(MODEL, 1, 3)  # repeated after a crash: nothing left to do
     assert not exists(kube, ISVC, isvc_name(MODEL, "3"))
     assert route_weights(kube, HTTP) == route_weights(kube, GRPC) == {"1": 100}
 
 
 def test_stale_status_and_unavailable_deployment_are_not_ready(kube, registry_root):
     b = backend(kube, registry_root)
-    b.ensure_loaded(MODEL, "1")
+    b.ensure_loaded(MODEL, 1)
     name = isvc_name(MODEL, "1")
     play_kserve(kube, name, url="http://x")
     isvc = kube.get(ISVC, name)
@@ -236,26 +236,26 @@ def test_stale_status_and_unavailable_deployment_are_not_ready(kube, registry_ro
 
 def test_serverless_canary_steps_and_promotion_removes_it(kube, registry_root, servers):
     b = backend(kube, registry_root, mode="Serverless")
-    b.ensure_loaded(MODEL, "1")
+    b.ensure_loaded(MODEL, 1)
     play_kserve(kube, MODEL, url=servers["1"])
-    assert dict(b.read(MODEL).weights) == {"1": 100}
-    b.ensure_loaded(MODEL, "2")
+    assert dict(b.read(MODEL).weights) == {1: 100}
+    b.ensure_loaded(MODEL, 2)
     isvc = kube.get(ISVC, MODEL)
     pred = isvc["spec"]["predictor"]
     assert pred["canaryTrafficPercent"] == 0 and pred["model"]["storageUri"].endswith("/2")
     assert isvc["metadata"]["annotations"][CHAMPION_ANNOTATION] == "1"
-    assert b.read(MODEL).loaded == frozenset({"1"})  # new generation, status is stale
+    assert b.read(MODEL).loaded == frozenset({1})  # new generation, status is stale
     play_kserve(kube, MODEL, url=servers["2"])
     for pct in (10, 50):
-        b.set_weights(MODEL, {"2": pct, "1": 100 - pct})
+        b.set_weights(MODEL, {2: pct, 1: 100 - pct})
         assert kube.get(ISVC, MODEL)["spec"]["predictor"]["canaryTrafficPercent"] == pct
-        assert dict(b.read(MODEL).weights) == {"2": pct, "1": 100 - pct}
+        assert dict(b.read(MODEL).weights) == {2: pct, 1: 100 - pct}
     # what Knative actually routes wins over the spec
     play_kserve(kube, MODEL, url=servers["2"], traffic=[
         {"revisionName": "r2", "percent": 30, "latestRevision": True},
         {"revisionName": "r1", "percent": 70, "latestRevision": False}])
-    assert dict(b.read(MODEL).weights) == {"2": 30, "1": 70}
-    b.promote(MODEL, "2")
+    assert dict(b.read(MODEL).weights) == {2: 30, 1: 70}
+    b.promote(MODEL, 2)
     isvc = kube.get(ISVC, MODEL)
     assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
     assert CHAMPION_ANNOTATION not in isvc["metadata"].get("annotations", {})
@@ -264,10 +264,10 @@ def test_serverless_canary_steps_and_promotion_removes_it(kube, registry_root, s
 
 def test_serverless_rollback_restores_the_champion(kube, registry_root):
     b = backend(kube, registry_root, mode="Serverless")
-    b.ensure_loaded(MODEL, "1")
-    b.ensure_loaded(MODEL, "3")
-    b.set_weights(MODEL, {"3": 10, "1": 90})
-    b.rollback(MODEL, "1", "3")
+    b.ensure_loaded(MODEL, 1)
+    b.ensure_loaded(MODEL, 3)
+    b.set_weights(MODEL, {3: 10, 1: 90})
+    b.rollback(MODEL, 1, 3)
     isvc = kube.get(ISVC, MODEL)
     assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
     assert isvc["spec"]["predictor"]["model"]["storageUri"].endswith("/1")
@@ -276,20 +276,20 @@ def test_serverless_rollback_restores_the_champion(kube, registry_root):
 
 # ---- whole rollouts through the controller ---------------------------------------------------
 
-POLICY = RolloutPolicy(steps=(10, 50, 100), min_requests=20, min_duration_s=60,
-                       step_timeout_s=600, failure_limit=1, error_limit=3, retire_after_s=30,
-                       p99_slack_ms=50, ready_timeout_s=300)
+POLICY = RolloutPolicy.from_dict(dict(
+    steps=(10, 50, 100), min_requests=20, min_duration_s=60, step_timeout_s=600, failure_limit=1,
+    error_limit=3, retire_after_s=30, p99_slack_ms=50, ready_timeout_s=300))
 
 
 def start(kube, registry_root, servers, tmp_path, policy=POLICY):
     """v1 already serving (as a previous rollout left it); a rollout of v2 created."""
     clock = FakeClock(start=0.0)
     b = backend(kube, registry_root, clock)
-    b.ensure_loaded(MODEL, "1")
+    b.ensure_loaded(MODEL, 1)
     play_kserve(kube, isvc_name(MODEL, "1"), url=servers["1"])
-    b.set_weights(MODEL, {"1": 100})
-    store = RolloutStore(tmp_path / "kloop.db")
-    store.create(new_rollout("r1", MODEL, "2", "1", policy, clock.now()))
+    b.set_weights(MODEL, {1: 100})
+    store = SQLiteRolloutStore(tmp_path / "kloop.db")
+    store.create(new_rollout("r1", MODEL, 2, 1, policy, clock.now()))
 
     def step():
         return tick(store, b, Registry(registry_root), "r1", clock)
@@ -320,7 +320,7 @@ def test_rollout_gate_ready_10_50_100_promote(kube, registry_root, servers, tmp_
     assert r.phase is Phase.SUCCEEDED
     assert not exists(kube, ISVC, isvc_name(MODEL, "1"))
     assert route_weights(kube, HTTP) == {"2": 100}
-    assert [h.kind for h in r.history] == [
+    assert [h.kind_name for h in r.history] == [
         "run_gate", "wait", "set_weights", "set_weights", "set_weights", "promote", "retire"]
     Registry(registry_root).set_alias(MODEL, "champion", 1)
 
@@ -341,4 +341,4 @@ def test_candidate_never_ready_rolls_back_and_is_deleted(kube, registry_root, se
     assert (failure or "not ready 300s") in r.reason
     assert not exists(kube, ISVC, isvc_name(MODEL, "2"))
     assert route_weights(kube, HTTP) == route_weights(kube, GRPC) == {"1": 100}
-    assert dataclasses.replace(r, history=()).weights == {"1": 100}
+    assert dataclasses.replace(r, history=()).weights == {1: 100}

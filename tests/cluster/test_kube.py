@@ -1,4 +1,4 @@
-"""``deploy.kube`` against the real kube-apiserver 1.20 (tests/cluster/conftest.py): optimistic
+"""``deploy.cluster.kube`` against the real kube-apiserver 1.20 (tests/cluster/conftest.py): optimistic
 concurrency, idempotent apply and delete, /status patches, the server's 422 message, watches
 including a real 410 Gone, the autoscaling/v2 -> v2beta2 fallback, events."""
 
@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from deploy.kube import KINDS, Conflict, Invalid, Kube, KubeConfig, NotFound
+from deploy.cluster.kube import KINDS, Conflict, Invalid, Kube, KubeConfig, NotFound
 
 pytestmark = pytest.mark.cluster
 
@@ -126,7 +126,7 @@ def test_watch_from_an_expired_version_relists_and_continues(kube, caplog):
     """A real 410: the watch cache of a CRD kind starts at the CRD's creation, so version "1"
     is older than its window and the server answers with an ERROR event, code 410."""
     kube.create(pytorchjob("j"))
-    caplog.set_level(logging.INFO, logger="deploy.kube")
+    caplog.set_level(logging.INFO, logger="deploy.cluster.kube")
     events = kube.watch(PTJ, name="j", timeout_s=15, resource_version="1")
     etype, obj = next(events)
     assert (etype, obj["metadata"]["name"]) == ("ADDED", "j")

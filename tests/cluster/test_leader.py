@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from deploy import kube as k
-from deploy.controller import FakeClock
-from deploy.leader import LEASE, LeaderElector
+from deploy.cluster import kube as k
+from deploy.cluster.leader import LEASE, LeaderElector
+from tests.deploy.fakes import FakeClock
 
 pytestmark = pytest.mark.cluster
 

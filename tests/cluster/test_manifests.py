@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy import kube as k
-from deploy.crstore import POLICY_KEYS, ROLLOUT, STATUS_KEYS
-from deploy.kserve import render_kserve
+from deploy.cluster import kube as k
+from deploy.cluster.cr_store import POLICY_KEYS, ROLLOUT, STATUS_KEYS
+from deploy.cluster.kserve_manifests import render_kserve
 from tests.crds import REPO
 
 pytestmark = pytest.mark.cluster
@@ -76,7 +76,7 @@ def test_every_object_is_accepted_by_the_api_server(admin):
 
 def test_rendered_rollout_objects_are_accepted(admin, namespace):
     """What the KServe backend applies for a rollout, incl. the external-autoscaler HPA
-    (autoscaling/v2 in the product; written as v2beta2 on this 1.20 server by deploy.kube)."""
+    (autoscaling/v2 in the product; written as v2beta2 on this 1.20 server by deploy.cluster.kube)."""
     objs = render_kserve("digits", 1, 2, {"1": 90, "2": 10}, namespace=namespace,
                          autoscaler="external")
     assert any(o["kind"] == "HorizontalPodAutoscaler" and o["apiVersion"] == "autoscaling/v2"

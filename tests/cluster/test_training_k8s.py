@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from deploy import k8s_training as kt
-from deploy.kube import KINDS, Kube, NotFound
+from deploy.cluster import training_jobs as kt
+from deploy.cluster.kube import KINDS, Kube, NotFound
 from kloop.artifact import Registry
-from trainer import k8s as render
+from trainer import job_manifests as render
 from trainer.spec import Elastic, Storage, TrainSpec
 
 pytestmark = pytest.mark.cluster

@@ -1,6 +1,6 @@
-"""Fakes owned by these tests: an in-memory stand-in for the model server's admin API that
-exports real ``prometheus_client`` text with the server's exact metric names, and helpers to
-publish manifests into a real registry."""
+"""Fakes owned by these tests: a clock that moves only when told, an in-memory stand-in for the
+model server's admin API that exports real ``prometheus_client`` text with the server's exact
+metric names (``kloop.telemetry``), and a helper to publish manifests into a real registry."""
 
 from __future__ import annotations
 
@@ -10,8 +10,28 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from kloop.artifact import Registry, TensorSpec
+from kloop.model_version import Version
+from kloop.telemetry import DURATION, ERRORS, REQUESTS, WEIGHT
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class FakeClock:
+    """Time that moves only when told: ``sleep`` advances it instantly (``deploy.ports.Clock``)."""
+
+    def __init__(self, start: float = 1_700_000_000.0):
+        self.t = float(start)
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.advance(seconds)
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("time does not go backwards")
+        self.t += seconds
 
 
 class AdminError(Exception):
@@ -23,11 +43,10 @@ class AdminError(Exception):
 def metric_registry() -> tuple[CollectorRegistry, Counter, Counter, Histogram, Gauge]:
     reg = CollectorRegistry()
     labels = ["model", "version", "protocol"]
-    req = Counter("kloop_inference_requests_total", "requests", labels, registry=reg)
-    err = Counter("kloop_inference_errors_total", "errors", labels + ["code"], registry=reg)
-    dur = Histogram("kloop_inference_request_duration_seconds", "latency", labels,
-                    buckets=BUCKETS, registry=reg)
-    weight = Gauge("kloop_model_traffic_weight", "weight", ["model", "version"], registry=reg)
+    req = Counter(REQUESTS, "requests", labels, registry=reg)
+    err = Counter(ERRORS, "errors", labels + ["code"], registry=reg)
+    dur = Histogram(DURATION, "latency", labels, buckets=BUCKETS, registry=reg)
+    weight = Gauge(WEIGHT, "weight", ["model", "version"], registry=reg)
     return reg, req, err, dur, weight
 
 
@@ -111,7 +130,7 @@ class FakeAdmin:
 
 
 def publish(registry: Registry, tmp: Path, model: str, accuracy: float | None,
-            fingerprint: str = "fp-1") -> str:
+            fingerprint: str = "fp-1") -> Version:
     src = tmp / f"src-{model}-{len(registry.versions(model))}"
     src.mkdir(parents=True)
     (src / "model.pt2").write_bytes(b"weights")
@@ -121,4 +140,4 @@ def publish(registry: Registry, tmp: Path, model: str, accuracy: float | None,
         inputs=[TensorSpec("x", "FP32", (-1, 4))], outputs=[TensorSpec("y", "FP32", (-1, 3))],
         metrics=metrics, params={}, data_fingerprint=fingerprint, run_id="run",
     )
-    return str(m.version)
+    return m.version

@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from deploy.analysis import AnalysisPolicy, GatePolicy, Verdict, VersionStats, analyse, gate
-from deploy.metrics import VersionSample
+from deploy.rollout.analysis import AnalysisPolicy, GatePolicy, Verdict, VersionStats, analyse, gate
+from deploy.rollout.samples import VersionSample
 
 INF = math.inf
 

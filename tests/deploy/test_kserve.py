@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from deploy.kserve import isvc_name, render_kserve, to_yaml
+from deploy.cluster.kserve_manifests import isvc_name, render_kserve, to_yaml
 from tests.crds import validate
 
 
@@ -13,7 +13,7 @@ def _by_kind(objs):
 
 
 def test_standard_mode_isvc_per_version_and_weighted_routes():
-    objs = render_kserve("iris", "1", "2", {"1": 90, "2": 10}, namespace="ml",
+    objs = render_kserve("iris", 1, 2, {1: 90, 2: 10}, namespace="ml",
                          storage_uri_prefix="s3://kloop-models/")
     for o in objs:
         validate(o)
@@ -45,7 +45,7 @@ def test_standard_mode_isvc_per_version_and_weighted_routes():
 
 
 def test_standard_first_version_and_external_autoscaler():
-    objs = render_kserve("iris", None, "1", {"1": 100}, autoscaler="external",
+    objs = render_kserve("iris", None, 1, {1: 100}, autoscaler="external",
                          gateway_namespace="gw", hostnames=["iris.example.com"])
     k = _by_kind(objs)
     assert len(k["InferenceService"]) == 1 and len(k["HorizontalPodAutoscaler"]) == 1
@@ -63,7 +63,7 @@ def test_standard_first_version_and_external_autoscaler():
 
 
 def test_serverless_mode_one_isvc_with_canary_percent():
-    (isvc,) = render_kserve("iris", "1", "2", {"1": 80, "2": 20}, mode="Serverless",
+    (isvc,) = render_kserve("iris", 1, 2, {1: 80, 2: 20}, mode="Serverless",
                             storage_uri_prefix="pvc://kloop-registry")
     validate(isvc)
     assert isvc["metadata"]["name"] == "iris"
@@ -74,7 +74,7 @@ def test_serverless_mode_one_isvc_with_canary_percent():
 
 
 def test_serverless_at_100_percent_drops_the_canary_split():
-    (isvc,) = render_kserve("iris", "1", "2", {"2": 100, "1": 0}, mode="Serverless")
+    (isvc,) = render_kserve("iris", 1, 2, {2: 100, 1: 0}, mode="Serverless")
     validate(isvc)
     assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
 
@@ -82,12 +82,13 @@ def test_serverless_at_100_percent_drops_the_canary_split():
 @pytest.mark.parametrize(
     "args, kw, says",
     [
-        (("iris", "1", "2", {"1": 90, "2": 20}), {}, "sum to 100"),
-        (("iris", "1", "2", {"3": 100}), {}, "not rendered"),
-        (("iris", "1", "latest", {"1": 100}), {}, "not a version number"),
-        (("iris", "1", "2", {"2": 100}), {"min_replicas": 5, "max_replicas": 2}, "replicas"),
-        (("iris", "1", "2", {"2": 100}), {"mode": "Raw"}, "mode"),
-        (("x" * 60, "1", "2", {"2": 100}), {}, "63"),
+        (("iris", 1, 2, {1: 90, 2: 20}), {}, "sum to 100"),
+        (("iris", 1, 2, {3: 100}), {}, "not rendered"),
+        (("iris", 1, "latest", {1: 100}), {}, "not a version number"),
+        (("iris", 1, 0, {1: 100}), {}, "not a version number"),
+        (("iris", 1, 2, {2: 100}), {"min_replicas": 5, "max_replicas": 2}, "replicas"),
+        (("iris", 1, 2, {2: 100}), {"mode": "Raw"}, "mode"),
+        (("x" * 60, 1, 2, {2: 100}), {}, "63"),
     ],
 )
 def test_render_rejects_bad_input(args, kw, says):
@@ -96,10 +97,10 @@ def test_render_rejects_bad_input(args, kw, says):
 
 
 def test_to_yaml_multi_document_round_trip():
-    objs = render_kserve("iris", "1", "2", {"1": 50, "2": 50})
+    objs = render_kserve("iris", 1, 2, {1: 50, 2: 50})
     docs = list(yaml.safe_load_all(to_yaml(objs)))
     assert docs == objs
 
 
 def test_isvc_name_is_dns_safe():
-    assert isvc_name("my_model.v", "3") == "my-model-v-v3"
+    assert isvc_name("my_model.v", 3) == "my-model-v-v3"

@@ -3,7 +3,7 @@ import math
 import pytest
 from prometheus_client import generate_latest
 
-from deploy.metrics import (
+from deploy.rollout.samples import (
     CounterReset,
     MetricsError,
     VersionSample,
@@ -37,20 +37,20 @@ def _text() -> str:
 
 def test_parse_real_prometheus_client_output_sums_protocols_and_counts_only_5xx():
     s = parse(_text(), at=5.0)
-    v1 = s[("iris", "1")]
+    v1 = s[("iris", 1)]
     assert v1.requests == 100
     assert v1.server_errors == 3
     assert v1.at == 5.0
     b = dict(v1.buckets)
     assert b[0.005] == 3 and b[0.25] == 4 and b[INF] == 4
-    assert s[("iris", "2")].requests == 5
-    assert s[("other", "1")].requests == 1000
+    assert s[("iris", 2)].requests == 5
+    assert s[("other", 1)].requests == 1000
 
 
 def test_samples_for_reports_a_version_without_series_as_zero():
-    s = samples_for(_text(), "iris", ["1", "3"], at=1.0)
-    assert s["3"] == VersionSample.zero(1.0)
-    assert s["1"].requests == 100
+    s = samples_for(_text(), "iris", [1, 3], at=1.0)
+    assert s[3] == VersionSample.zero(1.0)
+    assert s[1].requests == 100
 
 
 def test_unparseable_text_is_a_metrics_error():

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy.localserver import ServerHandle, ServerProcess
-from deploy.metrics import MetricsError, samples_for
-from deploy.promql import PromQLMetrics, ScrapeMetrics, escape
+from deploy.cluster.prometheus import PromQLMetrics, ScrapeMetrics, escape
+from deploy.local.server_process import ServerHandle, ServerProcess
+from deploy.rollout.samples import MetricsError, samples_for
 from kloop.artifact import Registry
 from serving.client import InferenceError
 from tests.serving.conftest import MODEL, publish_version
@@ -114,31 +114,31 @@ def test_promql_samples_equal_the_servers_own_metrics(server, prometheus):
         except InferenceError:  # the injected 500s: the server counts them, which is the point
             pass
     admin = server.admin()
-    truth = samples_for(admin.metrics_text(), MODEL, ["1", "2"], at=0.0)
-    assert truth["1"].requests > 0 and truth["2"].requests > 0 and truth["2"].server_errors > 0
+    truth = samples_for(admin.metrics_text(), MODEL, [1, 2], at=0.0)
+    assert truth[1].requests > 0 and truth[2].requests > 0 and truth[2].server_errors > 0
     promql = PromQLMetrics(prometheus)
 
     def caught_up():
-        got = promql.samples(MODEL, {"1": None, "2": None}, at=0.0)
+        got = promql.samples(MODEL, {1: None, 2: None}, at=0.0)
         return got if got == truth else None
 
     got = wait_for(caught_up, what="Prometheus scraped the final counters")
-    assert got["2"].buckets[-1] == (float("inf"), truth["2"].requests)
-    assert ScrapeMetrics().samples(MODEL, {"1": server.http_url, "2": server.http_url}, 0.0) == truth
+    assert got[2].buckets[-1] == (float("inf"), truth[2].requests)
+    assert ScrapeMetrics().samples(MODEL, {1: server.http_url, 2: server.http_url}, 0.0) == truth
 
 
 def test_label_values_are_escaped_and_absent_series_are_zero(prometheus):
     weird = 'we"ird\\model\nname'
     assert escape(weird) == 'we\\"ird\\\\model\\nname'
-    got = PromQLMetrics(prometheus, namespace="kloop").samples(weird, {"1": None}, at=5.0)
-    assert got["1"].requests == 0 and got["1"].buckets == () and got["1"].at == 5.0
+    got = PromQLMetrics(prometheus, namespace="kloop").samples(weird, {1: None}, at=5.0)
+    assert got[1].requests == 0 and got[1].buckets == () and got[1].at == 5.0
 
 
 def test_prometheus_unreachable_is_metrics_error():
     with pytest.raises(MetricsError, match="GET http://127.0.0.1"):
-        PromQLMetrics(f"http://127.0.0.1:{free_port()}", timeout=1).samples(MODEL, {"1": None}, 0)
+        PromQLMetrics(f"http://127.0.0.1:{free_port()}", timeout=1).samples(MODEL, {1: None}, 0)
     with pytest.raises(MetricsError, match="no address"):
-        ScrapeMetrics().samples(MODEL, {"1": None}, 0)
+        ScrapeMetrics().samples(MODEL, {1: None}, 0)
 
 
 def test_a_bad_query_is_metrics_error(prometheus):

@@ -1,18 +1,16 @@
-"""The controller's backend factory (``deploy.reconciler.KServeBackends``): one backend per
+"""The controller's backend factory (``deploy.cluster.reconciler.KServeBackends``): one backend per
 Rollout, rebuilt when its spec changes and dropped when the reconciler forgets the Rollout, so
 a controller that runs for months holds backends for its live Rollouts only. (The reconciler's
 calls to ``forget`` run against the real API server in tests/cluster/test_controller.py.)"""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from deploy.backends.kserve import KServeBackend
-from deploy.controller import FakeClock
-from deploy.promql import PromQLMetrics, ScrapeMetrics
-from deploy.reconciler import KServeBackends
-from kloop.artifact import Registry
+from deploy.cluster.kserve_backend import KServeBackend
+from deploy.cluster.prometheus import PromQLMetrics, ScrapeMetrics
+from deploy.cluster.reconciler import KServeBackends
+from tests.deploy.fakes import FakeClock
 
 
 def rollout(name: str, generation: int, namespace: str = "team-a",
@@ -21,10 +19,8 @@ def rollout(name: str, generation: int, namespace: str = "team-a",
             "spec": {"model": "digits", "candidate": "2", **spec}}
 
 
-def test_one_backend_per_rollout_rebuilt_on_a_new_generation_dropped_when_forgotten(
-    tmp_path: Path,
-) -> None:
-    factory = KServeBackends(None, Registry(tmp_path), FakeClock(),  # type: ignore[arg-type]
+def test_one_backend_per_rollout_rebuilt_on_a_new_generation_dropped_when_forgotten() -> None:
+    factory = KServeBackends(None, FakeClock(),  # type: ignore[arg-type]  # never called here
                              prometheus_url="http://prometheus:9090")
     first = factory(rollout("a", 1))
     assert isinstance(first, KServeBackend) and first.config.namespace == "team-a"

@@ -4,15 +4,16 @@ import math
 
 import pytest
 
-from deploy.analysis import GateResult, Verdict
-from deploy.backends import World
-from deploy.metrics import VersionSample
 from deploy.rollout import (
     Action,
     Applied,
+    GateResult,
     Phase,
     Rollout,
     RolloutPolicy,
+    Verdict,
+    VersionSample,
+    World,
     decide,
     new_rollout,
     next_weight,
@@ -20,8 +21,9 @@ from deploy.rollout import (
 )
 
 INF = math.inf
-POLICY = RolloutPolicy(steps=(10, 50, 100), min_requests=100, min_duration_s=60,
-                       step_timeout_s=600, failure_limit=2, error_limit=3, retire_after_s=60)
+POLICY = RolloutPolicy.from_dict(dict(steps=(10, 50, 100), min_requests=100, min_duration_s=60,
+                                      step_timeout_s=600, failure_limit=2, error_limit=3,
+                                      retire_after_s=60))
 ZERO = VersionSample.zero(0)
 
 
@@ -31,16 +33,16 @@ def sample(requests, errors=0, slow=0):
 
 
 def ro(**kw):
-    base = {"id": "r1", "model": "iris", "candidate": "2", "champion": "1", "policy": POLICY,
-            "created": 0.0, "phase": Phase.PROGRESSING, "step": 0, "weights": {"2": 10, "1": 90},
-            "step_started_at": 0.0, "window_started_at": 0.0, "baseline": {"2": ZERO, "1": ZERO}}
+    base = {"id": "r1", "model": "iris", "candidate": 2, "champion": 1, "policy": POLICY,
+            "created": 0.0, "phase": Phase.PROGRESSING, "step": 0, "weights": {2: 10, 1: 90},
+            "step_started_at": 0.0, "window_started_at": 0.0, "baseline": {2: ZERO, 1: ZERO}}
     return Rollout(**{**base, **kw})
 
 
 def world(weights=None, cand=None, champ=None, error=None):
-    samples = None if error else {"2": cand or ZERO, "1": champ or ZERO}
-    return World(weights=weights if weights is not None else {"2": 10, "1": 90},
-                 loaded=frozenset({"1", "2"}), samples=samples, error=error)
+    samples = None if error else {2: cand or ZERO, 1: champ or ZERO}
+    return World(weights=weights if weights is not None else {2: 10, 1: 90},
+                 loaded=frozenset({1, 2}), samples=samples, error=error)
 
 
 GOOD, CHAMP = sample(200), sample(2000)
@@ -69,7 +71,7 @@ GOOD, CHAMP = sample(200), sample(2000)
 )
 def test_policy_rejects_bad_combinations(kw, says):
     with pytest.raises(ValueError, match=says):
-        RolloutPolicy(**kw)
+        RolloutPolicy.from_dict(kw)
 
 
 def test_policy_round_trip_and_unknown_fields():
@@ -105,10 +107,10 @@ def test_pending_runs_the_gate():
 def test_gating(verdict, action, says):
     g = GateResult(verdict, ("evaluated on different data" if verdict is Verdict.ERROR else "x",))
     r = ro(phase=Phase.GATING, step=-1, weights={}, gate=g)
-    d = decide(r, world(weights={"1": 100}), POLICY, 0)
+    d = decide(r, world(weights={1: 100}), POLICY, 0)
     assert d.action is action and says in d.reason
     if action is Action.SET_WEIGHTS:
-        assert d.weights == {"2": 10, "1": 90} and d.step == 0
+        assert d.weights == {2: 10, 1: 90} and d.step == 0
 
 
 @pytest.mark.parametrize(
@@ -117,7 +119,7 @@ def test_gating(verdict, action, says):
         # step passes -> next step's weights
         (ro(), world(cand=GOOD, champ=CHAMP), 60, Action.SET_WEIGHTS, Verdict.SUCCESSFUL, "passed"),
         # last step passes -> promote
-        (ro(step=2, weights={"2": 100, "1": 0}), world({"2": 100, "1": 0}, GOOD, ZERO), 60,
+        (ro(step=2, weights={2: 100, 1: 0}), world({2: 100, 1: 0}, GOOD, ZERO), 60,
          Action.PROMOTE, Verdict.SUCCESSFUL, "step 3/3"),
         # error spike at the failure limit -> roll back
         (ro(failed=1), world(cand=sample(200, 20), champ=CHAMP), 60, Action.ROLLBACK,
@@ -135,15 +137,15 @@ def test_gating(verdict, action, says):
         (ro(errors=2), world(error="connection refused"), 60, Action.ABORT, Verdict.ERROR,
          "3 times"),
         # counter reset: error, not failed
-        (ro(baseline={"2": sample(5000), "1": ZERO}), world(cand=GOOD, champ=CHAMP), 60,
+        (ro(baseline={2: sample(5000), 1: ZERO}), world(cand=GOOD, champ=CHAMP), 60,
          Action.WAIT, Verdict.ERROR, "restarted"),
         # step timeout while inconclusive: abort
         (ro(), world(cand=sample(5), champ=CHAMP), 600, Action.ABORT, Verdict.INCONCLUSIVE,
          "timed out"),
         # world already at the next step (applied, not saved): adopt, do not step twice
-        (ro(), world({"2": 50, "1": 50}, GOOD, CHAMP), 60, Action.SET_WEIGHTS, None, "adopting"),
+        (ro(), world({2: 50, 1: 50}, GOOD, CHAMP), 60, Action.SET_WEIGHTS, None, "adopting"),
         # drift (server restarted with the champion at 100): restore this step
-        (ro(), world({"1": 100}, GOOD, CHAMP), 60, Action.SET_WEIGHTS, None, "drifted"),
+        (ro(), world({1: 100}, GOOD, CHAMP), 60, Action.SET_WEIGHTS, None, "drifted"),
     ],
 )
 def test_decide_progressing(r, w, now, action, verdict, says):
@@ -154,11 +156,11 @@ def test_decide_progressing(r, w, now, action, verdict, says):
 
 def test_decide_steps_and_adoption_carry_weights():
     d = decide(ro(), world(cand=GOOD, champ=CHAMP), POLICY, 60)
-    assert d.weights == {"2": 50, "1": 50} and d.step == 1
-    adopt = decide(ro(), world({"2": 50, "1": 50}, GOOD, CHAMP), POLICY, 60)
-    assert adopt.weights == {"2": 50, "1": 50} and adopt.step == 1  # not 100
-    drift = decide(ro(), world({"1": 100}), POLICY, 60)
-    assert drift.weights == {"2": 10, "1": 90} and drift.step == 0
+    assert d.weights == {2: 50, 1: 50} and d.step == 1
+    adopt = decide(ro(), world({2: 50, 1: 50}, GOOD, CHAMP), POLICY, 60)
+    assert adopt.weights == {2: 50, 1: 50} and adopt.step == 1  # not 100
+    drift = decide(ro(), world({1: 100}), POLICY, 60)
+    assert drift.weights == {2: 10, 1: 90} and drift.step == 0
 
 
 def test_error_never_counts_as_failed():
@@ -172,7 +174,7 @@ def test_error_never_counts_as_failed():
 
 
 def test_promoting_keeps_old_champion_then_retires():
-    r = ro(phase=Phase.PROMOTING, step=2, weights={"2": 100}, promoted_at=100.0)
+    r = ro(phase=Phase.PROMOTING, step=2, weights={2: 100}, promoted_at=100.0)
     assert decide(r, world(), POLICY, 120).action is Action.WAIT
     assert decide(r, world(), POLICY, 160).action is Action.RETIRE
     assert decide(dataclasses.replace(r, promoted_at=None), world(), POLICY, 120).action \
@@ -188,7 +190,7 @@ def test_first_version_goes_straight_to_100():
     r = ro(champion=None, phase=Phase.GATING, step=-1, weights={},
            gate=GateResult(Verdict.SUCCESSFUL, ("ok",)))
     d = decide(r, world(weights={}), POLICY, 0)
-    assert d.weights == {"2": 100} and d.step == 0
+    assert d.weights == {2: 100} and d.step == 0
 
 
 # ---- transition --------------------------------------------------------------------------------
@@ -197,11 +199,11 @@ def test_set_weights_starts_a_step_with_a_baseline():
     w = world(cand=GOOD, champ=CHAMP)
     d = decide(ro(), w, POLICY, 60)
     r = transition(ro(), d, w, Applied(), 60)
-    assert (r.phase, r.step, dict(r.weights)) == (Phase.PROGRESSING, 1, {"2": 50, "1": 50})
+    assert (r.phase, r.step, dict(r.weights)) == (Phase.PROGRESSING, 1, {2: 50, 1: 50})
     assert r.step_started_at == 60 and r.window_started_at == 60
-    assert r.baseline == {"2": GOOD, "1": CHAMP}
+    assert r.baseline == {2: GOOD, 1: CHAMP}
     assert r.champion_reference is not None and r.champion_reference.requests == 2000
-    assert r.history[-1].kind == "set_weights"
+    assert r.history[-1].kind_name == "set_weights"
 
 
 def test_rollback_after_failure_limit():
@@ -216,11 +218,11 @@ def test_rollback_after_failure_limit():
     r = transition(r, d2, bad2, Applied(), 120)
     # decided and saved first: nothing is written until the next tick
     assert (r.phase, r.outcome, r.failed) == (Phase.ROLLING_BACK, Phase.ROLLED_BACK, 2)
-    assert dict(r.weights) == {"1": 90, "2": 10}
+    assert dict(r.weights) == {1: 90, 2: 10}
     d3 = decide(r, bad2, POLICY, 121)
     assert d3.action is Action.ROLLBACK
     r = transition(r, d3, bad2, Applied(), 121)
-    assert (r.phase, r.failed, dict(r.weights)) == (Phase.ROLLED_BACK, 2, {"1": 100})
+    assert (r.phase, r.failed, dict(r.weights)) == (Phase.ROLLED_BACK, 2, {1: 100})
 
 
 def test_failed_rollback_write_is_recorded_and_retried():
@@ -242,8 +244,8 @@ def test_gate_fail_rolls_back_before_any_traffic():
                    Applied(gate=GateResult(Verdict.FAILED, ("worse",))), 0)
     assert r.phase is Phase.GATING
     for now in (1, 2):  # decide (saved), then restore the champion
-        d = decide(r, world({"1": 100}), POLICY, now)
-        r = transition(r, d, world({"1": 100}), Applied(), now)
+        d = decide(r, world({1: 100}), POLICY, now)
+        r = transition(r, d, world({1: 100}), Applied(), now)
     assert r.phase is Phase.ROLLED_BACK and r.step == -1 and "worse" in r.reason
 
 
@@ -265,9 +267,9 @@ def test_rollout_json_round_trip():
 
 def test_new_rollout_refuses_candidate_equal_champion():
     with pytest.raises(ValueError):
-        new_rollout("x", "iris", "1", "1", POLICY, 0)
+        new_rollout("x", "iris", 1, 1, POLICY, 0)
     r = new_rollout("x", "iris", 2, 1, POLICY, 5)  # type: ignore[arg-type]
-    assert (r.candidate, r.champion, r.phase) == ("2", "1", Phase.PENDING)
+    assert (r.candidate, r.champion, r.phase) == (2, 1, Phase.PENDING)
 
 
 # ---- readiness of the candidate before its first traffic ----------------------------------------
@@ -281,7 +283,7 @@ def gated(**kw):
 
 
 def not_ready(failed=None):
-    return World(weights={"1": 100}, loaded=frozenset({"1"}), samples={"1": ZERO},
+    return World(weights={1: 100}, loaded=frozenset({1}), samples={1: ZERO},
                  failed=failed or {})
 
 
@@ -289,7 +291,7 @@ def not_ready(failed=None):
     "r, w, now, action, says",
     [
         # ready at once (a synchronous backend): first step
-        (gated(preparing_since=0.0), world({"1": 100}), 0, Action.SET_WEIGHTS, "v2 ready"),
+        (gated(preparing_since=0.0), world({1: 100}), 0, Action.SET_WEIGHTS, "v2 ready"),
         # not ready, never asked to load (e.g. the gate's load failed): prepare
         (gated(), not_ready(), 0, Action.PREPARE, "loading v2"),
         # asked, still loading: wait, saying how long
@@ -298,7 +300,7 @@ def not_ready(failed=None):
         (gated(preparing_since=0.0), not_ready(), 600, Action.ROLLBACK,
          "candidate never became ready: v2 not ready 600s"),
         # the backend says it failed: roll back at once, with its message
-        (gated(preparing_since=0.0), not_ready({"2": "FailedToLoad: bad model"}), 1,
+        (gated(preparing_since=0.0), not_ready({2: "FailedToLoad: bad model"}), 1,
          Action.ROLLBACK, "candidate never became ready: v2 failed to load: FailedToLoad: bad"),
         # the world cannot be read: could not measure, not a readiness failure
         (gated(preparing_since=0.0), world(error="timeout"), 700, Action.WAIT, "could not measure"),
@@ -310,7 +312,7 @@ def test_candidate_readiness(r, w, now, action, says):
     if action is Action.ROLLBACK:
         assert d.verdict is Verdict.FAILED
     if action is Action.SET_WEIGHTS:
-        assert d.weights == {"2": 10, "1": 90}
+        assert d.weights == {2: 10, 1: 90}
 
 
 def test_no_traffic_to_a_candidate_that_is_not_ready():
@@ -332,14 +334,14 @@ def test_prepare_then_wait_then_rollback_on_deadline():
     r = gated()
     d = decide(r, not_ready(), POLICY, 0)
     r = transition(r, d, not_ready(), Applied(), 0)
-    assert (r.phase, r.preparing_since, r.history[-1].kind) == (Phase.GATING, 0, "prepare")
+    assert (r.phase, r.preparing_since, r.history[-1].kind_name) == (Phase.GATING, 0, "prepare")
     for now in (10, 20):
         r = transition(r, decide(r, not_ready(), POLICY, now), not_ready(), Applied(), now)
-    assert r.history[-1].kind == "wait" and r.history[-1].count == 2  # coalesced
+    assert r.history[-1].kind_name == "wait" and r.history[-1].count == 2  # coalesced
     for now in (600, 601):
         d = decide(r, not_ready(), POLICY, now)
         r = transition(r, d, not_ready(), Applied(), now)
-    assert (r.phase, dict(r.weights)) == (Phase.ROLLED_BACK, {"1": 100})
+    assert (r.phase, dict(r.weights)) == (Phase.ROLLED_BACK, {1: 100})
     assert r.reason.startswith("candidate never became ready")
 
 

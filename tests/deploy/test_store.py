@@ -2,27 +2,21 @@ import dataclasses
 
 import pytest
 
+from deploy.local.rollout_store import SQLiteRolloutStore as RolloutStore
+from deploy.local.sqlite import connect, migrate
+from deploy.ports import ActiveRolloutExists, Conflict, NotFound, StoreError
 from deploy.rollout import Phase, RolloutPolicy, new_rollout
-from deploy.store import (
-    ActiveRolloutExists,
-    Conflict,
-    NotFound,
-    RolloutStore,
-    StoreError,
-    connect,
-    migrate,
-)
 
 P = RolloutPolicy()
 
 
 def test_create_get_list_active(tmp_path):
     s = RolloutStore.at_home(tmp_path)
-    r = s.create(new_rollout("a", "iris", "2", "1", P, 1.0))
+    r = s.create(new_rollout("a", "iris", 2, 1, P, 1.0))
     assert r.generation == 1
     assert s.get("a") == r
     assert s.active("iris") == r and s.active("other") is None
-    s.create(new_rollout("b", "other", "1", None, P, 2.0))
+    s.create(new_rollout("b", "other", 1, None, P, 2.0))
     assert [x.id for x in s.list()] == ["a", "b"]
     assert [x.id for x in s.list("iris")] == ["a"]
     with pytest.raises(NotFound):
@@ -31,19 +25,19 @@ def test_create_get_list_active(tmp_path):
 
 def test_one_active_rollout_per_model(tmp_path):
     s = RolloutStore(tmp_path / "k.db")
-    a = s.create(new_rollout("a", "iris", "2", "1", P, 1.0))
+    a = s.create(new_rollout("a", "iris", 2, 1, P, 1.0))
     with pytest.raises(ActiveRolloutExists):
-        s.create(new_rollout("b", "iris", "3", "1", P, 2.0))
+        s.create(new_rollout("b", "iris", 3, 1, P, 2.0))
     s.save(dataclasses.replace(a, phase=Phase.ABORTED), expected_generation=1)
     assert s.active("iris") is None
-    s.create(new_rollout("b", "iris", "3", "1", P, 2.0))  # now allowed
+    s.create(new_rollout("b", "iris", 3, 1, P, 2.0))  # now allowed
     with pytest.raises(Conflict):
-        s.create(new_rollout("b", "x", "3", "1", P, 2.0))  # duplicate id
+        s.create(new_rollout("b", "x", 3, 1, P, 2.0))  # duplicate id
 
 
 def test_two_writers_one_gets_conflict(tmp_path):
     path = tmp_path / "k.db"
-    RolloutStore(path).create(new_rollout("a", "iris", "2", "1", P, 1.0))
+    RolloutStore(path).create(new_rollout("a", "iris", 2, 1, P, 1.0))
     w1, w2 = RolloutStore(path), RolloutStore(path)  # two processes' views
     r1, r2 = w1.get("a"), w2.get("a")
     saved = w1.save(dataclasses.replace(r1, step=0), expected_generation=r1.generation)

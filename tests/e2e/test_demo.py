@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from deploy.local.rollout_store import SQLiteRolloutStore
+from deploy.local.runs import RunStore
 from deploy.rollout import Phase
-from deploy.runs import RunStore
-from deploy.store import RolloutStore
 from kloop.artifact import Registry
 
 pytestmark = pytest.mark.slow
@@ -68,16 +68,16 @@ def test_runs_record_each_decision(demo: tuple[Path, subprocess.CompletedProcess
 
 def test_rollouts_stepped_and_judged_live(demo: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     d, _ = demo
-    by_candidate = {r.candidate: r for r in RolloutStore(d / "kloop.db").list()}
-    promoted, gated, faulty = by_candidate["2"], by_candidate["3"], by_candidate["4"]
+    by_candidate = {r.candidate: r for r in SQLiteRolloutStore(d / "kloop.db").list()}
+    promoted, gated, faulty = by_candidate[2], by_candidate[3], by_candidate[4]
     assert promoted.phase is Phase.SUCCEEDED
-    steps = [e.weights.get("2") for e in promoted.history if e.kind == "set_weights"]
+    steps = [e.weights.get(2) for e in promoted.history if e.kind_name == "set_weights"]
     assert steps == [10, 50, 100]  # each step analysed live; then promotion
-    assert any(e.kind == "promote" and e.weights.get("2") == 100 for e in promoted.history)
+    assert any(e.kind_name == "promote" and e.weights.get(2) == 100 for e in promoted.history)
     assert gated.phase is Phase.ROLLED_BACK
-    assert not any(e.kind == "set_weights" for e in gated.history)  # no traffic ever
+    assert not any(e.kind_name == "set_weights" for e in gated.history)  # no traffic ever
     assert faulty.phase is Phase.ROLLED_BACK and "error rate" in faulty.reason
-    assert faulty.weights == {"2": 100}
+    assert faulty.weights == {2: 100}
 
 
 def test_server_is_gone(demo: tuple[Path, subprocess.CompletedProcess[str]]) -> None:

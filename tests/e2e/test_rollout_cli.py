@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy.localserver import discover
-from deploy.traffic import TrafficConfig, TrafficGenerator
+from deploy.local.server_process import discover
+from deploy.local.traffic import TrafficConfig, TrafficGenerator
 from kloop.artifact import Registry
 from tests.e2e.artifacts import publish_exported
 
@@ -70,8 +70,8 @@ def test_serve_then_rollout_promotes_under_traffic(tmp_path: Path) -> None:
 def test_rollout_killed_mid_way_resumes_where_it_was(tmp_path: Path) -> None:
     """SIGKILL ``kloop rollout`` during the canary, start it again: it finds the active rollout,
     resumes at the same step and finishes; no step is applied twice."""
+    from deploy.local.rollout_store import SQLiteRolloutStore
     from deploy.rollout import Phase
-    from deploy.store import RolloutStore
 
     home = tmp_path / "home"
     reg = Registry(home / "registry")
@@ -91,7 +91,7 @@ def test_rollout_killed_mid_way_resumes_where_it_was(tmp_path: Path) -> None:
         images = np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32)
         cfg = TrafficConfig(model="digits", http_url=handle.http_url, grpc_target=handle.grpc_target,
                             rate_per_s=120)
-        store = RolloutStore(home / "kloop.db")
+        store = SQLiteRolloutStore(home / "kloop.db")
         with TrafficGenerator(cfg, images, [0] * 32):
             first = subprocess.Popen(rollout_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             _wait_for(lambda: (r := store.active("digits")) is not None and r.step >= 1, 120,
@@ -105,7 +105,7 @@ def test_rollout_killed_mid_way_resumes_where_it_was(tmp_path: Path) -> None:
         assert f"resuming rollout {killed.id}" in again.stdout
         final = store.get(killed.id)
         assert final.phase is Phase.SUCCEEDED
-        steps = [e.weights.get("2") for e in final.history if e.kind == "set_weights"]
+        steps = [e.weights.get(2) for e in final.history if e.kind_name == "set_weights"]
         assert steps == [10, 50, 100], steps  # each step once, none repeated after the restart
         assert handle.admin().traffic("digits") == {"2": 100}
     finally:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.localserver import ServerProcess
+from deploy.local.server_process import ServerProcess
 from kloop.artifact import Registry
 from tests.e2e.artifacts import publish_exported
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tests.crds import validate
-from trainer.k8s import render_pytorchjob, render_trainjob, to_yaml
+from trainer.job_manifests import render_pytorchjob, render_trainjob, to_yaml
 from trainer.spec import Elastic, Resources, Storage, TrainSpec
 
 SHARED = Storage(pvc_claim="kloop-runs")

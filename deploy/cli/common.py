@@ -1,0 +1,127 @@
+"""What several ``kloop`` commands share: the state directory, kubectl's flags, the rollout
+policy's flags (every setting of ``deploy.rollout.KNOBS``), finding the local server."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from deploy.local.home import Home
+from deploy.local.server_process import TOKEN_FILE, ServerHandle, discover
+from deploy.rollout import KNOBS, AnalysisPolicy, GatePolicy, Knob, RolloutPolicy
+from serving.cli import TOKEN_ENV
+
+if TYPE_CHECKING:
+    from deploy.cluster.kube import Kube
+
+HOME_ENV = "KLOOP_HOME"
+HOME_REGISTRY = "$KLOOP_HOME/registry"
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def home(args: argparse.Namespace) -> Home:
+    root = args.home or os.environ.get(HOME_ENV) or "~/.kloop"
+    return Home(Path(root).expanduser().resolve())
+
+
+# ---- the cluster: kubectl's habits ------------------------------------------------------------
+
+
+def add_kube_args(p: argparse.ArgumentParser, *, many_namespaces: bool = False) -> None:
+    g = p.add_argument_group("cluster (kubectl's habits)")
+    g.add_argument("--kubeconfig", type=Path,
+                   help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)")
+    g.add_argument("--context", help="kubeconfig context")
+    if many_namespaces:
+        g.add_argument("-n", "--namespace", action="append", dest="namespaces", default=[],
+                       help="namespace whose Rollouts to reconcile; repeat for several "
+                            "(default: the context's namespace)")
+    else:
+        g.add_argument("-n", "--namespace", help="namespace (default: the context's)")
+
+
+def kube(args: argparse.Namespace, namespace: str | None = None) -> Kube:
+    from deploy.cluster.kube import Kube, KubeConfig
+
+    return Kube.connect(KubeConfig(kubeconfig=args.kubeconfig, context=args.context,
+                                   namespace=namespace or getattr(args, "namespace", None)))
+
+
+# ---- the rollout policy: one flag per setting --------------------------------------------------
+
+
+def add_policy_args(p: argparse.ArgumentParser) -> None:
+    """``--steps``, ``--min-requests``, ...: every ``RolloutPolicy`` setting, with its default."""
+    default = RolloutPolicy().to_dict()
+    g = p.add_argument_group("rollout policy (deploy.rollout.RolloutPolicy)")
+    for knob in KNOBS:
+        value = default[knob.name]
+        shown = ",".join(map(str, value)) if isinstance(value, list) else value
+        g.add_argument(knob.flag, dest=_dest(knob), type=_parser(knob), default=None,
+                       metavar=knob.name.upper(),
+                       help=f"{knob.help} (default: {'none' if shown is None else shown})")
+
+
+def policy(args: argparse.Namespace) -> RolloutPolicy:
+    """The policy the flags describe: the defaults, changed where a flag was given."""
+    given = {knob.name: getattr(args, _dest(knob)) for knob in KNOBS}
+    return RolloutPolicy.from_dict({k: v for k, v in given.items() if v is not None})
+
+
+def _dest(knob: Knob) -> str:
+    return "policy_" + knob.name
+
+
+def _parser(knob: Knob) -> Callable[[str], Any]:
+    """How a flag's text becomes the setting's value, from the setting's declared type."""
+    owner = {"rollout": RolloutPolicy, "analysis": AnalysisPolicy, "gate": GatePolicy}
+    hint = typing.get_type_hints(owner[knob.section])[knob.field]
+    if hint == tuple[int, ...]:
+        return _int_list
+    base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+    if base in (int, float, str):
+        return typing.cast(Callable[[str], Any], base)
+    raise TypeError(f"no flag parser for {knob.name}: {hint}")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
+                                         "integers") from e
+
+
+# ---- the local server -------------------------------------------------------------------------
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", help="HTTP HOST:PORT of the server (default: the one `kloop serve` "
+                                    "recorded)")
+    p.add_argument("--grpc-target", help="gRPC HOST:PORT (with --server)")
+
+
+def server(args: argparse.Namespace, h: Home) -> ServerHandle | None:
+    """The server named by ``--server`` (its token from the environment or the home), else the
+    one ``kloop serve`` recorded in the home."""
+    if getattr(args, "server", None):
+        token = os.environ.get(TOKEN_ENV) or _read_token(h)
+        if not token:
+            raise ValueError(f"--server needs the server's admin token: set {TOKEN_ENV} "
+                             f"or put it in {h.root / TOKEN_FILE}")
+        host_port = args.server.removeprefix("http://").rstrip("/")
+        grpc = args.grpc_target or host_port
+        return ServerHandle(http_url=f"http://{host_port}", grpc_target=grpc, token=token)
+    return discover(h.root)
+
+
+def _read_token(h: Home) -> str | None:
+    try:
+        return (h.root / TOKEN_FILE).read_text().strip() or None
+    except FileNotFoundError:
+        return None

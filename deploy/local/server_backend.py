@@ -1,0 +1,168 @@
+"""The local backend (``deploy.ports.RolloutBackend``): drives the kloop model server through
+its admin API.
+
+The admin client is injected (``serving.client.AdminClient(base_url, token)`` in production),
+so this module never imports the server's package at import time; its error type is looked up
+lazily and translated into ``BackendError`` with the cause chained.
+
+Every write reads first and does nothing when the world already matches: the controller may
+repeat a write after a crash, and a repeated write must not be a second action.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+from deploy.ports import BackendError
+from deploy.rollout import MetricsError, World, normalized, samples_for
+from kloop.model_version import Version, parse_version
+
+
+class AdminAPI(Protocol):
+    """The part of ``serving.client.AdminClient`` this backend uses (versions as the wire
+    writes them: text)."""
+
+    def models(self) -> Any: ...
+    def load(self, m: str, v: str) -> Any: ...
+    def unload(self, m: str, v: str) -> Any: ...
+    def traffic(self, m: str) -> Mapping[str, int]: ...
+    def set_traffic(self, m: str, weights: dict[str, int]) -> Any: ...
+    def metrics_text(self) -> str: ...
+
+
+def _admin_errors() -> tuple[type[BaseException], ...]:
+    """Errors the admin client raises for a refused or failed call (connection errors are
+    ``OSError``, which includes ``urllib.error.URLError``)."""
+    try:
+        from serving.client import AdminError
+    except ImportError:  # a controller image without the server package
+        return (OSError,)
+    return (AdminError, OSError)
+
+
+class LocalBackend:
+    def __init__(
+        self,
+        admin: AdminAPI,
+        now: Callable[[], float] = time.time,
+        admin_errors: tuple[type[BaseException], ...] | None = None,
+    ):
+        """``admin_errors``: what the admin client raises for a failed call; by default
+        ``serving.client.AdminError`` and ``OSError``."""
+        self.admin = admin
+        self._now = now
+        self._errors = admin_errors if admin_errors is not None else _admin_errors()
+
+    # ---- reading ------------------------------------------------------------------------
+
+    def read(self, model: str) -> World:
+        try:
+            weights = self._traffic(model)
+            loaded = loaded_versions(self.admin.models(), model)
+            text = self.admin.metrics_text()
+        except self._errors as e:
+            return World(weights={}, loaded=frozenset(), samples=None,
+                         error=f"admin API: {type(e).__name__}: {e}")
+        try:
+            samples = samples_for(text, model, loaded | set(weights), self._now())
+        except MetricsError as e:
+            return World(weights=weights, loaded=loaded, samples=None, error=str(e))
+        return World(weights=weights, loaded=loaded, samples=samples)
+
+    # ---- writing ------------------------------------------------------------------------
+
+    def ensure_loaded(self, model: str, version: Version) -> None:
+        with self._translated(f"load {model} v{version}"):
+            if version not in loaded_versions(self.admin.models(), model):
+                self.admin.load(model, str(version))
+
+    def set_weights(self, model: str, weights: Mapping[Version, int]) -> None:
+        if sum(weights.values()) != 100:
+            raise ValueError(f"weights {dict(weights)} do not sum to 100")
+        with self._translated(f"set traffic of {model} to {dict(weights)}"):
+            current = self._traffic(model)
+            if normalized(current) != normalized(weights):
+                # Name every version the server routes to, so none keeps a stale weight.
+                full = {v: 0 for v in current} | {v: int(w) for v, w in weights.items()}
+                self.admin.set_traffic(model, {str(v): w for v, w in full.items()})
+
+    def promote(self, model: str, candidate: Version) -> None:
+        self.set_weights(model, {candidate: 100})
+
+    def retire(self, model: str, version: Version) -> None:
+        with self._translated(f"unload {model} v{version}"):
+            if self._traffic(model).get(version, 0) > 0:
+                raise BackendError(f"{model} v{version} still takes traffic; not unloading it")
+            if version in loaded_versions(self.admin.models(), model):
+                self.admin.unload(model, str(version))
+
+    def rollback(self, model: str, champion: Version | None, candidate: Version) -> None:
+        if champion is not None:
+            self.ensure_loaded(model, champion)
+            self.set_weights(model, {champion: 100})
+        self._unload(model, candidate)  # without a champion the model simply stops serving
+
+    def _traffic(self, model: str) -> dict[Version, int]:
+        """Actual weights; a model the server does not know (404: nothing loaded yet, e.g.
+        before a first version's rollout) routes nothing, which is an answer, not an error."""
+        try:
+            return {parse_version(v): int(w) for v, w in self.admin.traffic(model).items()}
+        except self._errors as e:
+            if getattr(e, "status", None) == 404:
+                return {}
+            raise
+
+    def _unload(self, model: str, version: Version) -> None:
+        with self._translated(f"unload {model} v{version}"):
+            if version in loaded_versions(self.admin.models(), model):
+                self.admin.unload(model, str(version))
+
+    def _translated(self, what: str) -> _Translate:
+        return _Translate(what, self._errors)
+
+
+class _Translate:
+    """Turn the admin client's errors into ``BackendError`` (cause chained)."""
+
+    def __init__(self, what: str, errors: tuple[type[BaseException], ...]):
+        self.what, self.errors = what, errors
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, tp: type[BaseException] | None, e: BaseException | None,
+                 tb: types.TracebackType | None) -> None:
+        if e is not None and isinstance(e, self.errors) and not isinstance(e, BackendError):
+            raise BackendError(f"{self.what}: {type(e).__name__}: {e}") from e
+
+
+def loaded_versions(models: Any, model: str) -> frozenset[Version]:
+    """Versions of ``model`` in the admin API's ``models()`` answer.
+
+    Tolerates the shapes a models listing plausibly takes -- ``{model: [versions]}``,
+    ``{model: {"versions": [...]}}``, ``[{"name": m, "version": v}]`` or
+    ``[{"name": m, "versions": [...]}]``, versions as ``"1"`` or ``{"version": "1"}`` -- so the
+    backend does not break on a cosmetic change of the server's listing.
+    """
+    if isinstance(models, Mapping) and "models" in models and model not in models:
+        models = models["models"]
+    entries: Iterable[Any]
+    if isinstance(models, Mapping):
+        entry = models.get(model)
+        entries = [] if entry is None else [{"name": model, "versions": entry}]
+    else:
+        entries = [e for e in models or [] if isinstance(e, Mapping) and e.get("name") == model]
+    out: set[Version] = set()
+    for e in entries:
+        vs = e.get("versions", e.get("version"))
+        if isinstance(vs, Mapping):
+            vs = vs.get("versions", list(vs))
+        for v in vs if isinstance(vs, list | tuple | set | frozenset) else [vs]:
+            if isinstance(v, Mapping):
+                v = v.get("version", v.get("name"))
+            if v is not None and str(v).isascii() and str(v).isdecimal():
+                out.add(int(str(v)))
+    return frozenset(out)
