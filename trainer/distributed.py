@@ -79,17 +79,18 @@ def init_process_group(env: DistEnv, device: torch.device) -> None:
     """gloo on CPU, nccl on CUDA. A world of one gets an in-memory store (no port to bind), so
     the training loop has a single code path."""
     backend = "nccl" if device.type == "cuda" else "gloo"
-    extra = {"device_id": device} if device.type == "cuda" else {}
+    device_id = device if device.type == "cuda" else None
     if env.world_size == 1:
-        dist.init_process_group(
-            backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=_TIMEOUT, **extra
-        )
+        from torch._C._distributed_c10d import HashStore  # what torch.distributed re-exports
+
+        dist.init_process_group(backend=backend, store=HashStore(), rank=0, world_size=1,
+                                timeout=_TIMEOUT, device_id=device_id)
         return
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
     dist.init_process_group(
         backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-        timeout=_TIMEOUT, **extra,
+        timeout=_TIMEOUT, device_id=device_id,
     )
 
 

@@ -35,4 +35,5 @@ def export_model(model: nn.Module, run_dir: Path) -> Path:
 
 def load_exported(path: Path) -> nn.Module:
     """The callable module of an exported program (no trainer classes needed)."""
-    return modelfile.load_exported(path)
+    module: nn.Module = modelfile.load_exported(path)
+    return module

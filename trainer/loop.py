@@ -51,14 +51,15 @@ class ExportMismatch(RuntimeError):
     """The exported program does not reproduce the eager model's held-out metrics."""
 
 
-def make_loader(split: DigitsSplit, spec: TrainSpec, env: DistEnv) -> DataLoader:
+def make_loader(split: DigitsSplit, spec: TrainSpec,
+                env: DistEnv) -> DataLoader[tuple[torch.Tensor, ...]]:
     """This process's share of every global batch (see the module docstring)."""
     if spec.global_batch_size % env.world_size:
         raise ValueError(
             f"global_batch_size {spec.global_batch_size} is not divisible by the world size {env.world_size}"
         )
     dataset = TensorDataset(torch.from_numpy(split.train_images), torch.from_numpy(split.train_labels))
-    sampler = DistributedSampler(
+    sampler: DistributedSampler[tuple[torch.Tensor, ...]] = DistributedSampler(
         dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=spec.seed, drop_last=True
     )
     return DataLoader(
@@ -123,7 +124,7 @@ def _train(
 def _train_epoch(
     ddp: nn.Module,
     optimizer: torch.optim.Optimizer,
-    loader: DataLoader,
+    loader: DataLoader[tuple[torch.Tensor, ...]],
     spec: TrainSpec,
     epoch: int,
     device: torch.device,
@@ -140,7 +141,7 @@ def _train_epoch(
         logits = ddp(x)
         loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward untyped
         optimizer.step()
         loss_sum += float(loss.detach()) * y.shape[0]
         correct += float((logits.detach().argmax(1) == y).sum())

@@ -59,4 +59,5 @@ def load_published(registry: Registry, name: str, version: int | str) -> nn.Modu
     manifest = registry.verify(name, v)
     if manifest.format != FORMAT:
         raise ArtifactCorrupt(f"{name} v{v} is {manifest.format!r}, this loader reads {FORMAT!r}")
-    return modelfile.load_exported(registry.path(name, v) / manifest.model_file)
+    module: nn.Module = modelfile.load_exported(registry.path(name, v) / manifest.model_file)
+    return module
