@@ -125,6 +125,7 @@ def floor_python() -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the first run builds the floor venv in the fixture's set-up
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_floor_runtime_runs_the_stubs_without_a_warning(
         floor_python: Path, implementation: str, capsys: pytest.CaptureFixture[str]) -> None:

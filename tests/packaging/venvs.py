@@ -16,7 +16,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
@@ -66,12 +66,13 @@ def spec_key(spec: dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()
 
 
-def cached_venv(venv: Path, spec: dict[str, object], installs: Sequence[Sequence[str]],
+def cached_venv(venv: Path, spec: dict[str, object], installs: Iterable[Sequence[str]],
                 what: str) -> tuple[Path, bool]:
     """``venv``'s python, and whether it was built just now.
 
     Built from ``spec`` (anything JSON; with this Python's version it forms the key) by running
-    ``python -m pip install ARGS`` for each entry of ``installs``, in order."""
+    ``python -m pip install ARGS`` for each entry of ``installs``, in order; ``installs`` is
+    iterated only while building, after the venv exists (a generator may ask the new venv)."""
     python = venv / "bin" / "python"
     key = spec_key(spec)
 
