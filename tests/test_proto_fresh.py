@@ -7,17 +7,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from tests.packaging.venvs import unavailable
 
 REPO = Path(__file__).resolve().parents[1]
+GENERATOR_UNAVAILABLE = 3  # proto/generate.py's exit code when it cannot install its generator
 
 
 def test_generated_stubs_match_the_proto() -> None:
-    pytest.importorskip("grpc_tools", reason="grpcio-tools (a dev dependency) is not installed")
+    """The generator builds its own pinned environment on first use (cached; needs pip to reach
+    an index once): where it cannot, skip, or fail under CI."""
     result = subprocess.run(
         [sys.executable, str(REPO / "proto" / "generate.py"), "--check"],
-        check=False, capture_output=True, text=True, timeout=120,
+        check=False, capture_output=True, text=True, timeout=900,
     )
+    if result.returncode == GENERATOR_UNAVAILABLE:
+        unavailable(result.stderr[-2000:])
     assert result.returncode == 0, result.stderr
 
 

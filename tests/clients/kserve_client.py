@@ -107,11 +107,16 @@ async def checks_rest(address: str) -> list[tuple[str, Callable[[], Awaitable[No
     return checks
 
 
-def main(protocol: str, address: str) -> None:
-    loop = asyncio.new_event_loop()
+def make_checks(protocol: str, address: str,
+                loop: asyncio.AbstractEventLoop) -> list[tuple[str, Callable[[], None]]]:
+    """The checks of one protocol, each run to completion on ``loop``."""
     make = checks_grpc if protocol == "grpc" else checks_rest
     checks = loop.run_until_complete(make(address))
-    run([(name, lambda c=c: loop.run_until_complete(c())) for name, c in checks])
+    return [(name, lambda c=c: loop.run_until_complete(c())) for name, c in checks]
+
+
+def main(protocol: str, address: str) -> None:
+    run(make_checks(protocol, address, asyncio.new_event_loop()))
 
 
 if __name__ == "__main__":

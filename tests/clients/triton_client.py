@@ -11,7 +11,7 @@ from collections.abc import Callable
 from cases import DATATYPES, assert_equal, model_name, run, sample
 
 
-def main(protocol: str, address: str, token: str) -> None:
+def make_checks(protocol: str, address: str, token: str) -> list[tuple[str, Callable[[], None]]]:
     import ml_dtypes
 
     if protocol == "grpc":
@@ -100,7 +100,11 @@ def main(protocol: str, address: str, token: str) -> None:
             assert client.is_model_ready("id-fp64")
 
         checks.append(("repository extension", repository))
-    run(checks)
+    return checks
+
+
+def main(protocol: str, address: str, token: str) -> None:
+    run(make_checks(protocol, address, token))
 
 
 if __name__ == "__main__":
