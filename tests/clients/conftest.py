@@ -184,7 +184,7 @@ def coinstall_server(coinstall_python: Path,
                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
     """``python -m serving`` from the co-install venv (not kloop's dev venv).
 
-    As deploy.localserver.ServerProcess does, but with that venv's python and ``-I`` in a
+    As deploy.local.server_process.ServerProcess does, but with that venv's python and ``-I`` in a
     neutral directory, so the installed kloop runs, not this checkout. Ready = the ports file."""
     root = tmp_path_factory.mktemp("coinstall-registry")
     publish_all(root, tmp_path_factory.mktemp("coinstall-export"))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.localserver import ServerHandle
+from deploy.local.server_process import ServerHandle
 from tests.clients.conftest import COINSTALL_NEIGHBOURS, run_script
 
 # the first run builds the venv inside the first test's fixture set-up (about 3 minutes here)
