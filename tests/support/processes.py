@@ -1,0 +1,63 @@
+"""Child processes the tests start, and the one teardown they all share.
+
+``Processes.spawn`` starts a command in a session of its own (so a stop reaches its children
+too: torchrun's workers, a server's ``--workers``); ``close`` stops whatever is still running:
+SIGTERM to the process group, a grace period, then SIGKILL, and waits, so no test leaves a
+process behind whatever it asserted. The root conftest offers it as the ``processes`` fixture
+(one per test) and ``session_processes`` (one per session, for session-scoped servers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+
+class Processes:
+    def __init__(self, grace_s: float = 10.0) -> None:
+        self.grace_s = grace_s
+        self._procs: list[subprocess.Popen[Any]] = []
+        self._logs: list[IO[bytes]] = []
+
+    def spawn(self, cmd: Sequence[str], *, log: Path | None = None,
+              env: Mapping[str, str] | None = None, cwd: Path | None = None,
+              **popen: Any) -> subprocess.Popen[Any]:
+        """Start ``cmd``; with ``log``, its stdout and stderr go (appended) to that file."""
+        if log is not None:
+            out = open(log, "ab")  # closed by close(), after the process
+            self._logs.append(out)
+            popen.setdefault("stdout", out)
+            popen.setdefault("stderr", subprocess.STDOUT)
+        proc = subprocess.Popen(list(cmd), env=dict(env) if env is not None else None, cwd=cwd,
+                                start_new_session=True, **popen)
+        self._procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[Any], grace_s: float | None = None) -> int:
+        """SIGTERM the process group, wait ``grace_s``, then SIGKILL it; its exit code."""
+        if proc.poll() is None:
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                return proc.wait(self.grace_s if grace_s is None else grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        _signal_group(proc, signal.SIGKILL)  # what it started may outlive it
+        return proc.wait(10)
+
+    def close(self) -> None:
+        for proc in reversed(self._procs):
+            self.stop(proc)
+        self._procs.clear()
+        for f in self._logs:
+            f.close()
+        self._logs.clear()
+
+
+def _signal_group(proc: subprocess.Popen[Any], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
