@@ -41,12 +41,14 @@ from aiohttp import web
 
 from kloop.artifact import ArtifactError, Registry, read_manifest
 from kloop.fsutil import atomic_write_bytes
-from serving import admin_api, grpc_api, grpc_native, http_api, native
 from serving.core.batching import BatchPolicy
 from serving.core.dataplane import DataPlane
 from serving.core.errors import ArtifactRejected, ModelNotFound
 from serving.core.repository import ModelRepository, make_loader
 from serving.core.runtime import RuntimeOptions
+from serving.grpc import native, servicer
+from serving.grpc.native.server import NativeGrpcServer
+from serving.http import admin_routes, routes
 from serving.metrics import INFLIGHT_REFRESH_S, ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -108,10 +110,10 @@ class ServerConfig:
     device: str = "cpu"
     dtype: str | None = None
     optimize: str = "auto"
-    # Who speaks gRPC: "native" (gRPC's C++ server moves the bytes, serving.grpc_native),
+    # Who speaks gRPC: "native" (gRPC's C++ server moves the bytes, serving.grpc.native.server),
     # "aio" (grpc.aio, pure Python binding), "auto" (native where it is built).
     grpc_server: str = "auto"
-    # The native front end's fast lane for the common ModelInfer (serving.grpc_native): on
+    # The native front end's fast lane for the common ModelInfer (serving.grpc.native.server): on
     # unless turned off to compare, or to rule it out.
     grpc_fast_lane: bool = True
     ports_file: Path | None = None  # written atomically once serving: {"http", "grpc", "pid"}
@@ -159,7 +161,7 @@ class ServerConfig:
             raise ValueError(native.UNAVAILABLE)
 
     def native_grpc(self) -> bool:
-        """Whether gRPC is served by the native front end (serving.native)."""
+        """Whether gRPC is served by the native front end (serving.grpc.native)."""
         return self.grpc_server == "native" or (
             self.grpc_server == "auto" and native.grpc_front is not None)
 
@@ -203,7 +205,7 @@ class Server:
         self.http_port = 0
         self.grpc_port = 0
         self._grpc: grpc.aio.Server | None = None
-        self._native: grpc_native.NativeGrpcServer | None = None
+        self._native: NativeGrpcServer | None = None
         self._runner: web.AppRunner | None = None
         self._refresher: asyncio.Task[None] | None = None
 
@@ -293,13 +295,13 @@ class Server:
         # Only workers of one group may (they serve the same models).
         reuse_port = self.config.group_size > 1
         if self.config.native_grpc():
-            self._native = grpc_native.NativeGrpcServer(self.dataplane, address,
+            self._native = NativeGrpcServer(self.dataplane, address,
                                                         reuse_port=reuse_port,
                                                         fast_lane=self.config.grpc_fast_lane)
             self.grpc_port = self._native.port
             return
         server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
-        grpc_api.add_to_server(server, self.dataplane)
+        servicer.add_to_server(server, self.dataplane)
         try:
             port = server.add_insecure_port(address)
         except RuntimeError as e:  # grpcio raises where older versions returned 0
@@ -312,16 +314,16 @@ class Server:
 
     async def _start_http(self) -> None:
         app = web.Application(
-            middlewares=[self._closing_middleware, http_api.error_middleware,
-                         admin_api.auth_middleware],
+            middlewares=[self._closing_middleware, routes.error_middleware,
+                         admin_routes.auth_middleware],
             client_max_size=64 * 1024**2,  # a large batch of inputs as JSON
         )
-        app[http_api.DATAPLANE_KEY] = self.dataplane
-        app[http_api.METRICS_KEY] = self.metrics
-        app[admin_api.TOKEN_KEY] = self.config.admin_token or admin_api.NO_TOKEN
-        app[admin_api.GROUP_SIZE_KEY] = self.config.group_size
-        http_api.add_routes(app)
-        admin_api.add_routes(app)
+        app[routes.DATAPLANE_KEY] = self.dataplane
+        app[routes.METRICS_KEY] = self.metrics
+        app[admin_routes.TOKEN_KEY] = self.config.admin_token or admin_routes.NO_TOKEN
+        app[admin_routes.GROUP_SIZE_KEY] = self.config.group_size
+        routes.add_routes(app)
+        admin_routes.add_routes(app)
         runner = web.AppRunner(
             app, handle_signals=False, access_log=None,
             shutdown_timeout=self.config.grace_seconds,
@@ -336,7 +338,7 @@ class Server:
 
     @web.middleware
     async def _closing_middleware(
-        self, request: web.Request, handler: http_api.Handler
+        self, request: web.Request, handler: routes.Handler
     ) -> web.StreamResponse:
         """Every 503 (overloaded, not ready, shutting down) says when to retry; once stopping,
         every answer also closes its connection, so clients move to another replica instead of

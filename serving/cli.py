@@ -94,7 +94,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser, default_registry: str |
                              "(docs/serving.md) (default: %(default)s)")
     parser.add_argument("--group-size", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--grpc-server", choices=GRPC_SERVERS, default=d["grpc_server"].default,
-                        help="gRPC front end: native (gRPC's C++ server, serving.native), aio "
+                        help="gRPC front end: native (gRPC's C++ server, serving.grpc.native), aio "
                              "(grpc.aio), auto = native where built (default: %(default)s)")
     parser.add_argument("--no-grpc-fast-lane", dest="grpc_fast_lane", action="store_false",
                         help="send every gRPC call through the general path (the native front "

@@ -28,7 +28,8 @@ import numpy as np
 
 from kloop.pb import inference_pb2 as pb
 from kloop.pb import inference_pb2_grpc as pb_grpc
-from serving import converters, rest_codec
+from serving.grpc import converters
+from serving.http import codec
 
 # The bearer token must never travel through an http(s)_proxy from the environment.
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -137,7 +138,7 @@ class HttpClient:
         return self._session
 
     async def _request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        data = rest_codec.dumps(body) if body is not None else None
+        data = codec.dumps(body) if body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else {}
         try:
             async with self._http().request(
@@ -186,12 +187,12 @@ class HttpClient:
         raw: bool = True,  # accepted for symmetry with GrpcClient; REST sends JSON
         outputs: tuple[str, ...] = (),
     ) -> InferResult:
-        body = rest_codec.infer_request_to_json(inputs, outputs)
+        body = codec.infer_request_to_json(inputs, outputs)
         status, resp = await self._request("POST", _model_path(model, version) + "/infer", body)
         if status != 200:
             raise InferenceError(str(status), _error_text(resp, status))
         return InferResult(
-            resp["model_name"], str(resp["model_version"]), rest_codec.outputs_from_json(resp),
+            resp["model_name"], str(resp["model_version"]), codec.outputs_from_json(resp),
             resp.get("id", ""),
         )
 

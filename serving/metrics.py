@@ -17,7 +17,7 @@ do not collide and nothing else in the process leaks into ``/metrics``.
   batch dimension)
 * ``kloop_inference_inflight_requests``: admitted and not yet answered (queued ones included)
 * ``kloop_inference_fast_lane_requests_total{model,version}``: of the gRPC requests, those the
-  native front end's fast lane parsed and answered (serving.grpc_native); the rest took the
+  native front end's fast lane parsed and answered (serving.grpc.native.server); the rest took the
   general path
 
 Requests that never reach a version (unknown model, version not loaded) are not counted: their

@@ -254,7 +254,7 @@ class DataPlane:
                     loaded.model, version, protocol, time.perf_counter() - start, error
                 )
 
-    # ---- the fast lane (serving.grpc_native): requests a front end parsed and grouped ----
+    # ---- the fast lane (serving.grpc.native.server): requests a front end parsed and grouped ----
 
     @property
     def routing_generation(self) -> tuple[int, int, bool]:

@@ -2,7 +2,7 @@
 
 Registered through the generated ``add_GRPCInferenceServiceServicer_to_server``, whose service
 name is the standard ``inference.GRPCInferenceService`` (see proto/generate.py), so Triton and
-KServe clients reach it unchanged. Each RPC converts (``serving.converters``), delegates to the
+KServe clients reach it unchanged. Each RPC converts (``serving.grpc.converters``), delegates to the
 dataplane, and maps a ``ServingError`` to a status code through ``serving.errormap``: nothing
 else happens here.
 """
@@ -17,10 +17,10 @@ import grpc
 
 from kloop.pb import inference_pb2 as pb
 from kloop.pb import inference_pb2_grpc as pb_grpc
-from serving import converters
 from serving.core.dataplane import DataPlane, deadline_in
 from serving.core.errors import ServingError
 from serving.errormap import grpc_code_name
+from serving.grpc import converters
 
 PROTOCOL = "grpc"
 log = logging.getLogger(__name__)

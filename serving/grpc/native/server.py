@@ -1,6 +1,6 @@
-"""The OIP v2 gRPC service on kloop's native front end (``serving.native``).
+"""The OIP v2 gRPC service on kloop's native front end (``serving.grpc.native``).
 
-gRPC's C++ async server (``serving/native/grpc_front.cpp``) receives each call and writes its
+gRPC's C++ async server (``serving/grpc/native/grpc_front.cpp``) receives each call and writes its
 answer; this module is the Python half: it drains arrived calls on the event loop (one eventfd
 wake-up for many calls), parses each request, runs the very same ``grpc_api.InferenceServicer``
 methods the grpc.aio server runs, and hands back the serialized answer or a status. So both
@@ -38,14 +38,14 @@ import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from kloop.pb import inference_pb2 as pb
-from serving import native
 from serving.core.batching import Arrays
 from serving.core.dataplane import DataPlane
 from serving.core.errors import ServingError
 from serving.core.repository import LoadedVersion
 from serving.core.types import fixed_itemsize, numpy_dtype
 from serving.errormap import grpc_code_name
-from serving.grpc_api import PROTOCOL, InferenceServicer
+from serving.grpc import native
+from serving.grpc.servicer import PROTOCOL, InferenceServicer
 
 log = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"

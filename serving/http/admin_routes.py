@@ -18,11 +18,11 @@ from typing import Any
 
 from aiohttp import web
 
-from serving import rest_codec
 from serving.core import model_index
 from serving.core.errors import Conflict, InvalidInput, Unauthorized
 from serving.core.faults import Fault
-from serving.http_api import DATAPLANE_KEY, Handler, error_response, json_response, parse_version
+from serving.http import codec
+from serving.http.routes import DATAPLANE_KEY, Handler, error_response, json_response, parse_version
 
 TOKEN_KEY = web.AppKey("admin_token", str)
 GROUP_SIZE_KEY = web.AppKey("group_size", int)  # worker processes sharing the ports
@@ -57,7 +57,7 @@ def _model_version(request: web.Request) -> tuple[str, int]:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    return rest_codec.loads_object(await request.read())
+    return codec.loads_object(await request.read())
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -114,7 +114,7 @@ async def clear_fault(request: web.Request) -> web.Response:
 
 async def _optional_body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
-    return rest_codec.loads_object(raw) if raw.strip() else {}
+    return codec.loads_object(raw) if raw.strip() else {}
 
 
 def _parameters(body: dict[str, Any]) -> dict[str, Any]:

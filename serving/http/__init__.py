@@ -1,0 +1,9 @@
+"""The HTTP adapter: OIP v2 REST on aiohttp.
+
+``routes`` (inference, health, metadata, ``/metrics``, the error middleware), ``admin_routes``
+(the token-protected management API and the model repository extension) and ``codec`` (JSON
+and Triton's binary tensor format <-> the core's types). Independent of ``serving.grpc``.
+
+Named ``http`` after what it adapts; absolute imports keep the standard library's ``http``
+unshadowed (aiohttp imports it), and nothing runs a file of this folder as a script.
+"""
