@@ -44,6 +44,7 @@ from kloop.fsutil import atomic_write_bytes
 from serving.core.batching import BatchPolicy
 from serving.core.dataplane import DataPlane
 from serving.core.errors import ArtifactRejected, ModelNotFound
+from serving.core.management import Management
 from serving.core.repository import ModelRepository, make_loader
 from serving.core.runtime import RuntimeOptions
 from serving.grpc import native, servicer
@@ -201,6 +202,7 @@ class Server:
             intra_op_threads=config.intra_op_threads,
             instances=config.model_instances,
         )
+        self.management = Management(self.dataplane)
         self.metrics.track_inflight(lambda: self.dataplane.inflight)
         self.http_port = 0
         self.grpc_port = 0
@@ -251,6 +253,7 @@ class Server:
         await asyncio.gather(*tasks)
         self._grpc = self._runner = self._native = None
         await self.dataplane.aclose()
+        await self.management.aclose()
         if self.config.ports_file:
             self.config.ports_file.unlink(missing_ok=True)
 
@@ -270,7 +273,7 @@ class Server:
             if not versions:
                 raise ModelNotFound(f"model {name!r} has no versions in {self.registry.root}")
             version = self.registry.alias(name, "champion") or versions[-1]
-            await self.dataplane.load(name, version)
+            await self.management.load(name, version)
             log.info("loaded %s v%d", name, version)
 
     async def _load_model_dir(self, path: Path) -> None:
@@ -285,7 +288,7 @@ class Server:
                 f"{want[0] or m.name} v{want[1] or m.version} (KLOOP_MODEL_NAME/"
                 "KLOOP_MODEL_VERSION): refusing to serve one version under another's name"
             )
-        loaded = await self.dataplane.load_dir(path)
+        loaded = await self.management.load_dir(path)
         log.info("loaded %s v%d from %s", loaded.model, loaded.version, path)
 
     async def _start_grpc(self) -> None:
@@ -320,6 +323,7 @@ class Server:
         )
         app[routes.DATAPLANE_KEY] = self.dataplane
         app[routes.METRICS_KEY] = self.metrics
+        app[admin_routes.MANAGEMENT_KEY] = self.management
         app[admin_routes.TOKEN_KEY] = self.config.admin_token or admin_routes.NO_TOKEN
         app[admin_routes.GROUP_SIZE_KEY] = self.config.group_size
         routes.add_routes(app)

@@ -4,6 +4,11 @@ Adapters turn their wire format into ``InferenceRequest`` and call ``infer``; ev
 between (routing by traffic weight, validation against the manifest, fault injection, running
 the model, metrics) happens here once, so the two protocols cannot drift apart.
 
+``DataPlane`` is the request path: inference, health and metadata, the native gRPC front end's
+fast lane (``fast_routes``, ``infer_group``) and the lifecycle (refuse, drain, stop). Changing
+what is served (loads, unloads, traffic weights, faults) is ``serving.core.management``'s
+``Management``, which shares this class's repository and fault injector.
+
 The model runs off the event loop in a small thread pool: a forward pass holds the GIL only in
 bursts (torch releases it inside kernels), so a few threads keep both servers responsive while
 models run. ``max_inflight`` bounds queued work; beyond it requests fail fast as ``Overloaded``
@@ -29,7 +34,6 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -45,7 +49,7 @@ from serving.core.errors import (
     Overloaded,
     ServingError,
 )
-from serving.core.faults import Fault, FaultInjector
+from serving.core.faults import FaultInjector
 from serving.core.repository import LoadedVersion, ModelRepository, sole_version
 from serving.core.tensors import from_torch, to_torch
 from serving.core.types import (
@@ -134,14 +138,6 @@ class DataPlane:
             initargs=(intra_op_threads,) if intra_op_threads else (),
         )
         self._instances = instances  # batches of one version running at once
-        # Loads (hashing, deserialising, tracing and checking the traced graph) get their own
-        # thread, so a slow load never takes an inference worker away while a canary's latency
-        # is being measured; concurrent loads of one version share a single future.
-        self._load_executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="kloop-load",
-            initializer=torch.set_num_threads, initargs=(1,),  # no OpenMP team of its own
-        )
-        self._loading: dict[tuple[str, int], asyncio.Future[LoadedVersion]] = {}
         self._max_inflight = max_inflight
         self._inflight = 0
         self._idle: asyncio.Event | None = None  # set while nothing is in flight (drain)
@@ -413,62 +409,16 @@ class DataPlane:
                 loaded.model, str(loaded.version), rows or 1, (queue_seconds,), compute)
         return outputs
 
-    # ---- management ----------------------------------------------------------------------
+    # ---- lifecycle -----------------------------------------------------------------------
 
-    async def load(self, model: str, version: int) -> LoadedVersion:
-        """Verify and load a version without blocking the loop (hashing and torch are slow)."""
-        key = (model, version)
-        pending = self._loading.get(key)
-        if pending is None:
-            loop = asyncio.get_running_loop()
-            pending = asyncio.ensure_future(
-                loop.run_in_executor(self._load_executor, self.repository.load, model, version))
-            self._loading[key] = pending
-            pending.add_done_callback(lambda _: self._loading.pop(key, None))
-        return await asyncio.shield(pending)
-
-    async def load_dir(self, version_dir: Path) -> LoadedVersion:
-        """Verify and load one version directory (KServe's /mnt/models) in the loader thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._load_executor, self.repository.load_dir, version_dir)
-
-    def unload(self, model: str, version: int) -> None:
-        self.repository.unload(model, version)
-        self.faults.clear(model, version)
+    def retire(self, model: str, version: int) -> None:
+        """Forget an unloaded version's batcher (``serving.core.management``): requests already
+        queued for it still get their answers, then it stops."""
         batcher = self._batchers.pop((model, version), None)
-        if batcher is not None:  # requests already queued for it still get their answers
+        if batcher is not None:
             task = asyncio.get_running_loop().create_task(batcher.close("unloaded", drain=True))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
-
-    def set_weights(self, model: str, weights: Mapping[str | int, int]) -> dict[int, int]:
-        return self.repository.set_weights(model, weights)
-
-    def set_fault(self, model: str, version: int, fault: Fault) -> None:
-        self.repository.get(model, version)
-        self.faults.set(model, version, fault)
-
-    def clear_fault(self, model: str, version: int) -> None:
-        self.repository.get(model, version)
-        self.faults.clear(model, version)
-
-    def status(self) -> dict[str, dict[str, Any]]:
-        """What is loaded and how traffic splits, per model (the management view)."""
-        out: dict[str, dict[str, Any]] = {}
-        for model in self.repository.models():
-            try:
-                versions = self.repository.versions(model)
-                weights = self.repository.weights(model)
-            except ModelNotFound:  # unloaded meanwhile
-                continue
-            out[model] = {
-                "versions": [str(v) for v in versions],
-                "weights": {str(v): w for v, w in weights.items()},
-            }
-        return out
-
-    # ---- lifecycle -----------------------------------------------------------------------
 
     def begin_shutdown(self) -> None:
         """Report not ready and refuse new inference (``ModelNotReady``: 503 / UNAVAILABLE)
@@ -499,7 +449,6 @@ class DataPlane:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=False)
-        self._load_executor.shutdown(wait=True, cancel_futures=False)
 
 
 def deadline_in(seconds: float | None) -> float | None:

@@ -509,6 +509,7 @@ async def test_loading_and_serving_start_one_openmp_team(tmp_path: Path) -> None
 
     from kloop.artifact import Registry
     from serving.core.dataplane import DataPlane
+    from serving.core.management import Management
     from serving.core.repository import ModelRepository
     from serving.core.types import InferenceRequest, InferInput
 
@@ -536,9 +537,10 @@ async def test_loading_and_serving_start_one_openmp_team(tmp_path: Path) -> None
                      data_fingerprint="t", run_id="t")
     before = _native_threads_outside_python()
     dp = DataPlane(ModelRepository(registry), intra_op_threads=2, inline_below_ms=0)
+    management = Management(dp)
     try:
-        await dp.load("wide", 1)
-        await dp.load("conv", 1)
+        await management.load("wide", 1)
+        await management.load("conv", 1)
         x = np.linspace(-1, 1, 3 * width, dtype=np.float32).reshape(3, width)
         request = InferenceRequest(model="wide", inputs=(InferInput("x", "FP32", x.shape, x),))
         image = np.random.default_rng(0).standard_normal((64, 3, 32, 32), dtype=np.float32)
@@ -552,3 +554,4 @@ async def test_loading_and_serving_start_one_openmp_team(tmp_path: Path) -> None
         assert len(helpers) == 1, f"OpenMP helper threads started: {len(helpers)}; want one team"
     finally:
         await dp.aclose()
+        await management.aclose()
