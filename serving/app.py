@@ -298,9 +298,9 @@ class Server:
         # Only workers of one group may (they serve the same models).
         reuse_port = self.config.group_size > 1
         if self.config.native_grpc():
-            self._native = NativeGrpcServer(self.dataplane, address,
-                                                        reuse_port=reuse_port,
-                                                        fast_lane=self.config.grpc_fast_lane)
+            self._native = NativeGrpcServer(
+                servicer.InferenceServicer(self.dataplane), address, reuse_port=reuse_port,
+                fast_lane=self.dataplane if self.config.grpc_fast_lane else None)
             self.grpc_port = self._native.port
             return
         server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])

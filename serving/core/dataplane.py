@@ -5,9 +5,9 @@ between (routing by traffic weight, validation against the manifest, fault injec
 the model, metrics) happens here once, so the two protocols cannot drift apart.
 
 ``DataPlane`` is the request path: inference, health and metadata, the native gRPC front end's
-fast lane (``fast_routes``, ``infer_group``) and the lifecycle (refuse, drain, stop). Changing
-what is served (loads, unloads, traffic weights, faults) is ``serving.core.management``'s
-``Management``, which shares this class's repository and fault injector.
+fast lane (it implements the ``FastLane`` protocol that front end defines) and the lifecycle
+(refuse, drain, stop). Changing what is served (loads, unloads, traffic weights, faults) is
+``serving.core.management.Management``'s, which shares this class's repository and faults.
 
 The model runs off the event loop in a small thread pool: a forward pass holds the GIL only in
 bursts (torch releases it inside kernels), so a few threads keep both servers responsive while
@@ -250,7 +250,7 @@ class DataPlane:
                     loaded.model, version, protocol, time.perf_counter() - start, error
                 )
 
-    # ---- the fast lane (serving.grpc.native.server): requests a front end parsed and grouped ----
+    # ---- the fast lane (serving.grpc.native.server.FastLane): grouped requests ----------
 
     @property
     def routing_generation(self) -> tuple[int, int, bool]:
