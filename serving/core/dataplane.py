@@ -34,6 +34,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
+from types import TracebackType
 from typing import Any, Protocol
 
 import torch
@@ -219,35 +220,31 @@ class DataPlane:
         version = str(loaded.version)
         self._admit(1)
         start = time.perf_counter()
-        error: ServingError | None = None
+        errors = _VersionErrors(loaded)
         try:
-            validate(request, loaded.manifest)
-            deadline = _earliest(deadline, _parameter_deadline(request.parameters))
-            if self.faults.active:
-                await self.faults.apply(loaded.model, loaded.version)
-            if deadline is not None and deadline <= time.monotonic():
-                raise DeadlineExceeded(f"model {loaded.model} v{version}: the request's "
-                                       "deadline passed before it could run")
-            arrays = _input_arrays(loaded, request)
-            batcher = self._batcher(loaded, arrays)
-            if batcher is not None:
-                results = await batcher.submit(arrays, deadline=deadline)
-            else:
-                results = await self._run_alone(loaded, arrays, deadline)
-            return InferenceResponse(
-                model=loaded.model, model_version=version,
-                outputs=_select_outputs(loaded, request, results), id=request.id,
-            )
-        except Exception as e:
-            error = _version_error(loaded, e)
-            if error is e:
-                raise
-            raise error from e
+            with errors:
+                validate(request, loaded.manifest)
+                deadline = _earliest(deadline, _parameter_deadline(request.parameters))
+                if self.faults.active:
+                    await self.faults.apply(loaded.model, loaded.version)
+                if deadline is not None and deadline <= time.monotonic():
+                    raise DeadlineExceeded(f"model {loaded.model} v{version}: the request's "
+                                           "deadline passed before it could run")
+                arrays = _input_arrays(loaded, request)
+                batcher = self._batcher(loaded, arrays)
+                if batcher is not None:
+                    results = await batcher.submit(arrays, deadline=deadline)
+                else:
+                    results = await self._run_alone(loaded, arrays, deadline)
+                return InferenceResponse(
+                    model=loaded.model, model_version=version,
+                    outputs=_select_outputs(loaded, request, results), id=request.id,
+                )
         finally:
             self._release(1)
             if self._recorder:
                 self._recorder.observe(
-                    loaded.model, version, protocol, time.perf_counter() - start, error
+                    loaded.model, version, protocol, time.perf_counter() - start, errors.error
                 )
 
     # ---- the fast lane (serving.grpc.native.server.FastLane): grouped requests ----------
@@ -309,20 +306,16 @@ class DataPlane:
         would, for the whole group."""
         count = len(started)
         self._admit(count)
-        error: ServingError | None = None
+        errors = _VersionErrors(loaded)
         try:
-            batcher = self._batcher(loaded, arrays)
-            if batcher is not None:
-                return await batcher.submit(arrays, deadline=deadline, requests=count)
-            return await self._run_alone(loaded, arrays, deadline)  # unloaded since routed
-        except Exception as e:
-            error = _version_error(loaded, e)
-            if error is e:
-                raise
-            raise error from e
+            with errors:
+                batcher = self._batcher(loaded, arrays)
+                if batcher is not None:
+                    return await batcher.submit(arrays, deadline=deadline, requests=count)
+                return await self._run_alone(loaded, arrays, deadline)  # unloaded since routed
         finally:
             self._release(count)
-            self._observe_group(loaded, started, protocol, error)
+            self._observe_group(loaded, started, protocol, errors.error)
 
     def infer_group_now(
         self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float], protocol: str,
@@ -336,16 +329,14 @@ class DataPlane:
         batcher = self._batchers.get((loaded.model, loaded.version))
         if batcher is None:
             return None
+        outputs: Arrays | None = None
+        errors = _VersionErrors(loaded)
         try:
-            outputs = batcher.run_now(arrays, requests=len(started))
-        except Exception as e:
-            error = _version_error(loaded, e)
-            self._observe_group(loaded, started, protocol, error)
-            if error is e:
-                raise
-            raise error from e
-        if outputs is not None:
-            self._observe_group(loaded, started, protocol, None)
+            with errors:
+                outputs = batcher.run_now(arrays, requests=len(started))
+        finally:
+            if outputs is not None or errors.error is not None:  # it ran, or failed
+                self._observe_group(loaded, started, protocol, errors.error)
         return outputs
 
     def _observe_group(self, loaded: LoadedVersion, started: Sequence[float], protocol: str,
@@ -515,12 +506,31 @@ def _input_arrays(loaded: LoadedVersion, request: InferenceRequest) -> Arrays:
     )
 
 
-def _version_error(loaded: LoadedVersion, e: Exception) -> ServingError:
-    """What a request gets for ``e``: a ServingError as it is; anything else (a bug, an
-    unexpected torch error) as the version's InferenceFailed, a 500."""
-    if isinstance(e, ServingError):
-        return e
-    return InferenceFailed(f"model {loaded.model} v{loaded.version} failed: {type(e).__name__}: {e}")
+class _VersionErrors:
+    """The one mapping of what fails while a version serves a request (``infer``,
+    ``infer_group``, ``infer_group_now``): what escapes the ``with`` block is what the client
+    gets, and ``error`` keeps it for the metrics. A ServingError passes as it is; anything else
+    (a bug, an unexpected torch error) becomes the version's InferenceFailed, a 500, with the
+    original as its cause. Cancellation passes untouched and is no error."""
+
+    __slots__ = ("_loaded", "error")
+
+    def __init__(self, loaded: LoadedVersion) -> None:
+        self._loaded = loaded
+        self.error: ServingError | None = None
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if isinstance(e, ServingError):
+            self.error = e
+        elif isinstance(e, Exception):
+            loaded = self._loaded
+            self.error = InferenceFailed(
+                f"model {loaded.model} v{loaded.version} failed: {type(e).__name__}: {e}")
+            raise self.error from e
 
 
 def _forward(loaded: LoadedVersion, inputs: Arrays) -> Arrays:
