@@ -94,23 +94,16 @@ class ServerConfig:
     max_inflight: int = 256  # requests admitted at once; beyond it: Overloaded (503)
     grace_seconds: float = 10.0  # how long in-flight requests may finish after a stop
     # Dynamic batching, per model version, for models whose manifest has a batch dimension
-    # (-1 first in every input and output); see serving.core.batching. 1 turns it off.
-    max_batch_size: int = 32  # rows per forward pass; a tiny model gains up to ~30x under load
-    # How long a request may wait for company while the model is busy, ms. An idle model runs a
-    # lone request at once, so this never taxes a single client.
-    max_queue_delay_ms: float = 2.0
-    preferred_batch_sizes: tuple[int, ...] = ()  # rows a batch is cut at without waiting
-    # Rows waiting per version before 503/RESOURCE_EXHAUSTED: ~16 full batches of latency.
-    max_queue_size: int = 512
+    # (serving.core.batching); its max_batch_size 1 turns it off.
+    batching: BatchPolicy = dataclasses.field(default_factory=BatchPolicy)
     # A model whose batches take less than this many ms runs them on the event loop: for a tiny
     # model the hand-off to a worker thread and back costs more than the forward pass. Measured
     # per version (the first batches run in threads); 0 = always in threads.
     inline_batch_ms: float = 0.5
     # How models run (serving.core.runtime): device, reduced precision on GPUs, graph
-    # optimisation at load ("auto": traced+frozen on CPU, CUDA graphs on a GPU).
-    device: str = "cpu"
-    dtype: str | None = None
-    optimize: str = "auto"
+    # optimisation at load ("auto": traced+frozen on CPU, CUDA graphs on a GPU), built and timed
+    # for the batches ``batching`` forms.
+    runtime: RuntimeOptions = dataclasses.field(default_factory=RuntimeOptions)
     # Who speaks gRPC: "native" (gRPC's C++ server moves the bytes, serving.grpc.native.server),
     # "aio" (grpc.aio, pure Python binding), "auto" (native where it is built).
     grpc_server: str = "auto"
@@ -145,8 +138,6 @@ class ServerConfig:
                      "group_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        self.batch_policy()  # raises ValueError for a bad batching combination
-        self.runtime_options()  # and for a bad device/dtype/optimize combination
         if not 0 <= self.inline_batch_ms <= 100:
             raise ValueError(f"inline_batch_ms must be in [0, 100], got {self.inline_batch_ms}")
         if self.grace_seconds < 0:
@@ -166,18 +157,6 @@ class ServerConfig:
         return self.grpc_server == "native" or (
             self.grpc_server == "auto" and native.grpc_front is not None)
 
-    def batch_policy(self) -> BatchPolicy:
-        return BatchPolicy(
-            max_batch_size=self.max_batch_size, max_queue_delay_ms=self.max_queue_delay_ms,
-            preferred_batch_sizes=self.preferred_batch_sizes, max_queue_size=self.max_queue_size,
-        )
-
-
-    def runtime_options(self) -> RuntimeOptions:
-        return RuntimeOptions(device=self.device, dtype=self.dtype, optimize=self.optimize,
-                              preferred_batch_sizes=self.preferred_batch_sizes,
-                              max_batch_size=self.max_batch_size)
-
 
 class Server:
     """One running server. ``start`` returns once both listeners are bound and models loaded."""
@@ -187,7 +166,8 @@ class Server:
         self.metrics = ServerMetrics(multiprocess=config.group_size > 1)
         self.registry = Registry(config.registry) if config.registry is not None else None
         self.repository = ModelRepository(
-            self.registry, observer=self.metrics, loader=make_loader(config.runtime_options()))
+            self.registry, observer=self.metrics,
+            loader=make_loader(config.runtime, config.batching))
         self.initial_models = (
             () if self.registry is None else config.models or tuple(self.registry.models())
         )
@@ -197,7 +177,7 @@ class Server:
             infer_workers=config.infer_workers,
             max_inflight=config.max_inflight,
             expected_models=self.initial_models,
-            batch_policy=config.batch_policy(),
+            batch_policy=config.batching,
             inline_below_ms=config.inline_batch_ms,
             intra_op_threads=config.intra_op_threads,
             instances=config.model_instances,

@@ -17,14 +17,15 @@ graph, because batch norms stay separate from their convolutions. So, once per l
   a mismatch or an error keeps the frozen trace.
 * ``optimize="auto"`` on CPU (the default): both, and the faster one runs. Each is timed at load
   (alternating calls, the best of ``MEASURE_ROUNDS``) at one row and at the batch size the
-  batcher forms (``max_batch_size``, halved while one call takes over ``MEASURE_CALL_S``); the
-  oneDNN graph is kept when it needs at most ``ONEDNN_KEEP`` of the trace's time (the geometric
-  mean over the two sizes). On the benchmark CNN it takes 0.72-0.84 of the time; on the tiny MLP
-  it is a near-tie (0.93-1.11), so either may run, from one load to the next.
-* ``optimize="cudagraph"`` (the CUDA default through ``"auto"`` when preferred batch sizes are
-  set): the traced graph (or the exported module) is captured as one CUDA graph per preferred
-  batch size; a batch is padded up to the next preferred size and replayed: one launch per batch
-  instead of one per kernel.
+  batcher forms (the ``BatchPolicy``'s ``max_batch_size``, halved while one call takes over
+  ``MEASURE_CALL_S``); the oneDNN graph is kept when it needs at most ``ONEDNN_KEEP`` of the
+  trace's time (the geometric mean over the two sizes). On the benchmark CNN it takes 0.72-0.84
+  of the time; on the tiny MLP it is a near-tie (0.93-1.11), so either may run, from one load to
+  the next.
+* ``optimize="cudagraph"`` (the CUDA default through ``"auto"`` when the ``BatchPolicy`` has
+  preferred batch sizes): the traced graph (or the exported module) is captured as one CUDA
+  graph per preferred batch size; a batch is padded up to the next preferred size and replayed:
+  one launch per batch instead of one per kernel.
 * ``optimize="compile"``: ``torch.compile`` (inductor), compiled at each preferred batch size at
   load, batches padded to them so no request triggers a recompile. Slow to load; opt-in.
 * ``optimize="none"``: the exported module as it is.
@@ -50,6 +51,7 @@ from typing import Any
 import torch
 
 from kloop.artifact import Manifest
+from serving.core.batching import BatchPolicy
 
 log = logging.getLogger(__name__)
 
@@ -69,22 +71,17 @@ ONEDNN_KEEP = 0.95  # the oneDNN graph runs when it needs at most this share of 
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeOptions:
-    """Validated at construction; ``serving.app.ServerConfig`` builds one from its flags."""
+    """How models run; validated at construction (``serving.cli`` builds one from its flags,
+    ``serving.app.ServerConfig`` holds it). The batch sizes a graph is built or timed for are
+    the batcher's: ``prepare`` takes them from the server's ``BatchPolicy``."""
 
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
     dtype: str | None = None  # None: as exported; "bf16"/"fp16": floating tensors cast (GPU)
     optimize: str = "auto"  # see the module docstring
-    # Batch sizes graphs are built for; with "cudagraph"/"compile" every batch is padded up to
-    # one of them (the largest is then the most rows one call takes).
-    preferred_batch_sizes: tuple[int, ...] = ()
-    # The most rows the batcher puts in one call: "auto" on CPU times its candidates there.
-    max_batch_size: int = 32
 
     def __post_init__(self) -> None:
         if self.optimize not in OPTIMIZE_CHOICES:
             raise ValueError(f"optimize must be one of {OPTIMIZE_CHOICES}, got {self.optimize!r}")
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)} or unset, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
@@ -95,20 +92,21 @@ class RuntimeOptions:
             raise ValueError("oneDNN (optimize_for_inference) graphs are for the CPU")
         if self.dtype is not None and self.device == "cpu":
             raise ValueError("a reduced dtype is for GPUs (CPU bf16/fp16 kernels are slower)")
-        object.__setattr__(self, "preferred_batch_sizes",
-                           tuple(sorted(set(self.preferred_batch_sizes))))
 
     @property
     def cuda(self) -> bool:
         return self.device != "cpu"
 
-    def strategy(self, manifest: Manifest) -> str:
-        """What ``prepare`` will try for this model (it falls back to "none" on a failure)."""
+    def strategy(self, manifest: Manifest, batching: BatchPolicy) -> str:
+        """What ``prepare`` will try for this model, batched as ``batching`` says (it falls
+        back to "none" on a failure). "cudagraph" and "compile" build a graph per preferred
+        batch size, and every batch is padded up to one of them."""
         wanted = self.optimize
+        preferred = batching.preferred_batch_sizes
         if wanted == "auto":
-            wanted = "cudagraph" if self.cuda and self.preferred_batch_sizes else "trace"
+            wanted = "cudagraph" if self.cuda and preferred else "trace"
         if wanted in ("cudagraph", "compile") and not (
-                self.preferred_batch_sizes and _batch_only_dynamic(manifest)):
+                preferred and _batch_only_dynamic(manifest)):
             log.warning("%s v%s: %s needs preferred batch sizes and inputs fixed apart from "
                         "the batch; tracing instead", manifest.name, manifest.version, wanted)
             wanted = "trace"
@@ -239,9 +237,13 @@ class _CudaGraph:
         return tuple(back) if self._tuple else back[0]
 
 
-def prepare(module: torch.nn.Module, manifest: Manifest, options: RuntimeOptions) -> ModelRunner:
-    """The ``ModelRunner`` for an exported module, optimised as ``options`` say."""
-    strategy = options.strategy(manifest)
+def prepare(module: torch.nn.Module, manifest: Manifest, options: RuntimeOptions,
+            batching: BatchPolicy | None = None) -> ModelRunner:
+    """The ``ModelRunner`` for an exported module, optimised as ``options`` say for the batches
+    ``batching`` forms (default: ``BatchPolicy()``): graphs are timed at its
+    ``max_batch_size`` and captured or compiled at its preferred sizes."""
+    batching = batching or BatchPolicy()
+    strategy = options.strategy(manifest, batching)
     output_dtypes = tuple(_TORCH_OF.get(s.datatype) for s in manifest.outputs)
     if options.cuda:
         module = module.to(options.device)
@@ -262,11 +264,11 @@ def prepare(module: torch.nn.Module, manifest: Manifest, options: RuntimeOptions
                 optimized = _onednn(module, traced.unfrozen, manifest, options, label)
                 if optimized is not None and (options.optimize == "onednn" or _keep_onednn(
                         {"trace": traced.frozen, "onednn": optimized}, manifest,
-                        options.max_batch_size, label)):
+                        batching.max_batch_size, label)):
                     fn, strategy = optimized, "onednn"
     elif strategy == "compile":
         fn = torch.compile(module, dynamic=False)
-    pad_to = options.preferred_batch_sizes if strategy in ("cudagraph", "compile") else ()
+    pad_to = batching.preferred_batch_sizes if strategy in ("cudagraph", "compile") else ()
     runner = ModelRunner(fn, options=options, strategy=strategy, pad_to=pad_to,
                          output_dtypes=output_dtypes)
     if strategy == "cudagraph":
