@@ -34,6 +34,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Literal, get_args
 
 import grpc
 import torch
@@ -53,7 +54,10 @@ from serving.http import admin_routes, routes
 from serving.metrics import INFLIGHT_REFRESH_S, ServerMetrics
 
 log = logging.getLogger(__name__)
-GRPC_SERVERS = ("auto", "native", "aio")
+# Who speaks gRPC: "native" (gRPC's C++ server moves the bytes, serving.grpc.native.server),
+# "aio" (grpc.aio, pure Python binding), "auto" (native where it is built).
+GrpcServerKind = Literal["auto", "native", "aio"]
+GRPC_SERVERS: tuple[GrpcServerKind, ...] = get_args(GrpcServerKind)
 # A 503 is transient (queue full, not ready yet, replica stopping): retry soon, elsewhere if
 # a balancer is in front.
 RETRY_AFTER_SECONDS = 1
@@ -104,9 +108,7 @@ class ServerConfig:
     # optimisation at load ("auto": traced+frozen on CPU, CUDA graphs on a GPU), built and timed
     # for the batches ``batching`` forms.
     runtime: RuntimeOptions = dataclasses.field(default_factory=RuntimeOptions)
-    # Who speaks gRPC: "native" (gRPC's C++ server moves the bytes, serving.grpc.native.server),
-    # "aio" (grpc.aio, pure Python binding), "auto" (native where it is built).
-    grpc_server: str = "auto"
+    grpc_server: GrpcServerKind = "auto"  # who speaks gRPC (GrpcServerKind)
     # The native front end's fast lane for the common ModelInfer (serving.grpc.native.server): on
     # unless turned off to compare, or to rule it out.
     grpc_fast_lane: bool = True

@@ -23,7 +23,7 @@ from serving import openmp
 from serving.app import GRPC_SERVERS, ServerConfig, available_cores, serve
 from serving.core.batching import BatchPolicy
 from serving.core.errors import ServingError
-from serving.core.runtime import DTYPES, OPTIMIZE_CHOICES, RuntimeOptions
+from serving.core.runtime import DEVICE_KINDS, DTYPE_CHOICES, OPTIMIZE_CHOICES, RuntimeOptions
 from serving.workers import supervise
 
 TOKEN_ENV = "KLOOP_ADMIN_TOKEN"
@@ -81,8 +81,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser, default_registry: str |
                                "(default: %(default)s)")
     runtime = parser.add_argument_group("model execution")
     runtime.add_argument("--device", default=r["device"],
-                         help="cpu, cuda or cuda:N (default: %(default)s)")
-    runtime.add_argument("--dtype", choices=sorted(DTYPES), default=r["dtype"],
+                         help=f"{', '.join(DEVICE_KINDS)} or cuda:N (default: %(default)s)")
+    runtime.add_argument("--dtype", choices=DTYPE_CHOICES, default=r["dtype"],
                          help="run floating tensors in this precision (GPU only; default: as "
                               "exported)")
     runtime.add_argument("--optimize", choices=OPTIMIZE_CHOICES, default=r["optimize"],

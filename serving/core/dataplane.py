@@ -61,6 +61,7 @@ from serving.core.types import (
     ModelMetadata,
     ServerMetadata,
     TensorMetadata,
+    WireProtocol,
 )
 from serving.core.validation import validate
 
@@ -74,11 +75,11 @@ class InferenceRecorder(Protocol):
     """Told about every request that reached a version (the metrics)."""
 
     def observe(
-        self, model: str, version: str, protocol: str, seconds: float, error: ServingError | None
+        self, model: str, version: str, protocol: WireProtocol, seconds: float, error: ServingError | None
     ) -> None: ...
 
     def observe_group(
-        self, model: str, version: str, protocol: str, seconds: Sequence[float],
+        self, model: str, version: str, protocol: WireProtocol, seconds: Sequence[float],
         error: ServingError | None,
     ) -> None:
         """A front end's group of requests (``DataPlane.infer_group``), each as ``observe``
@@ -206,7 +207,7 @@ class DataPlane:
     # ---- inference -----------------------------------------------------------------------
 
     async def infer(
-        self, request: InferenceRequest, protocol: str, *, deadline: float | None = None
+        self, request: InferenceRequest, protocol: WireProtocol, *, deadline: float | None = None
     ) -> InferenceResponse:
         """Route, validate, inject faults, run (batched when the model allows), answer.
 
@@ -293,7 +294,7 @@ class DataPlane:
         return not self._shutting_down and self._inflight + count <= self._max_inflight
 
     async def infer_group(
-        self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float], protocol: str, *,
+        self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float], protocol: WireProtocol, *,
         deadline: float | None = None,
     ) -> Arrays:
         """Run requests a front end grouped (``fast_routes``), as one batcher request.
@@ -318,7 +319,7 @@ class DataPlane:
             self._observe_group(loaded, started, protocol, errors.error)
 
     def infer_group_now(
-        self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float], protocol: str,
+        self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float], protocol: WireProtocol,
     ) -> Arrays | None:
         """``infer_group`` without awaiting, for a fast model whose batcher is idle: the
         outputs when the version's batcher ran the group at once on this thread
@@ -339,7 +340,7 @@ class DataPlane:
                 self._observe_group(loaded, started, protocol, errors.error)
         return outputs
 
-    def _observe_group(self, loaded: LoadedVersion, started: Sequence[float], protocol: str,
+    def _observe_group(self, loaded: LoadedVersion, started: Sequence[float], protocol: WireProtocol,
                        error: ServingError | None) -> None:
         if self._recorder:
             now = time.perf_counter()

@@ -46,7 +46,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -55,8 +55,17 @@ from serving.core.batching import BatchPolicy
 
 log = logging.getLogger(__name__)
 
-OPTIMIZE_CHOICES = ("auto", "trace", "onednn", "cudagraph", "compile", "none")
-DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# What ``RuntimeOptions.optimize`` asks for (see the module docstring), and what then runs.
+Optimize = Literal["auto", "trace", "onednn", "cudagraph", "compile", "none"]
+Strategy = Literal["trace", "onednn", "cudagraph", "compile", "none"]
+OPTIMIZE_CHOICES: tuple[Optimize, ...] = get_args(Optimize)
+# Reduced precisions a GPU may run floating tensors in (``RuntimeOptions.dtype``).
+ReducedDtype = Literal["bf16", "fp16"]
+DTYPE_CHOICES: tuple[ReducedDtype, ...] = get_args(ReducedDtype)
+DTYPES: dict[ReducedDtype, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The kinds of device a model runs on; a device is one of them, or "cuda:N" for GPU N.
+DeviceKind = Literal["cpu", "cuda"]
+DEVICE_KINDS: tuple[DeviceKind, ...] = get_args(DeviceKind)
 _TORCH_OF = {
     "BOOL": torch.bool, "UINT8": torch.uint8, "INT8": torch.int8, "INT16": torch.int16,
     "INT32": torch.int32, "INT64": torch.int64, "FP16": torch.float16, "FP32": torch.float32,
@@ -75,16 +84,17 @@ class RuntimeOptions:
     ``serving.app.ServerConfig`` holds it). The batch sizes a graph is built or timed for are
     the batcher's: ``prepare`` takes them from the server's ``BatchPolicy``."""
 
-    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
-    dtype: str | None = None  # None: as exported; "bf16"/"fp16": floating tensors cast (GPU)
-    optimize: str = "auto"  # see the module docstring
+    # A DeviceKind, or "cuda:N": torch's own device string, so not a Literal.
+    device: str = "cpu"
+    dtype: ReducedDtype | None = None  # None: as exported; else floating tensors cast (GPU)
+    optimize: Optimize = "auto"  # see the module docstring
 
     def __post_init__(self) -> None:
         if self.optimize not in OPTIMIZE_CHOICES:
             raise ValueError(f"optimize must be one of {OPTIMIZE_CHOICES}, got {self.optimize!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)} or unset, got {self.dtype!r}")
-        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+        if not (self.device in DEVICE_KINDS or self.device.startswith("cuda:")):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.optimize == "cudagraph" and self.device == "cpu":
             raise ValueError("CUDA graphs need a CUDA device")
@@ -97,14 +107,16 @@ class RuntimeOptions:
     def cuda(self) -> bool:
         return self.device != "cpu"
 
-    def strategy(self, manifest: Manifest, batching: BatchPolicy) -> str:
+    def strategy(self, manifest: Manifest, batching: BatchPolicy) -> Strategy:
         """What ``prepare`` will try for this model, batched as ``batching`` says (it falls
         back to "none" on a failure). "cudagraph" and "compile" build a graph per preferred
         batch size, and every batch is padded up to one of them."""
-        wanted = self.optimize
         preferred = batching.preferred_batch_sizes
-        if wanted == "auto":
+        wanted: Strategy
+        if self.optimize == "auto":
             wanted = "cudagraph" if self.cuda and preferred else "trace"
+        else:
+            wanted = self.optimize
         if wanted in ("cudagraph", "compile") and not (
                 preferred and _batch_only_dynamic(manifest)):
             log.warning("%s v%s: %s needs preferred batch sizes and inputs fixed apart from "
@@ -123,13 +135,13 @@ class ModelRunner:
         fn: Callable[..., Any],
         *,
         options: RuntimeOptions,
-        strategy: str,
+        strategy: Strategy,
         pad_to: Sequence[int] = (),
         output_dtypes: Sequence[torch.dtype | None] = (),
     ) -> None:
         self._fn = fn
         self.options = options
-        self.strategy = strategy  # what runs: "trace", "onednn", "cudagraph", "compile", "none"
+        self.strategy = strategy  # what runs
         self.pad_to = tuple(sorted(pad_to))
         self._device = torch.device(options.device)
         self._cast = DTYPES.get(options.dtype) if options.dtype else None

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from serving.core.errors import InvalidInput
+
+# Which adapter a request came through: the ``protocol`` label of the request metrics.
+WireProtocol = Literal["grpc", "http"]
 
 # OIP datatype -> numpy dtype (little-endian: raw contents are little-endian on the wire).
 _NUMPY: dict[str, np.dtype[Any]] = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Final, TypeVar
 
 import grpc
 
@@ -19,10 +19,11 @@ from kloop.pb import inference_pb2 as pb
 from kloop.pb import inference_pb2_grpc as pb_grpc
 from serving.core.dataplane import DataPlane, deadline_in
 from serving.core.errors import ServingError
+from serving.core.types import WireProtocol
 from serving.errormap import grpc_code_name
 from serving.grpc import converters
 
-PROTOCOL = "grpc"
+PROTOCOL: Final[WireProtocol] = "grpc"
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
 from serving.core.dataplane import DataPlane, deadline_from_ms
 from serving.core.errors import InvalidInput, ServingError
+from serving.core.types import WireProtocol
 from serving.errormap import http_status
 from serving.http import codec
 from serving.metrics import CONTENT_TYPE, ServerMetrics
 
 log = logging.getLogger(__name__)
-PROTOCOL = "http"
+PROTOCOL: Final[WireProtocol] = "http"
 DATAPLANE_KEY = web.AppKey("dataplane", DataPlane)
 METRICS_KEY = web.AppKey("metrics", ServerMetrics)
 

@@ -45,7 +45,7 @@ from kloop.pb import inference_pb2 as pb
 from serving.core.batching import Arrays
 from serving.core.errors import ServingError
 from serving.core.repository import LoadedVersion
-from serving.core.types import fixed_itemsize, numpy_dtype
+from serving.core.types import WireProtocol, fixed_itemsize, numpy_dtype
 from serving.errormap import grpc_code_name
 from serving.grpc import native
 from serving.grpc.servicer import PROTOCOL, InferenceServicer
@@ -111,7 +111,7 @@ class FastLane(Protocol):
         ...
 
     async def infer_group(
-        self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float], protocol: str, *,
+        self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float], protocol: WireProtocol, *,
         deadline: float | None = None,
     ) -> Arrays:
         """Run a group (``arrays``: the members' rows per input; ``started``: each member's
@@ -119,7 +119,7 @@ class FastLane(Protocol):
         ...
 
     def infer_group_now(
-        self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float], protocol: str,
+        self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float], protocol: WireProtocol,
     ) -> Arrays | None:
         """``infer_group`` at once on this thread when the version can run it so, else None
         (nothing happened)."""
