@@ -19,6 +19,7 @@ import dataclasses
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
 
@@ -61,12 +62,17 @@ class InferResult:
     id: str = ""
 
 
+# The generated stub is unannotated (kloop.pb): its constructor typed once here.
+_stub_for: Callable[[grpc.aio.Channel], pb_grpc.GRPCInferenceServiceStub] = (
+    pb_grpc.GRPCInferenceServiceStub)
+
+
 class GrpcClient:
     """Async OIP v2 client over one ``grpc.aio`` channel (``target``: ``"host:port"``)."""
 
     def __init__(self, target: str, timeout: float = 30.0) -> None:
         self._channel = grpc.aio.insecure_channel(target)
-        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._stub = _stub_for(self._channel)
         self._timeout = timeout
 
     async def _call(self, method: Any, request: Any) -> Any:

@@ -205,8 +205,8 @@ class ServerMetrics:
             _observe_all(histogram, values)
         for (model, version), count in lane.items():
             self.fast_lane.labels(model, version).inc(count)
-        for key, observed in batches.items():
-            for histogram, values in zip(self._batch_series(key), observed, strict=True):
+        for labels, observed in batches.items():
+            for histogram, values in zip(self._batch_series(labels), observed, strict=True):
                 _observe_all(histogram, values)
 
     def _request_series(self, key: tuple[str, str, WireProtocol]) -> tuple[Any, Any]:
@@ -260,8 +260,11 @@ class ServerMetrics:
         self.refresh()
         from prometheus_client import multiprocess
 
+        # prometheus_client leaves this constructor unannotated: typed here, where it is used.
+        collect_workers: Callable[[CollectorRegistry], object] = (
+            multiprocess.MultiProcessCollector)
         merged = CollectorRegistry()
-        multiprocess.MultiProcessCollector(merged)
+        collect_workers(merged)  # registers itself: collecting merged sums the workers' files
         return generate_latest(merged)
 
 

@@ -179,7 +179,7 @@ class Batcher:
         fn: BatchFn,
         policy: BatchPolicy,
         *,
-        executor: concurrent.futures.Executor | None = None,
+        executor: concurrent.futures.Executor,
         max_concurrency: int = 1,
         observer: BatchObserver | None = None,
         clock: Clock = time.monotonic,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -136,8 +137,8 @@ class DataPlane:
         # 82 context switches per pass instead of none (docs/serving.md).
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=infer_workers, thread_name_prefix="kloop-infer",
-            initializer=torch.set_num_threads if intra_op_threads else None,
-            initargs=(intra_op_threads,) if intra_op_threads else (),
+            initializer=(functools.partial(torch.set_num_threads, intra_op_threads)
+                         if intra_op_threads else None),
         )
         self._instances = instances  # batches of one version running at once
         self._max_inflight = max_inflight

@@ -72,6 +72,12 @@ _TORCH_OF = {
     "FP64": torch.float64, "BF16": torch.bfloat16, "UINT16": torch.uint16,
     "UINT32": torch.uint32, "UINT64": torch.uint64,
 }
+# torch's unannotated corners this module uses, typed once here.
+_cuda_stream: Callable[[torch.device], torch.cuda.Stream] = torch.cuda.Stream
+_jit_trace: Callable[..., torch.jit.ScriptModule] = torch.jit.trace
+# torch.jit imports it without listing it in __all__, so it is not exported to a type checker.
+_TracerWarning: type[Warning] = torch.jit.TracerWarning  # type: ignore[attr-defined]
+
 CHECK_BATCHES = (1, 3)  # batch sizes an optimised graph must agree on (the trace uses 2)
 MEASURE_ROUNDS = 3  # "auto" on CPU: timed calls per candidate graph and batch size
 MEASURE_CALL_S = 0.25  # the measured batch is halved until one call takes at most this
@@ -181,7 +187,7 @@ class ModelRunner:
             return graph.replay(inputs)
         stream = getattr(self._local, "stream", None)
         if stream is None:
-            stream = self._local.stream = torch.cuda.Stream(device=self._device)
+            stream = self._local.stream = _cuda_stream(self._device)
         with torch.cuda.stream(stream):
             moved = [self._to_device(t) for t in inputs]
             result = self._fn(*moved)
@@ -219,7 +225,7 @@ class _CudaGraph:
     def __init__(self, runner: ModelRunner, example: Sequence[torch.Tensor]) -> None:
         self._lock = threading.Lock()
         self._runner = runner
-        self._stream = torch.cuda.Stream(device=runner._device)
+        self._stream = _cuda_stream(runner._device)
         # inference_mode: no autograd state recorded into the graph (the exported module's
         # parameters still require grad when tracing fell back to it).
         with torch.inference_mode(), torch.cuda.stream(self._stream):
@@ -346,9 +352,9 @@ def _trace(
         # The tracer warns about every shape it records as a constant; the check below is what
         # decides whether that mattered.
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            traced = torch.jit.trace(module, _on_device(_examples(manifest, 2), options),
-                                     check_trace=False)
+            warnings.simplefilter("ignore", _TracerWarning)
+            traced = _jit_trace(module, _on_device(_examples(manifest, 2), options),
+                                check_trace=False)
             frozen = torch.jit.freeze(traced.eval())
         rows = _disagreement(module, frozen, manifest, options)
         if rows is not None:

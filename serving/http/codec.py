@@ -418,7 +418,8 @@ def encode_infer_response(
 
 
 def infer_response_to_json(resp: InferenceResponse) -> dict[str, Any]:
-    return orjson.loads(encode_infer_response(resp)[0])
+    body: dict[str, Any] = orjson.loads(encode_infer_response(resp)[0])  # an object: we wrote it
+    return body
 
 
 def server_metadata_to_json(meta: ServerMetadata) -> dict[str, Any]:

@@ -26,7 +26,8 @@ MODULE = "_grpc_front"
 
 
 def target() -> Path:
-    return HERE / (MODULE + sysconfig.get_config_var("EXT_SUFFIX"))
+    suffix: str = sysconfig.get_config_var("EXT_SUFFIX")  # e.g. ".cpython-311-x86_64-linux-gnu.so"
+    return HERE / (MODULE + suffix)
 
 
 def _pkg_config(*args: str) -> str:

@@ -35,7 +35,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, cast
 
 import grpc
 import numpy as np
@@ -49,6 +49,9 @@ from serving.core.types import WireProtocol, fixed_itemsize, numpy_dtype
 from serving.errormap import grpc_code_name
 from serving.grpc import native
 from serving.grpc.servicer import PROTOCOL, InferenceServicer
+
+if TYPE_CHECKING:  # the compiled module's API, typed by _grpc_front.pyi
+    from serving.grpc.native._grpc_front import Front, Group, Route
 
 log = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
@@ -147,7 +150,7 @@ class NativeGrpcServer:
         if native.grpc_front is None:
             raise RuntimeError(native.UNAVAILABLE)
         try:
-            self._front = native.grpc_front.Front(address, reuse_port=reuse_port)
+            self._front: Front = native.grpc_front.Front(address, reuse_port=reuse_port)
         except RuntimeError as e:
             raise OSError(str(e)) from e
         self.port: int = self._front.port
@@ -170,7 +173,7 @@ class NativeGrpcServer:
         self._synced = current
         self._generation += 1
         table: dict[int, _FastRoute] = {}
-        routes = []
+        routes: list[Route] = []
         for route_id, ((model, version), loaded) in enumerate(fast.fast_routes().items()):
             manifest = loaded.manifest
             inputs = [(s.name, s.datatype, list(s.shape[1:]),
@@ -206,7 +209,7 @@ class NativeGrpcServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _lane(self, group: Any, fast: FastLane) -> tuple[_FastRoute, Arrays, list[float]] | None:
+    def _lane(self, group: Group, fast: FastLane) -> tuple[_FastRoute, Arrays, list[float]] | None:
         """A fast-lane group's route, input arrays and members' arrivals (perf_counter), or
         None when each member must take the general path instead: routed by an older table,
         or some member would not be admitted or has expired. There, each member gets exactly
@@ -221,7 +224,7 @@ class NativeGrpcServer:
                        for data, (dtype, dims) in zip(group.inputs, route.inputs, strict=True))
         return route, arrays, [now - age for age in group.ages]
 
-    def _run_group_now(self, group: Any, fast: FastLane) -> bool:
+    def _run_group_now(self, group: Group, fast: FastLane) -> bool:
         """Answer a group right away when its version's batcher would run it at once on the
         loop (a fast model, idle: ``FastLane.infer_group_now``); False when nothing happened
         (``_run_group`` then)."""
@@ -238,7 +241,7 @@ class NativeGrpcServer:
             self._fail_group(group, e)
         return True
 
-    async def _run_group(self, group: Any, fast: FastLane) -> None:
+    async def _run_group(self, group: Group, fast: FastLane) -> None:
         """One fast-lane group: one batcher request, each member answered from its rows."""
         lane = self._lane(group, fast)
         if lane is None:
@@ -247,7 +250,7 @@ class NativeGrpcServer:
             return
         route, arrays, started = lane
         left = group.seconds_left
-        deadline = None if None in left else time.monotonic() + max(left)
+        deadline = None if None in left else time.monotonic() + max(cast("list[float]", left))
         try:
             outputs = await fast.infer_group(route.loaded, arrays, started, PROTOCOL,
                                              deadline=deadline)
@@ -255,10 +258,10 @@ class NativeGrpcServer:
         except Exception as e:  # noqa: BLE001  (_fail_group words it)
             self._fail_group(group, e)
 
-    def _respond_group(self, group: Any, outputs: Arrays) -> None:
+    def _respond_group(self, group: Group, outputs: Arrays) -> None:
         self._front.respond_group(group, [np.ascontiguousarray(o) for o in outputs])
 
-    def _fail_group(self, group: Any, error: Exception) -> None:
+    def _fail_group(self, group: Group, error: Exception) -> None:
         """Every member still held gets the error's status; a bug's details stay inside."""
         if isinstance(error, ServingError):
             self._front.fail_group(group, grpc.StatusCode[grpc_code_name(error)].value[0],
