@@ -149,7 +149,8 @@ class ServerMetrics:
         )
 
     def observe(
-        self, model: str, version: str, protocol: WireProtocol, seconds: float, error: ServingError | None
+        self, model: str, version: str, protocol: WireProtocol, seconds: float,
+        error: ServingError | None,
     ) -> None:
         durations = self._durations.get((model, version, protocol))
         if durations is None:

@@ -76,7 +76,8 @@ class InferenceRecorder(Protocol):
     """Told about every request that reached a version (the metrics)."""
 
     def observe(
-        self, model: str, version: str, protocol: WireProtocol, seconds: float, error: ServingError | None
+        self, model: str, version: str, protocol: WireProtocol, seconds: float,
+        error: ServingError | None,
     ) -> None: ...
 
     def observe_group(
@@ -295,8 +296,8 @@ class DataPlane:
         return not self._shutting_down and self._inflight + count <= self._max_inflight
 
     async def infer_group(
-        self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float], protocol: WireProtocol, *,
-        deadline: float | None = None,
+        self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float],
+        protocol: WireProtocol, *, deadline: float | None = None,
     ) -> Arrays:
         """Run requests a front end grouped (``fast_routes``), as one batcher request.
 
@@ -320,7 +321,8 @@ class DataPlane:
             self._observe_group(loaded, started, protocol, errors.error)
 
     def infer_group_now(
-        self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float], protocol: WireProtocol,
+        self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float],
+        protocol: WireProtocol,
     ) -> Arrays | None:
         """``infer_group`` without awaiting, for a fast model whose batcher is idle: the
         outputs when the version's batcher ran the group at once on this thread
@@ -341,8 +343,8 @@ class DataPlane:
                 self._observe_group(loaded, started, protocol, errors.error)
         return outputs
 
-    def _observe_group(self, loaded: LoadedVersion, started: Sequence[float], protocol: WireProtocol,
-                       error: ServingError | None) -> None:
+    def _observe_group(self, loaded: LoadedVersion, started: Sequence[float],
+                       protocol: WireProtocol, error: ServingError | None) -> None:
         if self._recorder:
             now = time.perf_counter()
             self._recorder.observe_group(loaded.model, str(loaded.version), protocol,

@@ -2,8 +2,8 @@
 
 Registered through the generated ``add_GRPCInferenceServiceServicer_to_server``, whose service
 name is the standard ``inference.GRPCInferenceService`` (see proto/generate.py), so Triton and
-KServe clients reach it unchanged. Each RPC converts (``serving.grpc.converters``), delegates to the
-dataplane, and maps a ``ServingError`` to a status code through ``serving.errormap``: nothing
+KServe clients reach it unchanged. Each RPC converts (``serving.grpc.converters``), delegates to
+the dataplane, and maps a ``ServingError`` to a status code through ``serving.errormap``: nothing
 else happens here.
 """
 

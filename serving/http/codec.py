@@ -1,4 +1,5 @@
-"""HTTP bodies of the OIP v2 REST API <-> the core's types (the HTTP twin of ``converters``).
+"""HTTP bodies of the OIP v2 REST API <-> the core's types (the HTTP twin of
+``serving.grpc.converters``).
 
 Two request formats, told apart by one header:
 

@@ -15,4 +15,5 @@ try:
     UNAVAILABLE = ""
 except ImportError as e:  # not built here, or built against another libgrpc++
     grpc_front = None
-    UNAVAILABLE = f"the native gRPC front end is not built ({e}); run: python -m serving.grpc.native.build"
+    UNAVAILABLE = (f"the native gRPC front end is not built ({e}); "
+                   "run: python -m serving.grpc.native.build")

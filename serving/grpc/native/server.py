@@ -114,15 +114,16 @@ class FastLane(Protocol):
         ...
 
     async def infer_group(
-        self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float], protocol: WireProtocol, *,
-        deadline: float | None = None,
+        self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float],
+        protocol: WireProtocol, *, deadline: float | None = None,
     ) -> Arrays:
         """Run a group (``arrays``: the members' rows per input; ``started``: each member's
         arrival, ``time.perf_counter()``) as one request; every output, all the rows."""
         ...
 
     def infer_group_now(
-        self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float], protocol: WireProtocol,
+        self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float],
+        protocol: WireProtocol,
     ) -> Arrays | None:
         """``infer_group`` at once on this thread when the version can run it so, else None
         (nothing happened)."""
