@@ -1,7 +1,7 @@
 """The Python half of one gRPC ``ModelInfer``, measured in process: CPU per request.
 
 What the event loop spends on each call of the native gRPC front end's general path
-(``serving.grpc_native``; the common request takes the fast lane instead, which leaves Python
+(``serving.grpc.native.server``; the common request takes the fast lane instead, which leaves Python
 only the batches, and is measured under load in docs/serving.md): parse the request, convert,
 route, validate, queue, the (inline) batch's forward pass divided over its requests, answer,
 serialize, metrics. The front end itself is replaced by a stand-in
@@ -15,7 +15,7 @@ under load, and the next group starts when all are answered.
     python -m loadtests.hotpath                 # tiny MLP (64-128-10), 32 and 8 at once, 3 s
     python -m loadtests.hotpath --concurrency 1,8,32 --seconds 5
 
-Needs the native front end built (``python -m serving.native.build``).
+Needs the native front end built (``python -m serving.grpc.native.build``).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import torch
 from kloop.artifact import Registry
 from kloop.pb import inference_pb2 as pb
 from loadtests.benchmark.models import INPUT_NAME, publish_module
-from serving import native
 from serving.app import Server, ServerConfig
+from serving.grpc import native
 
 MODEL = "tiny"
 METHOD = "/inference.GRPCInferenceService/ModelInfer"

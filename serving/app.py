@@ -34,6 +34,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Literal, get_args
 
 import grpc
 import torch
@@ -41,16 +42,22 @@ from aiohttp import web
 
 from kloop.artifact import ArtifactError, Registry, read_manifest
 from kloop.fsutil import atomic_write_bytes
-from serving import admin_api, grpc_api, grpc_native, http_api, native
 from serving.core.batching import BatchPolicy
 from serving.core.dataplane import DataPlane
 from serving.core.errors import ArtifactRejected, ModelNotFound
+from serving.core.management import Management
 from serving.core.repository import ModelRepository, make_loader
 from serving.core.runtime import RuntimeOptions
+from serving.grpc import native, servicer
+from serving.grpc.native.server import NativeGrpcServer
+from serving.http import admin_routes, routes
 from serving.metrics import INFLIGHT_REFRESH_S, ServerMetrics
 
 log = logging.getLogger(__name__)
-GRPC_SERVERS = ("auto", "native", "aio")
+# Who speaks gRPC: "native" (gRPC's C++ server moves the bytes, serving.grpc.native.server),
+# "aio" (grpc.aio, pure Python binding), "auto" (native where it is built).
+GrpcServerKind = Literal["auto", "native", "aio"]
+GRPC_SERVERS: tuple[GrpcServerKind, ...] = get_args(GrpcServerKind)
 # A 503 is transient (queue full, not ready yet, replica stopping): retry soon, elsewhere if
 # a balancer is in front.
 RETRY_AFTER_SECONDS = 1
@@ -91,27 +98,18 @@ class ServerConfig:
     max_inflight: int = 256  # requests admitted at once; beyond it: Overloaded (503)
     grace_seconds: float = 10.0  # how long in-flight requests may finish after a stop
     # Dynamic batching, per model version, for models whose manifest has a batch dimension
-    # (-1 first in every input and output); see serving.core.batching. 1 turns it off.
-    max_batch_size: int = 32  # rows per forward pass; a tiny model gains up to ~30x under load
-    # How long a request may wait for company while the model is busy, ms. An idle model runs a
-    # lone request at once, so this never taxes a single client.
-    max_queue_delay_ms: float = 2.0
-    preferred_batch_sizes: tuple[int, ...] = ()  # rows a batch is cut at without waiting
-    # Rows waiting per version before 503/RESOURCE_EXHAUSTED: ~16 full batches of latency.
-    max_queue_size: int = 512
+    # (serving.core.batching); its max_batch_size 1 turns it off.
+    batching: BatchPolicy = dataclasses.field(default_factory=BatchPolicy)
     # A model whose batches take less than this many ms runs them on the event loop: for a tiny
     # model the hand-off to a worker thread and back costs more than the forward pass. Measured
     # per version (the first batches run in threads); 0 = always in threads.
     inline_batch_ms: float = 0.5
     # How models run (serving.core.runtime): device, reduced precision on GPUs, graph
-    # optimisation at load ("auto": traced+frozen on CPU, CUDA graphs on a GPU).
-    device: str = "cpu"
-    dtype: str | None = None
-    optimize: str = "auto"
-    # Who speaks gRPC: "native" (gRPC's C++ server moves the bytes, serving.grpc_native),
-    # "aio" (grpc.aio, pure Python binding), "auto" (native where it is built).
-    grpc_server: str = "auto"
-    # The native front end's fast lane for the common ModelInfer (serving.grpc_native): on
+    # optimisation at load ("auto": traced+frozen on CPU, CUDA graphs on a GPU), built and timed
+    # for the batches ``batching`` forms.
+    runtime: RuntimeOptions = dataclasses.field(default_factory=RuntimeOptions)
+    grpc_server: GrpcServerKind = "auto"  # who speaks gRPC (GrpcServerKind)
+    # The native front end's fast lane for the common ModelInfer (serving.grpc.native.server): on
     # unless turned off to compare, or to rule it out.
     grpc_fast_lane: bool = True
     ports_file: Path | None = None  # written atomically once serving: {"http", "grpc", "pid"}
@@ -142,8 +140,6 @@ class ServerConfig:
                      "group_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        self.batch_policy()  # raises ValueError for a bad batching combination
-        self.runtime_options()  # and for a bad device/dtype/optimize combination
         if not 0 <= self.inline_batch_ms <= 100:
             raise ValueError(f"inline_batch_ms must be in [0, 100], got {self.inline_batch_ms}")
         if self.grace_seconds < 0:
@@ -159,21 +155,9 @@ class ServerConfig:
             raise ValueError(native.UNAVAILABLE)
 
     def native_grpc(self) -> bool:
-        """Whether gRPC is served by the native front end (serving.native)."""
+        """Whether gRPC is served by the native front end (serving.grpc.native)."""
         return self.grpc_server == "native" or (
             self.grpc_server == "auto" and native.grpc_front is not None)
-
-    def batch_policy(self) -> BatchPolicy:
-        return BatchPolicy(
-            max_batch_size=self.max_batch_size, max_queue_delay_ms=self.max_queue_delay_ms,
-            preferred_batch_sizes=self.preferred_batch_sizes, max_queue_size=self.max_queue_size,
-        )
-
-
-    def runtime_options(self) -> RuntimeOptions:
-        return RuntimeOptions(device=self.device, dtype=self.dtype, optimize=self.optimize,
-                              preferred_batch_sizes=self.preferred_batch_sizes,
-                              max_batch_size=self.max_batch_size)
 
 
 class Server:
@@ -184,7 +168,8 @@ class Server:
         self.metrics = ServerMetrics(multiprocess=config.group_size > 1)
         self.registry = Registry(config.registry) if config.registry is not None else None
         self.repository = ModelRepository(
-            self.registry, observer=self.metrics, loader=make_loader(config.runtime_options()))
+            self.registry, observer=self.metrics,
+            loader=make_loader(config.runtime, config.batching))
         self.initial_models = (
             () if self.registry is None else config.models or tuple(self.registry.models())
         )
@@ -194,16 +179,17 @@ class Server:
             infer_workers=config.infer_workers,
             max_inflight=config.max_inflight,
             expected_models=self.initial_models,
-            batch_policy=config.batch_policy(),
+            batch_policy=config.batching,
             inline_below_ms=config.inline_batch_ms,
             intra_op_threads=config.intra_op_threads,
             instances=config.model_instances,
         )
+        self.management = Management(self.dataplane)
         self.metrics.track_inflight(lambda: self.dataplane.inflight)
         self.http_port = 0
         self.grpc_port = 0
         self._grpc: grpc.aio.Server | None = None
-        self._native: grpc_native.NativeGrpcServer | None = None
+        self._native: NativeGrpcServer | None = None
         self._runner: web.AppRunner | None = None
         self._refresher: asyncio.Task[None] | None = None
 
@@ -249,6 +235,7 @@ class Server:
         await asyncio.gather(*tasks)
         self._grpc = self._runner = self._native = None
         await self.dataplane.aclose()
+        await self.management.aclose()
         if self.config.ports_file:
             self.config.ports_file.unlink(missing_ok=True)
 
@@ -268,7 +255,7 @@ class Server:
             if not versions:
                 raise ModelNotFound(f"model {name!r} has no versions in {self.registry.root}")
             version = self.registry.alias(name, "champion") or versions[-1]
-            await self.dataplane.load(name, version)
+            await self.management.load(name, version)
             log.info("loaded %s v%d", name, version)
 
     async def _load_model_dir(self, path: Path) -> None:
@@ -283,7 +270,7 @@ class Server:
                 f"{want[0] or m.name} v{want[1] or m.version} (KLOOP_MODEL_NAME/"
                 "KLOOP_MODEL_VERSION): refusing to serve one version under another's name"
             )
-        loaded = await self.dataplane.load_dir(path)
+        loaded = await self.management.load_dir(path)
         log.info("loaded %s v%d from %s", loaded.model, loaded.version, path)
 
     async def _start_grpc(self) -> None:
@@ -293,13 +280,13 @@ class Server:
         # Only workers of one group may (they serve the same models).
         reuse_port = self.config.group_size > 1
         if self.config.native_grpc():
-            self._native = grpc_native.NativeGrpcServer(self.dataplane, address,
-                                                        reuse_port=reuse_port,
-                                                        fast_lane=self.config.grpc_fast_lane)
+            self._native = NativeGrpcServer(
+                servicer.InferenceServicer(self.dataplane), address, reuse_port=reuse_port,
+                fast_lane=self.dataplane if self.config.grpc_fast_lane else None)
             self.grpc_port = self._native.port
             return
         server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
-        grpc_api.add_to_server(server, self.dataplane)
+        servicer.add_to_server(server, self.dataplane)
         try:
             port = server.add_insecure_port(address)
         except RuntimeError as e:  # grpcio raises where older versions returned 0
@@ -312,16 +299,17 @@ class Server:
 
     async def _start_http(self) -> None:
         app = web.Application(
-            middlewares=[self._closing_middleware, http_api.error_middleware,
-                         admin_api.auth_middleware],
+            middlewares=[self._closing_middleware, routes.error_middleware,
+                         admin_routes.auth_middleware],
             client_max_size=64 * 1024**2,  # a large batch of inputs as JSON
         )
-        app[http_api.DATAPLANE_KEY] = self.dataplane
-        app[http_api.METRICS_KEY] = self.metrics
-        app[admin_api.TOKEN_KEY] = self.config.admin_token or admin_api.NO_TOKEN
-        app[admin_api.GROUP_SIZE_KEY] = self.config.group_size
-        http_api.add_routes(app)
-        admin_api.add_routes(app)
+        app[routes.DATAPLANE_KEY] = self.dataplane
+        app[routes.METRICS_KEY] = self.metrics
+        app[admin_routes.MANAGEMENT_KEY] = self.management
+        app[admin_routes.TOKEN_KEY] = self.config.admin_token or admin_routes.NO_TOKEN
+        app[admin_routes.GROUP_SIZE_KEY] = self.config.group_size
+        routes.add_routes(app)
+        admin_routes.add_routes(app)
         runner = web.AppRunner(
             app, handle_signals=False, access_log=None,
             shutdown_timeout=self.config.grace_seconds,
@@ -336,7 +324,7 @@ class Server:
 
     @web.middleware
     async def _closing_middleware(
-        self, request: web.Request, handler: http_api.Handler
+        self, request: web.Request, handler: routes.Handler
     ) -> web.StreamResponse:
         """Every 503 (overloaded, not ready, shutting down) says when to retry; once stopping,
         every answer also closes its connection, so clients move to another replica instead of

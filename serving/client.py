@@ -19,6 +19,7 @@ import dataclasses
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
 
@@ -28,7 +29,8 @@ import numpy as np
 
 from kloop.pb import inference_pb2 as pb
 from kloop.pb import inference_pb2_grpc as pb_grpc
-from serving import converters, rest_codec
+from serving.grpc import converters
+from serving.http import codec
 
 # The bearer token must never travel through an http(s)_proxy from the environment.
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -60,12 +62,17 @@ class InferResult:
     id: str = ""
 
 
+# The generated stub is unannotated (kloop.pb): its constructor typed once here.
+_stub_for: Callable[[grpc.aio.Channel], pb_grpc.GRPCInferenceServiceStub] = (
+    pb_grpc.GRPCInferenceServiceStub)
+
+
 class GrpcClient:
     """Async OIP v2 client over one ``grpc.aio`` channel (``target``: ``"host:port"``)."""
 
     def __init__(self, target: str, timeout: float = 30.0) -> None:
         self._channel = grpc.aio.insecure_channel(target)
-        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._stub = _stub_for(self._channel)
         self._timeout = timeout
 
     async def _call(self, method: Any, request: Any) -> Any:
@@ -137,7 +144,7 @@ class HttpClient:
         return self._session
 
     async def _request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        data = rest_codec.dumps(body) if body is not None else None
+        data = codec.dumps(body) if body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else {}
         try:
             async with self._http().request(
@@ -186,12 +193,12 @@ class HttpClient:
         raw: bool = True,  # accepted for symmetry with GrpcClient; REST sends JSON
         outputs: tuple[str, ...] = (),
     ) -> InferResult:
-        body = rest_codec.infer_request_to_json(inputs, outputs)
+        body = codec.infer_request_to_json(inputs, outputs)
         status, resp = await self._request("POST", _model_path(model, version) + "/infer", body)
         if status != 200:
             raise InferenceError(str(status), _error_text(resp, status))
         return InferResult(
-            resp["model_name"], str(resp["model_version"]), rest_codec.outputs_from_json(resp),
+            resp["model_name"], str(resp["model_version"]), codec.outputs_from_json(resp),
             resp.get("id", ""),
         )
 

@@ -17,7 +17,7 @@ do not collide and nothing else in the process leaks into ``/metrics``.
   batch dimension)
 * ``kloop_inference_inflight_requests``: admitted and not yet answered (queued ones included)
 * ``kloop_inference_fast_lane_requests_total{model,version}``: of the gRPC requests, those the
-  native front end's fast lane parsed and answered (serving.grpc_native); the rest took the
+  native front end's fast lane parsed and answered (serving.grpc.native.server); the rest took the
   general path
 
 Requests that never reach a version (unknown model, version not loaded) are not counted: their
@@ -48,6 +48,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from serving.core.errors import ServingError
+from serving.core.types import WireProtocol
 from serving.errormap import http_status
 
 # 20 log-spaced buckets from 0.5 ms to 10 s: resolves both a sub-millisecond model and a
@@ -90,7 +91,7 @@ class ServerMetrics:
         # What waits, by series: floats in a few long-lived lists (tuples or lists per
         # observation would be objects the garbage collector walks at every collection:
         # measured, that cost more than the locks saved).
-        self._durations: dict[tuple[str, str, str], list[float]] = {}
+        self._durations: dict[tuple[str, str, WireProtocol], list[float]] = {}
         self._lane: dict[tuple[str, str], int] = {}
         self._batches: dict[tuple[str, str], tuple[list[float], list[float], list[float]]] = {}
         self._pending = 0
@@ -148,7 +149,8 @@ class ServerMetrics:
         )
 
     def observe(
-        self, model: str, version: str, protocol: str, seconds: float, error: ServingError | None
+        self, model: str, version: str, protocol: WireProtocol, seconds: float,
+        error: ServingError | None,
     ) -> None:
         durations = self._durations.get((model, version, protocol))
         if durations is None:
@@ -161,7 +163,7 @@ class ServerMetrics:
             self.flush()
 
     def observe_group(
-        self, model: str, version: str, protocol: str, seconds: Sequence[float],
+        self, model: str, version: str, protocol: WireProtocol, seconds: Sequence[float],
         error: ServingError | None,
     ) -> None:
         """A fast-lane group's requests, each counted as ``observe`` counts one."""
@@ -204,11 +206,11 @@ class ServerMetrics:
             _observe_all(histogram, values)
         for (model, version), count in lane.items():
             self.fast_lane.labels(model, version).inc(count)
-        for key, observed in batches.items():
-            for histogram, values in zip(self._batch_series(key), observed, strict=True):
+        for labels, observed in batches.items():
+            for histogram, values in zip(self._batch_series(labels), observed, strict=True):
                 _observe_all(histogram, values)
 
-    def _request_series(self, key: tuple[str, str, str]) -> tuple[Any, Any]:
+    def _request_series(self, key: tuple[str, str, WireProtocol]) -> tuple[Any, Any]:
         """The request counter's and duration histogram's children for these labels, cached:
         labels() costs a lock and a dict walk, so once per label set."""
         children = self._request_children.get(key)
@@ -259,8 +261,11 @@ class ServerMetrics:
         self.refresh()
         from prometheus_client import multiprocess
 
+        # prometheus_client leaves this constructor unannotated: typed here, where it is used.
+        collect_workers: Callable[[CollectorRegistry], object] = (
+            multiprocess.MultiProcessCollector)
         merged = CollectorRegistry()
-        multiprocess.MultiProcessCollector(merged)
+        collect_workers(merged)  # registers itself: collecting merged sums the workers' files
         return generate_latest(merged)
 
 

@@ -184,7 +184,7 @@ def _versions(py: str, env: dict[str, str]) -> dict[str, str]:
             out[f"kloop's {dist}"] = md.version(dist)
         except md.PackageNotFoundError:
             pass
-    from serving.native import grpc_front  # the native gRPC front end, where built
+    from serving.grpc.native import grpc_front  # the native gRPC front end, where built
 
     if grpc_front is not None:
         out["kloop's gRPC C++ (native front end)"] = grpc_front.GRPC_VERSION

@@ -18,8 +18,8 @@ import sys
 
 # kloop's configurations, each measured as a peer of its own: one process (the default, and
 # what local rollouts need), two worker processes sharing the ports (serving.workers), and one
-# process speaking gRPC through grpc.aio instead of the native front end (serving.native), and
-# one process on the native front end without its fast lane (serving.grpc_native).
+# process speaking gRPC through grpc.aio instead of the native front end (serving.grpc.native), and
+# one process on the native front end without its fast lane (serving.grpc.native.server).
 VARIANTS: dict[str, list[str]] = {"kloop": [], "kloop_w2": ["--workers", "2"],
                                   "kloop_aio": ["--grpc-server", "aio"],
                                   "kloop_nolane": ["--no-grpc-fast-lane"]}

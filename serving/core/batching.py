@@ -82,18 +82,24 @@ Clock = Callable[[], float]
 
 @dataclasses.dataclass(frozen=True)
 class BatchPolicy:
-    """How requests to one model version are merged; validated at construction."""
+    """How requests to one model version are merged; validated at construction. The server's
+    (``serving.app.ServerConfig.batching``) applies to every version whose manifest has a batch
+    dimension (-1 first in every input and output); the CLI builds it from its flags."""
 
-    # Rows per forward pass. 1 disables batching: every request runs alone, as it arrives.
+    # Rows per forward pass; a tiny model gains up to ~30x under load. 1 disables batching:
+    # every request runs alone, as it arrives.
     max_batch_size: int = 32
     # Longest a request waits for company while the model is busy, milliseconds. Small: under
-    # load the queue fills during the running batch anyway; this only rounds up stragglers.
+    # load the queue fills during the running batch anyway; this only rounds up stragglers. An
+    # idle model runs a lone request at once, so this never taxes a single client.
     max_queue_delay_ms: float = 2.0
     # Batch sizes (rows) the model runs best at (e.g. those compiled or captured); a queue
-    # prefix of exactly such a size runs without waiting for the delay.
+    # prefix of exactly such a size runs without waiting for the delay. With CUDA graphs or
+    # torch.compile (serving.core.runtime) they are also the sizes every batch is padded to.
     preferred_batch_sizes: tuple[int, ...] = ()
-    # Rows waiting (not yet executing) before new requests are refused with Overloaded:
-    # bounded latency instead of an unbounded queue. An empty queue admits any request.
+    # Rows waiting (not yet executing) before new requests are refused with Overloaded (503 /
+    # RESOURCE_EXHAUSTED): bounded latency (~16 full batches) instead of an unbounded queue. An
+    # empty queue admits any request.
     max_queue_size: int = 512
 
     def __post_init__(self) -> None:
@@ -173,7 +179,7 @@ class Batcher:
         fn: BatchFn,
         policy: BatchPolicy,
         *,
-        executor: concurrent.futures.Executor | None = None,
+        executor: concurrent.futures.Executor,
         max_concurrency: int = 1,
         observer: BatchObserver | None = None,
         clock: Clock = time.monotonic,

@@ -4,6 +4,11 @@ Adapters turn their wire format into ``InferenceRequest`` and call ``infer``; ev
 between (routing by traffic weight, validation against the manifest, fault injection, running
 the model, metrics) happens here once, so the two protocols cannot drift apart.
 
+``DataPlane`` is the request path: inference, health and metadata, the native gRPC front end's
+fast lane (it implements the ``FastLane`` protocol that front end defines) and the lifecycle
+(refuse, drain, stop). Changing what is served (loads, unloads, traffic weights, faults) is
+``serving.core.management.Management``'s, which shares this class's repository and faults.
+
 The model runs off the event loop in a small thread pool: a forward pass holds the GIL only in
 bursts (torch releases it inside kernels), so a few threads keep both servers responsive while
 models run. ``max_inflight`` bounds queued work; beyond it requests fail fast as ``Overloaded``
@@ -25,11 +30,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from types import TracebackType
 from typing import Any, Protocol
 
 import torch
@@ -45,7 +51,7 @@ from serving.core.errors import (
     Overloaded,
     ServingError,
 )
-from serving.core.faults import Fault, FaultInjector
+from serving.core.faults import FaultInjector
 from serving.core.repository import LoadedVersion, ModelRepository, sole_version
 from serving.core.tensors import from_torch, to_torch
 from serving.core.types import (
@@ -56,6 +62,7 @@ from serving.core.types import (
     ModelMetadata,
     ServerMetadata,
     TensorMetadata,
+    WireProtocol,
 )
 from serving.core.validation import validate
 
@@ -69,11 +76,12 @@ class InferenceRecorder(Protocol):
     """Told about every request that reached a version (the metrics)."""
 
     def observe(
-        self, model: str, version: str, protocol: str, seconds: float, error: ServingError | None
+        self, model: str, version: str, protocol: WireProtocol, seconds: float,
+        error: ServingError | None,
     ) -> None: ...
 
     def observe_group(
-        self, model: str, version: str, protocol: str, seconds: Sequence[float],
+        self, model: str, version: str, protocol: WireProtocol, seconds: Sequence[float],
         error: ServingError | None,
     ) -> None:
         """A front end's group of requests (``DataPlane.infer_group``), each as ``observe``
@@ -130,18 +138,10 @@ class DataPlane:
         # 82 context switches per pass instead of none (docs/serving.md).
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=infer_workers, thread_name_prefix="kloop-infer",
-            initializer=torch.set_num_threads if intra_op_threads else None,
-            initargs=(intra_op_threads,) if intra_op_threads else (),
+            initializer=(functools.partial(torch.set_num_threads, intra_op_threads)
+                         if intra_op_threads else None),
         )
         self._instances = instances  # batches of one version running at once
-        # Loads (hashing, deserialising, tracing and checking the traced graph) get their own
-        # thread, so a slow load never takes an inference worker away while a canary's latency
-        # is being measured; concurrent loads of one version share a single future.
-        self._load_executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="kloop-load",
-            initializer=torch.set_num_threads, initargs=(1,),  # no OpenMP team of its own
-        )
-        self._loading: dict[tuple[str, int], asyncio.Future[LoadedVersion]] = {}
         self._max_inflight = max_inflight
         self._inflight = 0
         self._idle: asyncio.Event | None = None  # set while nothing is in flight (drain)
@@ -209,7 +209,7 @@ class DataPlane:
     # ---- inference -----------------------------------------------------------------------
 
     async def infer(
-        self, request: InferenceRequest, protocol: str, *, deadline: float | None = None
+        self, request: InferenceRequest, protocol: WireProtocol, *, deadline: float | None = None
     ) -> InferenceResponse:
         """Route, validate, inject faults, run (batched when the model allows), answer.
 
@@ -223,38 +223,34 @@ class DataPlane:
         version = str(loaded.version)
         self._admit(1)
         start = time.perf_counter()
-        error: ServingError | None = None
+        errors = _VersionErrors(loaded)
         try:
-            validate(request, loaded.manifest)
-            deadline = _earliest(deadline, _parameter_deadline(request.parameters))
-            if self.faults.active:
-                await self.faults.apply(loaded.model, loaded.version)
-            if deadline is not None and deadline <= time.monotonic():
-                raise DeadlineExceeded(f"model {loaded.model} v{version}: the request's "
-                                       "deadline passed before it could run")
-            arrays = _input_arrays(loaded, request)
-            batcher = self._batcher(loaded, arrays)
-            if batcher is not None:
-                results = await batcher.submit(arrays, deadline=deadline)
-            else:
-                results = await self._run_alone(loaded, arrays, deadline)
-            return InferenceResponse(
-                model=loaded.model, model_version=version,
-                outputs=_select_outputs(loaded, request, results), id=request.id,
-            )
-        except Exception as e:
-            error = _version_error(loaded, e)
-            if error is e:
-                raise
-            raise error from e
+            with errors:
+                validate(request, loaded.manifest)
+                deadline = _earliest(deadline, _parameter_deadline(request.parameters))
+                if self.faults.active:
+                    await self.faults.apply(loaded.model, loaded.version)
+                if deadline is not None and deadline <= time.monotonic():
+                    raise DeadlineExceeded(f"model {loaded.model} v{version}: the request's "
+                                           "deadline passed before it could run")
+                arrays = _input_arrays(loaded, request)
+                batcher = self._batcher(loaded, arrays)
+                if batcher is not None:
+                    results = await batcher.submit(arrays, deadline=deadline)
+                else:
+                    results = await self._run_alone(loaded, arrays, deadline)
+                return InferenceResponse(
+                    model=loaded.model, model_version=version,
+                    outputs=_select_outputs(loaded, request, results), id=request.id,
+                )
         finally:
             self._release(1)
             if self._recorder:
                 self._recorder.observe(
-                    loaded.model, version, protocol, time.perf_counter() - start, error
+                    loaded.model, version, protocol, time.perf_counter() - start, errors.error
                 )
 
-    # ---- the fast lane (serving.grpc_native): requests a front end parsed and grouped ----
+    # ---- the fast lane (serving.grpc.native.server.FastLane): grouped requests ----------
 
     @property
     def routing_generation(self) -> tuple[int, int, bool]:
@@ -300,8 +296,8 @@ class DataPlane:
         return not self._shutting_down and self._inflight + count <= self._max_inflight
 
     async def infer_group(
-        self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float], protocol: str, *,
-        deadline: float | None = None,
+        self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float],
+        protocol: WireProtocol, *, deadline: float | None = None,
     ) -> Arrays:
         """Run requests a front end grouped (``fast_routes``), as one batcher request.
 
@@ -313,23 +309,20 @@ class DataPlane:
         would, for the whole group."""
         count = len(started)
         self._admit(count)
-        error: ServingError | None = None
+        errors = _VersionErrors(loaded)
         try:
-            batcher = self._batcher(loaded, arrays)
-            if batcher is not None:
-                return await batcher.submit(arrays, deadline=deadline, requests=count)
-            return await self._run_alone(loaded, arrays, deadline)  # unloaded since routed
-        except Exception as e:
-            error = _version_error(loaded, e)
-            if error is e:
-                raise
-            raise error from e
+            with errors:
+                batcher = self._batcher(loaded, arrays)
+                if batcher is not None:
+                    return await batcher.submit(arrays, deadline=deadline, requests=count)
+                return await self._run_alone(loaded, arrays, deadline)  # unloaded since routed
         finally:
             self._release(count)
-            self._observe_group(loaded, started, protocol, error)
+            self._observe_group(loaded, started, protocol, errors.error)
 
     def infer_group_now(
-        self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float], protocol: str,
+        self, loaded: LoadedVersion, arrays: Arrays, started: Sequence[float],
+        protocol: WireProtocol,
     ) -> Arrays | None:
         """``infer_group`` without awaiting, for a fast model whose batcher is idle: the
         outputs when the version's batcher ran the group at once on this thread
@@ -340,20 +333,18 @@ class DataPlane:
         batcher = self._batchers.get((loaded.model, loaded.version))
         if batcher is None:
             return None
+        outputs: Arrays | None = None
+        errors = _VersionErrors(loaded)
         try:
-            outputs = batcher.run_now(arrays, requests=len(started))
-        except Exception as e:
-            error = _version_error(loaded, e)
-            self._observe_group(loaded, started, protocol, error)
-            if error is e:
-                raise
-            raise error from e
-        if outputs is not None:
-            self._observe_group(loaded, started, protocol, None)
+            with errors:
+                outputs = batcher.run_now(arrays, requests=len(started))
+        finally:
+            if outputs is not None or errors.error is not None:  # it ran, or failed
+                self._observe_group(loaded, started, protocol, errors.error)
         return outputs
 
-    def _observe_group(self, loaded: LoadedVersion, started: Sequence[float], protocol: str,
-                       error: ServingError | None) -> None:
+    def _observe_group(self, loaded: LoadedVersion, started: Sequence[float],
+                       protocol: WireProtocol, error: ServingError | None) -> None:
         if self._recorder:
             now = time.perf_counter()
             self._recorder.observe_group(loaded.model, str(loaded.version), protocol,
@@ -413,62 +404,16 @@ class DataPlane:
                 loaded.model, str(loaded.version), rows or 1, (queue_seconds,), compute)
         return outputs
 
-    # ---- management ----------------------------------------------------------------------
+    # ---- lifecycle -----------------------------------------------------------------------
 
-    async def load(self, model: str, version: int) -> LoadedVersion:
-        """Verify and load a version without blocking the loop (hashing and torch are slow)."""
-        key = (model, version)
-        pending = self._loading.get(key)
-        if pending is None:
-            loop = asyncio.get_running_loop()
-            pending = asyncio.ensure_future(
-                loop.run_in_executor(self._load_executor, self.repository.load, model, version))
-            self._loading[key] = pending
-            pending.add_done_callback(lambda _: self._loading.pop(key, None))
-        return await asyncio.shield(pending)
-
-    async def load_dir(self, version_dir: Path) -> LoadedVersion:
-        """Verify and load one version directory (KServe's /mnt/models) in the loader thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._load_executor, self.repository.load_dir, version_dir)
-
-    def unload(self, model: str, version: int) -> None:
-        self.repository.unload(model, version)
-        self.faults.clear(model, version)
+    def retire(self, model: str, version: int) -> None:
+        """Forget an unloaded version's batcher (``serving.core.management``): requests already
+        queued for it still get their answers, then it stops."""
         batcher = self._batchers.pop((model, version), None)
-        if batcher is not None:  # requests already queued for it still get their answers
+        if batcher is not None:
             task = asyncio.get_running_loop().create_task(batcher.close("unloaded", drain=True))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
-
-    def set_weights(self, model: str, weights: Mapping[str | int, int]) -> dict[int, int]:
-        return self.repository.set_weights(model, weights)
-
-    def set_fault(self, model: str, version: int, fault: Fault) -> None:
-        self.repository.get(model, version)
-        self.faults.set(model, version, fault)
-
-    def clear_fault(self, model: str, version: int) -> None:
-        self.repository.get(model, version)
-        self.faults.clear(model, version)
-
-    def status(self) -> dict[str, dict[str, Any]]:
-        """What is loaded and how traffic splits, per model (the management view)."""
-        out: dict[str, dict[str, Any]] = {}
-        for model in self.repository.models():
-            try:
-                versions = self.repository.versions(model)
-                weights = self.repository.weights(model)
-            except ModelNotFound:  # unloaded meanwhile
-                continue
-            out[model] = {
-                "versions": [str(v) for v in versions],
-                "weights": {str(v): w for v, w in weights.items()},
-            }
-        return out
-
-    # ---- lifecycle -----------------------------------------------------------------------
 
     def begin_shutdown(self) -> None:
         """Report not ready and refuse new inference (``ModelNotReady``: 503 / UNAVAILABLE)
@@ -499,7 +444,6 @@ class DataPlane:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=False)
-        self._load_executor.shutdown(wait=True, cancel_futures=False)
 
 
 def deadline_in(seconds: float | None) -> float | None:
@@ -566,12 +510,31 @@ def _input_arrays(loaded: LoadedVersion, request: InferenceRequest) -> Arrays:
     )
 
 
-def _version_error(loaded: LoadedVersion, e: Exception) -> ServingError:
-    """What a request gets for ``e``: a ServingError as it is; anything else (a bug, an
-    unexpected torch error) as the version's InferenceFailed, a 500."""
-    if isinstance(e, ServingError):
-        return e
-    return InferenceFailed(f"model {loaded.model} v{loaded.version} failed: {type(e).__name__}: {e}")
+class _VersionErrors:
+    """The one mapping of what fails while a version serves a request (``infer``,
+    ``infer_group``, ``infer_group_now``): what escapes the ``with`` block is what the client
+    gets, and ``error`` keeps it for the metrics. A ServingError passes as it is; anything else
+    (a bug, an unexpected torch error) becomes the version's InferenceFailed, a 500, with the
+    original as its cause. Cancellation passes untouched and is no error."""
+
+    __slots__ = ("_loaded", "error")
+
+    def __init__(self, loaded: LoadedVersion) -> None:
+        self._loaded = loaded
+        self.error: ServingError | None = None
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if isinstance(e, ServingError):
+            self.error = e
+        elif isinstance(e, Exception):
+            loaded = self._loaded
+            self.error = InferenceFailed(
+                f"model {loaded.model} v{loaded.version} failed: {type(e).__name__}: {e}")
+            raise self.error from e
 
 
 def _forward(loaded: LoadedVersion, inputs: Arrays) -> Arrays:

@@ -17,14 +17,11 @@ Load and unload change what is served: the HTTP adapter guards them with the adm
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 from kloop.artifact import ArtifactError, check_name
 from serving.core.errors import ArtifactRejected, Conflict, InvalidInput, ModelNotFound
+from serving.core.management import Management
 from serving.core.repository import FIXED
-
-if TYPE_CHECKING:
-    from serving.core.dataplane import DataPlane
 
 READY = "READY"
 UNAVAILABLE = "UNAVAILABLE"
@@ -38,9 +35,9 @@ class IndexEntry:
     reason: str = ""
 
 
-def index(dataplane: DataPlane, ready_only: bool = False) -> list[IndexEntry]:
-    repo = dataplane.repository
-    loaded = {m: set(_loaded_versions(dataplane, m)) for m in repo.models()}
+def index(management: Management, ready_only: bool = False) -> list[IndexEntry]:
+    repo = management.repository
+    loaded = {m: set(_loaded_versions(management, m)) for m in repo.models()}
     entries = []
     registry = repo.registry
     names = sorted(set(loaded) | set(registry.models() if registry else ()))
@@ -54,44 +51,44 @@ def index(dataplane: DataPlane, ready_only: bool = False) -> list[IndexEntry]:
     return entries
 
 
-async def load(dataplane: DataPlane, model: str, version: str | int | None = None) -> list[int]:
+async def load(management: Management, model: str, version: str | int | None = None) -> list[int]:
     """Load as described in the module docstring; returns the model's loaded versions."""
     _check_name(model)
     if version is None:
-        if _loaded_versions(dataplane, model):
-            return _loaded_versions(dataplane, model)
-        version = _default_version(dataplane, model)
-    await dataplane.load(model, _version_number(version))
-    return _loaded_versions(dataplane, model)
+        if _loaded_versions(management, model):
+            return _loaded_versions(management, model)
+        version = _default_version(management, model)
+    await management.load(model, _version_number(version))
+    return _loaded_versions(management, model)
 
 
-def unload(dataplane: DataPlane, model: str) -> list[int]:
+def unload(management: Management, model: str) -> list[int]:
     """Unload every loaded version of ``model``; returns the versions unloaded."""
     _check_name(model)
-    versions = _loaded_versions(dataplane, model)
+    versions = _loaded_versions(management, model)
     if not versions:
-        registry = dataplane.repository.registry
+        registry = management.repository.registry
         if registry is None or model not in registry.models():
             raise ModelNotFound(f"model {model!r} is not in the repository")
         return []
     last = versions[-1]
     if len(versions) > 1:
-        dataplane.set_weights(model, {last: 100})
+        management.set_weights(model, {last: 100})
     for v in versions[:-1]:
-        dataplane.unload(model, v)
-    dataplane.unload(model, last)
+        management.unload(model, v)
+    management.unload(model, last)
     return versions
 
 
-def _loaded_versions(dataplane: DataPlane, model: str) -> list[int]:
+def _loaded_versions(management: Management, model: str) -> list[int]:
     try:
-        return dataplane.repository.versions(model)
+        return management.repository.versions(model)
     except ModelNotFound:
         return []
 
 
-def _default_version(dataplane: DataPlane, model: str) -> int:
-    registry = dataplane.repository.registry
+def _default_version(management: Management, model: str) -> int:
+    registry = management.repository.registry
     if registry is None:
         raise Conflict(f"{FIXED}: loading another model is not applicable")
     try:

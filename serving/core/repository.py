@@ -30,6 +30,7 @@ from kloop.artifact import (
     VersionNotFound,
     verify_dir,
 )
+from serving.core.batching import BatchPolicy
 from serving.core.errors import (
     ArtifactRejected,
     Conflict,
@@ -62,13 +63,15 @@ def load_exported(version_dir: Path, manifest: Manifest) -> Runnable:
     return make_loader(RuntimeOptions())(version_dir, manifest)
 
 
-def make_loader(options: RuntimeOptions) -> Loader:
-    """A loader that runs models as ``options`` say (device, precision, optimisation)."""
+def make_loader(options: RuntimeOptions, batching: BatchPolicy | None = None) -> Loader:
+    """A loader that runs models as ``options`` say (device, precision, optimisation), for the
+    batches ``batching`` forms (``serving.core.runtime.prepare``)."""
 
     def load(version_dir: Path, manifest: Manifest) -> Runnable:
         from kloop.modelfile import load_exported as load_checked
 
-        return prepare(load_checked(version_dir / manifest.model_file), manifest, options)
+        return prepare(load_checked(version_dir / manifest.model_file), manifest, options,
+                       batching)
 
     return load
 

@@ -17,14 +17,15 @@ graph, because batch norms stay separate from their convolutions. So, once per l
   a mismatch or an error keeps the frozen trace.
 * ``optimize="auto"`` on CPU (the default): both, and the faster one runs. Each is timed at load
   (alternating calls, the best of ``MEASURE_ROUNDS``) at one row and at the batch size the
-  batcher forms (``max_batch_size``, halved while one call takes over ``MEASURE_CALL_S``); the
-  oneDNN graph is kept when it needs at most ``ONEDNN_KEEP`` of the trace's time (the geometric
-  mean over the two sizes). On the benchmark CNN it takes 0.72-0.84 of the time; on the tiny MLP
-  it is a near-tie (0.93-1.11), so either may run, from one load to the next.
-* ``optimize="cudagraph"`` (the CUDA default through ``"auto"`` when preferred batch sizes are
-  set): the traced graph (or the exported module) is captured as one CUDA graph per preferred
-  batch size; a batch is padded up to the next preferred size and replayed: one launch per batch
-  instead of one per kernel.
+  batcher forms (the ``BatchPolicy``'s ``max_batch_size``, halved while one call takes over
+  ``MEASURE_CALL_S``); the oneDNN graph is kept when it needs at most ``ONEDNN_KEEP`` of the
+  trace's time (the geometric mean over the two sizes). On the benchmark CNN it takes 0.72-0.84
+  of the time; on the tiny MLP it is a near-tie (0.93-1.11), so either may run, from one load to
+  the next.
+* ``optimize="cudagraph"`` (the CUDA default through ``"auto"`` when the ``BatchPolicy`` has
+  preferred batch sizes): the traced graph (or the exported module) is captured as one CUDA
+  graph per preferred batch size; a batch is padded up to the next preferred size and replayed:
+  one launch per batch instead of one per kernel.
 * ``optimize="compile"``: ``torch.compile`` (inductor), compiled at each preferred batch size at
   load, batches padded to them so no request triggers a recompile. Slow to load; opt-in.
 * ``optimize="none"``: the exported module as it is.
@@ -45,22 +46,38 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 from kloop.artifact import Manifest
+from serving.core.batching import BatchPolicy
 
 log = logging.getLogger(__name__)
 
-OPTIMIZE_CHOICES = ("auto", "trace", "onednn", "cudagraph", "compile", "none")
-DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# What ``RuntimeOptions.optimize`` asks for (see the module docstring), and what then runs.
+Optimize = Literal["auto", "trace", "onednn", "cudagraph", "compile", "none"]
+Strategy = Literal["trace", "onednn", "cudagraph", "compile", "none"]
+OPTIMIZE_CHOICES: tuple[Optimize, ...] = get_args(Optimize)
+# Reduced precisions a GPU may run floating tensors in (``RuntimeOptions.dtype``).
+ReducedDtype = Literal["bf16", "fp16"]
+DTYPE_CHOICES: tuple[ReducedDtype, ...] = get_args(ReducedDtype)
+DTYPES: dict[ReducedDtype, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The kinds of device a model runs on; a device is one of them, or "cuda:N" for GPU N.
+DeviceKind = Literal["cpu", "cuda"]
+DEVICE_KINDS: tuple[DeviceKind, ...] = get_args(DeviceKind)
 _TORCH_OF = {
     "BOOL": torch.bool, "UINT8": torch.uint8, "INT8": torch.int8, "INT16": torch.int16,
     "INT32": torch.int32, "INT64": torch.int64, "FP16": torch.float16, "FP32": torch.float32,
     "FP64": torch.float64, "BF16": torch.bfloat16, "UINT16": torch.uint16,
     "UINT32": torch.uint32, "UINT64": torch.uint64,
 }
+# torch's unannotated corners this module uses, typed once here.
+_cuda_stream: Callable[[torch.device], torch.cuda.Stream] = torch.cuda.Stream
+_jit_trace: Callable[..., torch.jit.ScriptModule] = torch.jit.trace
+# torch.jit imports it without listing it in __all__, so it is not exported to a type checker.
+_TracerWarning: type[Warning] = torch.jit.TracerWarning  # type: ignore[attr-defined]
+
 CHECK_BATCHES = (1, 3)  # batch sizes an optimised graph must agree on (the trace uses 2)
 MEASURE_ROUNDS = 3  # "auto" on CPU: timed calls per candidate graph and batch size
 MEASURE_CALL_S = 0.25  # the measured batch is halved until one call takes at most this
@@ -69,25 +86,21 @@ ONEDNN_KEEP = 0.95  # the oneDNN graph runs when it needs at most this share of 
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeOptions:
-    """Validated at construction; ``serving.app.ServerConfig`` builds one from its flags."""
+    """How models run; validated at construction (``serving.cli`` builds one from its flags,
+    ``serving.app.ServerConfig`` holds it). The batch sizes a graph is built or timed for are
+    the batcher's: ``prepare`` takes them from the server's ``BatchPolicy``."""
 
-    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
-    dtype: str | None = None  # None: as exported; "bf16"/"fp16": floating tensors cast (GPU)
-    optimize: str = "auto"  # see the module docstring
-    # Batch sizes graphs are built for; with "cudagraph"/"compile" every batch is padded up to
-    # one of them (the largest is then the most rows one call takes).
-    preferred_batch_sizes: tuple[int, ...] = ()
-    # The most rows the batcher puts in one call: "auto" on CPU times its candidates there.
-    max_batch_size: int = 32
+    # A DeviceKind, or "cuda:N": torch's own device string, so not a Literal.
+    device: str = "cpu"
+    dtype: ReducedDtype | None = None  # None: as exported; else floating tensors cast (GPU)
+    optimize: Optimize = "auto"  # see the module docstring
 
     def __post_init__(self) -> None:
         if self.optimize not in OPTIMIZE_CHOICES:
             raise ValueError(f"optimize must be one of {OPTIMIZE_CHOICES}, got {self.optimize!r}")
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)} or unset, got {self.dtype!r}")
-        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+        if not (self.device in DEVICE_KINDS or self.device.startswith("cuda:")):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.optimize == "cudagraph" and self.device == "cpu":
             raise ValueError("CUDA graphs need a CUDA device")
@@ -95,20 +108,23 @@ class RuntimeOptions:
             raise ValueError("oneDNN (optimize_for_inference) graphs are for the CPU")
         if self.dtype is not None and self.device == "cpu":
             raise ValueError("a reduced dtype is for GPUs (CPU bf16/fp16 kernels are slower)")
-        object.__setattr__(self, "preferred_batch_sizes",
-                           tuple(sorted(set(self.preferred_batch_sizes))))
 
     @property
     def cuda(self) -> bool:
         return self.device != "cpu"
 
-    def strategy(self, manifest: Manifest) -> str:
-        """What ``prepare`` will try for this model (it falls back to "none" on a failure)."""
-        wanted = self.optimize
-        if wanted == "auto":
-            wanted = "cudagraph" if self.cuda and self.preferred_batch_sizes else "trace"
+    def strategy(self, manifest: Manifest, batching: BatchPolicy) -> Strategy:
+        """What ``prepare`` will try for this model, batched as ``batching`` says (it falls
+        back to "none" on a failure). "cudagraph" and "compile" build a graph per preferred
+        batch size, and every batch is padded up to one of them."""
+        preferred = batching.preferred_batch_sizes
+        wanted: Strategy
+        if self.optimize == "auto":
+            wanted = "cudagraph" if self.cuda and preferred else "trace"
+        else:
+            wanted = self.optimize
         if wanted in ("cudagraph", "compile") and not (
-                self.preferred_batch_sizes and _batch_only_dynamic(manifest)):
+                preferred and _batch_only_dynamic(manifest)):
             log.warning("%s v%s: %s needs preferred batch sizes and inputs fixed apart from "
                         "the batch; tracing instead", manifest.name, manifest.version, wanted)
             wanted = "trace"
@@ -125,13 +141,13 @@ class ModelRunner:
         fn: Callable[..., Any],
         *,
         options: RuntimeOptions,
-        strategy: str,
+        strategy: Strategy,
         pad_to: Sequence[int] = (),
         output_dtypes: Sequence[torch.dtype | None] = (),
     ) -> None:
         self._fn = fn
         self.options = options
-        self.strategy = strategy  # what runs: "trace", "onednn", "cudagraph", "compile", "none"
+        self.strategy = strategy  # what runs
         self.pad_to = tuple(sorted(pad_to))
         self._device = torch.device(options.device)
         self._cast = DTYPES.get(options.dtype) if options.dtype else None
@@ -171,7 +187,7 @@ class ModelRunner:
             return graph.replay(inputs)
         stream = getattr(self._local, "stream", None)
         if stream is None:
-            stream = self._local.stream = torch.cuda.Stream(device=self._device)
+            stream = self._local.stream = _cuda_stream(self._device)
         with torch.cuda.stream(stream):
             moved = [self._to_device(t) for t in inputs]
             result = self._fn(*moved)
@@ -209,7 +225,7 @@ class _CudaGraph:
     def __init__(self, runner: ModelRunner, example: Sequence[torch.Tensor]) -> None:
         self._lock = threading.Lock()
         self._runner = runner
-        self._stream = torch.cuda.Stream(device=runner._device)
+        self._stream = _cuda_stream(runner._device)
         # inference_mode: no autograd state recorded into the graph (the exported module's
         # parameters still require grad when tracing fell back to it).
         with torch.inference_mode(), torch.cuda.stream(self._stream):
@@ -239,9 +255,13 @@ class _CudaGraph:
         return tuple(back) if self._tuple else back[0]
 
 
-def prepare(module: torch.nn.Module, manifest: Manifest, options: RuntimeOptions) -> ModelRunner:
-    """The ``ModelRunner`` for an exported module, optimised as ``options`` say."""
-    strategy = options.strategy(manifest)
+def prepare(module: torch.nn.Module, manifest: Manifest, options: RuntimeOptions,
+            batching: BatchPolicy | None = None) -> ModelRunner:
+    """The ``ModelRunner`` for an exported module, optimised as ``options`` say for the batches
+    ``batching`` forms (default: ``BatchPolicy()``): graphs are timed at its
+    ``max_batch_size`` and captured or compiled at its preferred sizes."""
+    batching = batching or BatchPolicy()
+    strategy = options.strategy(manifest, batching)
     output_dtypes = tuple(_TORCH_OF.get(s.datatype) for s in manifest.outputs)
     if options.cuda:
         module = module.to(options.device)
@@ -262,11 +282,11 @@ def prepare(module: torch.nn.Module, manifest: Manifest, options: RuntimeOptions
                 optimized = _onednn(module, traced.unfrozen, manifest, options, label)
                 if optimized is not None and (options.optimize == "onednn" or _keep_onednn(
                         {"trace": traced.frozen, "onednn": optimized}, manifest,
-                        options.max_batch_size, label)):
+                        batching.max_batch_size, label)):
                     fn, strategy = optimized, "onednn"
     elif strategy == "compile":
         fn = torch.compile(module, dynamic=False)
-    pad_to = options.preferred_batch_sizes if strategy in ("cudagraph", "compile") else ()
+    pad_to = batching.preferred_batch_sizes if strategy in ("cudagraph", "compile") else ()
     runner = ModelRunner(fn, options=options, strategy=strategy, pad_to=pad_to,
                          output_dtypes=output_dtypes)
     if strategy == "cudagraph":
@@ -332,9 +352,9 @@ def _trace(
         # The tracer warns about every shape it records as a constant; the check below is what
         # decides whether that mattered.
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            traced = torch.jit.trace(module, _on_device(_examples(manifest, 2), options),
-                                     check_trace=False)
+            warnings.simplefilter("ignore", _TracerWarning)
+            traced = _jit_trace(module, _on_device(_examples(manifest, 2), options),
+                                check_trace=False)
             frozen = torch.jit.freeze(traced.eval())
         rows = _disagreement(module, frozen, manifest, options)
         if rows is not None:

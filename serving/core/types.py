@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from serving.core.errors import InvalidInput
+
+# Which adapter a request came through: the ``protocol`` label of the request metrics.
+WireProtocol = Literal["grpc", "http"]
 
 # OIP datatype -> numpy dtype (little-endian: raw contents are little-endian on the wire).
 _NUMPY: dict[str, np.dtype[Any]] = {
@@ -150,14 +153,16 @@ def to_bytes(x: Any) -> bytes:
 
 def bf16_to_float32(bits: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """Float32 values of BF16 bit patterns (exact: a bfloat16 is the upper half of a float32)."""
-    return (np.asarray(bits).astype("<u4") << 16).view("<f4")
+    values: np.ndarray[Any, Any] = (np.asarray(bits).astype("<u4") << 16).view("<f4")
+    return values
 
 
 def float32_to_bf16(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """BF16 bit patterns of float32 values, rounded to nearest even (as torch rounds)."""
-    u = np.ascontiguousarray(values, dtype="<f4").view("<u4").astype("<u8")
+    u: np.ndarray[Any, Any] = np.ascontiguousarray(values, dtype="<f4").view("<u4").astype("<u8")
     rounded = u + 0x7FFF + ((u >> 16) & 1)
-    return (rounded >> 16).astype("<u2")
+    bits: np.ndarray[Any, Any] = (rounded >> 16).astype("<u2")
+    return bits
 
 
 # ---- the typed request and response -----------------------------------------------------------

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from kloop.artifact import Registry, TensorSpec
-from serving import native
 from serving.app import Server, ServerConfig
 from serving.client import AdminClient, GrpcClient, HttpClient
+from serving.grpc import native
 
 MODEL = "digits"
 TOKEN = "test-token"

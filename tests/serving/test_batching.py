@@ -340,7 +340,8 @@ async def test_close_with_drain_runs_the_queue_first(model, executor) -> None:
 @pytest.fixture
 async def batching_server(registry_root: Path) -> AsyncIterator[Server]:
     srv = Server(ServerConfig(registry=registry_root, http_port=0, grpc_port=0, admin_token=TOKEN,
-                              grace_seconds=2.0, max_batch_size=16, max_queue_delay_ms=5))
+                              grace_seconds=2.0,
+                              batching=BatchPolicy(max_batch_size=16, max_queue_delay_ms=5)))
     await srv.start()
     try:
         yield srv
@@ -398,7 +399,8 @@ async def test_concurrent_clients_share_batches_and_each_gets_its_own_rows(
 
 
 async def test_max_batch_size_one_runs_every_request_alone(registry_root: Path) -> None:
-    srv = Server(ServerConfig(registry=registry_root, http_port=0, grpc_port=0, max_batch_size=1))
+    srv = Server(ServerConfig(registry=registry_root, http_port=0, grpc_port=0,
+                              batching=BatchPolicy(max_batch_size=1)))
     await srv.start()
     http = HttpClient(f"http://127.0.0.1:{srv.http_port}")
     try:

@@ -12,12 +12,13 @@ import pytest
 
 from kloop.artifact import Manifest, Registry, TensorSpec
 from kloop.pb import inference_pb2 as pb
-from serving import converters, rest_codec
 from serving.app import ServerConfig
 from serving.core.errors import InvalidInput
 from serving.core.repository import ModelRepository
 from serving.core.types import InferenceRequest, InferInput, numpy_dtype, oip_datatype
 from serving.core.validation import validate
+from serving.grpc import converters
+from serving.http import codec
 from tests.serving.conftest import MODEL
 
 INT_MANIFEST = Manifest(
@@ -53,8 +54,8 @@ def test_int64_typed_and_raw_inputs_convert_and_validate() -> None:
         (tensor,) = req.inputs
         assert tensor.datatype == "INT64" and tensor.shape == (2, 4)
         np.testing.assert_array_equal(tensor.data.reshape(2, 4), ids)
-    body = rest_codec.infer_request_to_json({"ids": ids})
-    req = rest_codec.infer_request_from_json(rest_codec.loads_object(rest_codec.dumps(body)), "ids", None)
+    body = codec.infer_request_to_json({"ids": ids})
+    req = codec.infer_request_from_json(codec.loads_object(codec.dumps(body)), "ids", None)
     validate(req, INT_MANIFEST)
     np.testing.assert_array_equal(req.inputs[0].data.reshape(2, 4), ids)
 

@@ -22,8 +22,8 @@ import pytest
 from kloop.pb import inference_pb2 as pb
 from kloop.pb import inference_pb2_grpc as pb_grpc
 from serving.app import Server, ServerConfig
-from serving.converters import CONTENTS_FIELD
 from serving.core.types import as_bytes_array, bf16_to_float32, decode_raw, encode_raw
+from serving.grpc.converters import CONTENTS_FIELD
 from tests.serving.dtype_models import DATATYPES, model_name, publish_all, sample, sample_text
 
 NO_TYPED_FIELD = {"FP16", "BF16"}

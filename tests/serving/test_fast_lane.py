@@ -1,4 +1,4 @@
-"""The native front end's fast lane (serving/native/grpc_front.cpp, serving/grpc_native.py)
+"""The native front end's fast lane (serving/grpc/native/grpc_front.cpp, serving/grpc/native/server.py)
 never changes an answer: two real ``python -m serving`` processes on one registry, one with the
 lane and one without (``--no-grpc-fast-lane``), get the same bytes, and every byte of every
 answer (status, details, response message) must agree, for well-formed requests the lane takes

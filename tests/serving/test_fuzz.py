@@ -20,10 +20,11 @@ from hypothesis import strategies as st
 from kloop.artifact import Registry
 from kloop.pb import inference_pb2 as pb
 from kloop.pb import inference_pb2_grpc as pb_grpc
-from serving import converters, rest_codec
 from serving.app import Server, ServerConfig
 from serving.core.errors import InvalidInput
 from serving.core.validation import validate
+from serving.grpc import converters
+from serving.http import codec
 from tests.serving.dtype_models import publish_all
 
 DATATYPES = ["BOOL", "UINT8", "INT8", "INT32", "INT64", "UINT64", "FP16", "FP32", "FP64", "BF16",
@@ -119,8 +120,8 @@ def test_http_decoder_raises_only_invalid_input(
         raw += trailer
 
     def decode() -> Any:
-        n = rest_codec.parse_header_length(header, len(raw))
-        return rest_codec.decode_infer_request(raw, n, "id-fp32", None)[0]
+        n = codec.parse_header_length(header, len(raw))
+        return codec.decode_infer_request(raw, n, "id-fp32", None)[0]
 
     request = _only_invalid_input(decode)
     if request is not None:
@@ -132,9 +133,9 @@ def _outcome(raw: bytes, header: int | None, simdjson_from: int) -> Any:
     """What decode_infer_request makes of a body with large bodies parsed from the given size:
     the error's message, or each input as comparable values."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rest_codec, "SIMDJSON_FROM_BYTES", simdjson_from)
+        mp.setattr(codec, "SIMDJSON_FROM_BYTES", simdjson_from)
         try:
-            request, fmt = rest_codec.decode_infer_request(raw, header, "id-fp32", None)
+            request, fmt = codec.decode_infer_request(raw, header, "id-fp32", None)
         except InvalidInput as e:
             return ("error", e.message)
     return [(i.name, i.datatype, i.shape, i.data.dtype.str, i.parameters,
@@ -197,9 +198,9 @@ def test_large_float_body_takes_the_fast_path() -> None:
     x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
     raw = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape),
                                     "data": x.ravel().tolist()}]})
-    assert len(raw) >= rest_codec.SIMDJSON_FROM_BYTES
-    assert isinstance(rest_codec.loads_request(raw)["inputs"][0]["data"], np.ndarray)
-    request, _ = rest_codec.decode_infer_request(raw, None, "m", None)
+    assert len(raw) >= codec.SIMDJSON_FROM_BYTES
+    assert isinstance(codec.loads_request(raw)["inputs"][0]["data"], np.ndarray)
+    request, _ = codec.decode_infer_request(raw, None, "m", None)
     assert request.inputs[0].data.dtype == np.float32
     assert np.array_equal(request.inputs[0].data, x.ravel())
 
@@ -211,8 +212,8 @@ def test_binary_body_with_wrong_lengths_is_invalid_input(size: int, extra: bytes
                                      "parameters": {"binary_data_size": size}}]})
     body = head + extra
     try:
-        n = rest_codec.parse_header_length(str(len(head) + delta), len(body))
-        rest_codec.decode_infer_request(body, n, "id-bytes", None)
+        n = codec.parse_header_length(str(len(head) + delta), len(body))
+        codec.decode_infer_request(body, n, "id-bytes", None)
     except InvalidInput:
         pass
 

@@ -1,5 +1,5 @@
 """Every RPC of the OIP v2 service through the generated stub, against a real server: each test
-runs against both gRPC servers, the native front end (serving.native) and grpc.aio."""
+runs against both gRPC servers, the native front end (serving.grpc.native) and grpc.aio."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The native gRPC front end (serving/native/grpc_front.cpp) on its own, with a real grpc.aio
+"""The native gRPC front end (serving/grpc/native/grpc_front.cpp) on its own, with a real grpc.aio
 client on 127.0.0.1: every call reaches Python once and gets its own answer, deadlines arrive,
 answers are never given twice, stop() answers what Python still holds, and the server's
 adapter maps bad input and unknown methods to clear statuses.
@@ -17,8 +17,8 @@ from typing import Any
 import grpc
 import pytest
 
-from serving import native
 from serving.app import Server, ServerConfig
+from serving.grpc import native
 from tests.serving.conftest import require_native
 
 METHOD = "/test.Echo/Call"

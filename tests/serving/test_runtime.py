@@ -18,6 +18,7 @@ import torch
 from kloop.artifact import Manifest, TensorSpec
 from serving.app import ServerConfig
 from serving.core import runtime
+from serving.core.batching import BatchPolicy
 from serving.core.errors import InferenceFailed
 from serving.core.faults import Fault, FaultInjector
 from serving.core.runtime import ModelRunner, RuntimeOptions, prepare
@@ -168,7 +169,7 @@ def test_auto_on_cpu_runs_onednn_only_when_it_measures_faster(
 
     monkeypatch.setattr(runtime, "relative_time", relative_time)
     module = export_conv()
-    runner = prepare(module, IMAGE, RuntimeOptions(max_batch_size=16))  # "auto" on CPU
+    runner = prepare(module, IMAGE, RuntimeOptions(), BatchPolicy(max_batch_size=16))  # "auto"
     assert runner.strategy == strategy
     assert measured == [(["trace", "onednn"], 16)]  # timed at the batcher's largest batch
     x = torch.randn(3, 3, 8, 8)
@@ -237,8 +238,8 @@ def test_keep_onednn_needs_a_clear_margin() -> None:
 
 
 def test_compile_without_preferred_sizes_traces_instead() -> None:
-    assert RuntimeOptions(optimize="compile").strategy(BATCH_ONLY) == "trace"
-    assert RuntimeOptions().strategy(BATCH_ONLY) == "trace"  # "auto" on CPU
+    assert RuntimeOptions(optimize="compile").strategy(BATCH_ONLY, BatchPolicy()) == "trace"
+    assert RuntimeOptions().strategy(BATCH_ONLY, BatchPolicy()) == "trace"  # "auto" on CPU
 
 
 # ---- padding --------------------------------------------------------------------------------
@@ -267,9 +268,8 @@ def test_padding_rounds_up_to_a_graph_size_and_cuts_the_answer_back() -> None:
 def test_cuda_graph_replays_give_each_batch_its_own_outputs_in_the_declared_dtype() -> None:
     module = export(Linear(), 0)
     reference = Linear().eval()
-    options = RuntimeOptions(device="cuda", dtype="fp16", optimize="cudagraph",
-                             preferred_batch_sizes=(2, 4))
-    runner = prepare(module, BATCH_ONLY, options)
+    options = RuntimeOptions(device="cuda", dtype="fp16", optimize="cudagraph")
+    runner = prepare(module, BATCH_ONLY, options, BatchPolicy(preferred_batch_sizes=(2, 4)))
     assert runner.strategy == "cudagraph" and runner.pad_to == (2, 4)
     for rows in (1, 3, 4, 3):  # padded to 2 and 4: replays of the captured graphs
         x = torch.randn(rows, WIDTH)
@@ -288,18 +288,19 @@ def test_cuda_graph_replays_give_each_batch_its_own_outputs_in_the_declared_dtyp
     ({"dtype": "bf16"}, "reduced dtype is for GPUs"),
     ({"optimize": "cudagraph"}, "CUDA graphs need a CUDA device"),
     ({"optimize": "onednn", "device": "cuda"}, "oneDNN"),
-    ({"max_batch_size": 0}, "max_batch_size"),
 ])
 def test_runtime_options_reject_bad_combinations(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         RuntimeOptions(**kwargs)
 
 
-def test_runtime_options_accept_gpu_settings_and_sort_sizes() -> None:
-    options = RuntimeOptions(device="cuda:1", dtype="fp16", optimize="cudagraph",
-                             preferred_batch_sizes=(8, 1, 8, 4))
-    assert options.cuda and options.preferred_batch_sizes == (1, 4, 8)
-    assert options.strategy(BATCH_ONLY) == "cudagraph"
+def test_runtime_options_accept_gpu_settings_and_take_the_batchers_sizes() -> None:
+    options = RuntimeOptions(device="cuda:1", dtype="fp16", optimize="cudagraph")
+    batching = BatchPolicy(preferred_batch_sizes=(8, 1, 4))
+    assert options.cuda and batching.preferred_batch_sizes == (1, 4, 8)
+    assert options.strategy(BATCH_ONLY, batching) == "cudagraph"
+    assert RuntimeOptions(device="cuda").strategy(BATCH_ONLY, batching) == "cudagraph"  # auto
+    assert RuntimeOptions(device="cuda").strategy(BATCH_ONLY, BatchPolicy()) == "trace"
     assert not RuntimeOptions().cuda
 
 
@@ -309,20 +310,22 @@ def test_runtime_options_accept_gpu_settings_and_sort_sizes() -> None:
 def test_server_config_defaults_intra_op_threads_to_the_cores(tmp_path: Path) -> None:
     config = ServerConfig(registry=tmp_path)
     assert isinstance(config.intra_op_threads, int) and config.intra_op_threads >= 1
-    assert config.runtime_options() == RuntimeOptions()
+    assert config.runtime == RuntimeOptions() and config.batching == BatchPolicy()
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"model_instances": 0}, "model_instances"),
     ({"inline_batch_ms": -0.1}, "inline_batch_ms"),
     ({"inline_batch_ms": 100.5}, "inline_batch_ms"),
-    ({"optimize": "bogus"}, "optimize"),
-    ({"dtype": "fp16"}, "dtype"),  # on the default device, cpu
+    ({"runtime": {"optimize": "bogus"}}, "optimize"),
+    ({"runtime": {"dtype": "fp16"}}, "dtype"),  # on the default device, cpu
 ])
 def test_server_config_rejects_bad_runtime_flags(
     tmp_path: Path, kwargs: dict[str, Any], message: str
 ) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message):  # the nested options check their own
+        if "runtime" in kwargs:
+            kwargs = {**kwargs, "runtime": RuntimeOptions(**kwargs["runtime"])}
         ServerConfig(registry=tmp_path, **kwargs)
 
 
@@ -509,6 +512,7 @@ async def test_loading_and_serving_start_one_openmp_team(tmp_path: Path) -> None
 
     from kloop.artifact import Registry
     from serving.core.dataplane import DataPlane
+    from serving.core.management import Management
     from serving.core.repository import ModelRepository
     from serving.core.types import InferenceRequest, InferInput
 
@@ -536,9 +540,10 @@ async def test_loading_and_serving_start_one_openmp_team(tmp_path: Path) -> None
                      data_fingerprint="t", run_id="t")
     before = _native_threads_outside_python()
     dp = DataPlane(ModelRepository(registry), intra_op_threads=2, inline_below_ms=0)
+    management = Management(dp)
     try:
-        await dp.load("wide", 1)
-        await dp.load("conv", 1)
+        await management.load("wide", 1)
+        await management.load("conv", 1)
         x = np.linspace(-1, 1, 3 * width, dtype=np.float32).reshape(3, width)
         request = InferenceRequest(model="wide", inputs=(InferInput("x", "FP32", x.shape, x),))
         image = np.random.default_rng(0).standard_normal((64, 3, 32, 32), dtype=np.float32)
@@ -552,3 +557,4 @@ async def test_loading_and_serving_start_one_openmp_team(tmp_path: Path) -> None
         assert len(helpers) == 1, f"OpenMP helper threads started: {len(helpers)}; want one team"
     finally:
         await dp.aclose()
+        await management.aclose()

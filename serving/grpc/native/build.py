@@ -1,6 +1,6 @@
 """Build the native gRPC front end (``_grpc_front``) next to this file.
 
-    python -m serving.native.build [--force]
+    python -m serving.grpc.native.build [--force]
 
 Needs a C++17 compiler, pybind11 (``pip install pybind11``, in kloop's ``native`` extra) and
 gRPC's C++ library found by pkg-config (Debian/Ubuntu: ``apt-get install libgrpc++-dev``).
@@ -26,7 +26,8 @@ MODULE = "_grpc_front"
 
 
 def target() -> Path:
-    return HERE / (MODULE + sysconfig.get_config_var("EXT_SUFFIX"))
+    suffix: str = sysconfig.get_config_var("EXT_SUFFIX")  # e.g. ".cpython-311-x86_64-linux-gnu.so"
+    return HERE / (MODULE + suffix)
 
 
 def _pkg_config(*args: str) -> str:
@@ -86,7 +87,7 @@ def build(force: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.native.build",
+    parser = argparse.ArgumentParser(prog="python -m serving.grpc.native.build",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
     args = parser.parse_args(argv)

@@ -1,4 +1,5 @@
-"""HTTP bodies of the OIP v2 REST API <-> the core's types (the HTTP twin of ``converters``).
+"""HTTP bodies of the OIP v2 REST API <-> the core's types (the HTTP twin of
+``serving.grpc.converters``).
 
 Two request formats, told apart by one header:
 
@@ -418,7 +419,8 @@ def encode_infer_response(
 
 
 def infer_response_to_json(resp: InferenceResponse) -> dict[str, Any]:
-    return orjson.loads(encode_infer_response(resp)[0])
+    body: dict[str, Any] = orjson.loads(encode_infer_response(resp)[0])  # an object: we wrote it
+    return body
 
 
 def server_metadata_to_json(meta: ServerMetadata) -> dict[str, Any]:

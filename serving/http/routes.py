@@ -1,6 +1,6 @@
 """The HTTP adapter: OIP v2 REST routes and ``/metrics`` on aiohttp.
 
-Handlers parse the path and body (``serving.rest_codec``: JSON, or Triton's binary tensor
+Handlers parse the path and body (``serving.http.codec``: JSON, or Triton's binary tensor
 format when ``Inference-Header-Content-Length`` is set), call the dataplane and answer in the
 format the client asked for;
 one middleware maps every ``ServingError`` (and aiohttp's own 4xx/5xx) to the status from
@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
-from serving import rest_codec
 from serving.core.dataplane import DataPlane, deadline_from_ms
 from serving.core.errors import InvalidInput, ServingError
+from serving.core.types import WireProtocol
 from serving.errormap import http_status
+from serving.http import codec
 from serving.metrics import CONTENT_TYPE, ServerMetrics
 
 log = logging.getLogger(__name__)
-PROTOCOL = "http"
+PROTOCOL: Final[WireProtocol] = "http"
 DATAPLANE_KEY = web.AppKey("dataplane", DataPlane)
 METRICS_KEY = web.AppKey("metrics", ServerMetrics)
 
@@ -31,7 +32,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=rest_codec.dumps(body), status=status, content_type="application/json")
+    return web.Response(body=codec.dumps(body), status=status, content_type="application/json")
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -72,12 +73,12 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def server_metadata(request: web.Request) -> web.Response:
-    return json_response(rest_codec.server_metadata_to_json(_dp(request).server_metadata()))
+    return json_response(codec.server_metadata_to_json(_dp(request).server_metadata()))
 
 
 async def model_metadata(request: web.Request) -> web.Response:
     meta = _dp(request).model_metadata(request.match_info["model"], _version(request))
-    return json_response(rest_codec.model_metadata_to_json(meta))
+    return json_response(codec.model_metadata_to_json(meta))
 
 
 async def model_ready(request: web.Request) -> web.Response:
@@ -88,21 +89,21 @@ async def model_ready(request: web.Request) -> web.Response:
 
 async def infer(request: web.Request) -> web.Response:
     body = await request.read()
-    header_length = rest_codec.parse_header_length(
-        request.headers.get(rest_codec.HEADER_LENGTH), len(body)
+    header_length = codec.parse_header_length(
+        request.headers.get(codec.HEADER_LENGTH), len(body)
     )
-    core_request, fmt = rest_codec.decode_infer_request(
+    core_request, fmt = codec.decode_infer_request(
         body, header_length, request.match_info["model"], _version(request)
     )
     deadline = deadline_from_ms(request.headers.get("X-Request-Timeout-Ms"))
     response = await _dp(request).infer(core_request, PROTOCOL, deadline=deadline)
-    payload, json_length = rest_codec.encode_infer_response(response, fmt)
+    payload, json_length = codec.encode_infer_response(response, fmt)
     if json_length is None:
         return web.Response(body=payload, content_type="application/json")
     return web.Response(
         body=payload,
-        content_type=rest_codec.BINARY_CONTENT_TYPE,
-        headers={rest_codec.HEADER_LENGTH: str(json_length)},
+        content_type=codec.BINARY_CONTENT_TYPE,
+        headers={codec.HEADER_LENGTH: str(json_length)},
     )
 
 

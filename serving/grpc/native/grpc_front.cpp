@@ -8,16 +8,16 @@
 // answers with respond(handle, code, details, response bytes).
 //
 // Every method goes through one generic service, so parsing, validation, error mapping and the
-// model stay in Python (serving/grpc_native.py), with one exception, the fast lane: Python may
-// register routes (set_routes), each a model name and version whose requests it would run
-// through one batcher. A ModelInfer whose bytes are exactly the common form for a route (its
-// inputs in the manifest's order, each with its datatype and trailing dims, in
-// raw_input_contents; no parameters, no requested outputs, no typed contents, no field this
-// parser does not know) is parsed here on the completion-queue thread and handed to Python with
-// the others for its route as one group (poll_groups): one concatenated buffer per input, so
-// Python runs the group as a single batcher request, and respond_group writes each member's
-// ModelInferResponse. Anything else, including every malformed request, takes the general path
-// unchanged, so this parser only ever says "this one is simple", never "this one is wrong".
+// model stay in Python (serving/grpc/native/server.py), with one exception, the fast lane: Python
+// may register routes (set_routes), each a model name and version whose requests it would run
+// through one batcher. A ModelInfer whose bytes are exactly the common form for a route (its inputs
+// in the manifest's order, each with its datatype and trailing dims, in raw_input_contents; no
+// parameters, no requested outputs, no typed contents, no field this parser does not know) is
+// parsed here on the completion-queue thread and handed to Python with the others for its route as
+// one group (poll_groups): one concatenated buffer per input, so Python runs the group as a single
+// batcher request, and respond_group writes each member's ModelInferResponse. Anything else,
+// including every malformed request, takes the general path unchanged, so this parser only ever
+// says "this one is simple", never "this one is wrong".
 //
 // Threads: the completion-queue thread (Run) requests calls, reads each request and deletes
 // finished calls; the writer thread (WriteAnswers) starts the writes of Python's answers (a

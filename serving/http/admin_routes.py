@@ -1,5 +1,6 @@
-"""Management routes: load and unload versions, set traffic weights, inject faults; and the
-OIP/Triton model repository extension (``/v2/repository/...``).
+"""Management routes: load and unload versions, set traffic weights, inject faults
+(``serving.core.management``); and the OIP/Triton model repository extension
+(``/v2/repository/...``).
 
 This is the surface the rollout controller drives, so it is guarded by a bearer token
 (compared in constant time). A server started without a token refuses every management call
@@ -18,12 +19,14 @@ from typing import Any
 
 from aiohttp import web
 
-from serving import rest_codec
 from serving.core import model_index
 from serving.core.errors import Conflict, InvalidInput, Unauthorized
 from serving.core.faults import Fault
-from serving.http_api import DATAPLANE_KEY, Handler, error_response, json_response, parse_version
+from serving.core.management import Management
+from serving.http import codec
+from serving.http.routes import Handler, error_response, json_response, parse_version
 
+MANAGEMENT_KEY = web.AppKey("management", Management)
 TOKEN_KEY = web.AppKey("admin_token", str)
 GROUP_SIZE_KEY = web.AppKey("group_size", int)  # worker processes sharing the ports
 NO_TOKEN = ""
@@ -57,27 +60,27 @@ def _model_version(request: web.Request) -> tuple[str, int]:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    return rest_codec.loads_object(await request.read())
+    return codec.loads_object(await request.read())
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return json_response({"models": request.app[DATAPLANE_KEY].status()})
+    return json_response({"models": request.app[MANAGEMENT_KEY].status()})
 
 
 async def load(request: web.Request) -> web.Response:
     model, version = _model_version(request)
-    await request.app[DATAPLANE_KEY].load(model, version)
+    await request.app[MANAGEMENT_KEY].load(model, version)
     return json_response({"loaded": True, "model": model, "version": str(version)})
 
 
 async def unload(request: web.Request) -> web.Response:
     model, version = _model_version(request)
-    request.app[DATAPLANE_KEY].unload(model, version)
+    request.app[MANAGEMENT_KEY].unload(model, version)
     return json_response({"unloaded": True, "model": model, "version": str(version)})
 
 
 async def get_traffic(request: web.Request) -> web.Response:
-    weights = request.app[DATAPLANE_KEY].repository.weights(request.match_info["model"])
+    weights = request.app[MANAGEMENT_KEY].weights(request.match_info["model"])
     return json_response({"weights": {str(v): w for v, w in weights.items()}})
 
 
@@ -86,7 +89,7 @@ async def set_traffic(request: web.Request) -> web.Response:
     weights = body.get("weights")
     if not isinstance(weights, dict):
         raise InvalidInput('body must be {"weights": {"<version>": <percent>, ...}}')
-    result = request.app[DATAPLANE_KEY].set_weights(request.match_info["model"], weights)
+    result = request.app[MANAGEMENT_KEY].set_weights(request.match_info["model"], weights)
     return json_response({"weights": {str(v): w for v, w in result.items()}})
 
 
@@ -99,13 +102,13 @@ async def set_fault(request: web.Request) -> web.Response:
     fault = Fault(
         error_rate=body.get("error_rate", 0.0), extra_latency_ms=body.get("extra_latency_ms", 0.0)
     )
-    request.app[DATAPLANE_KEY].set_fault(model, version, fault)
+    request.app[MANAGEMENT_KEY].set_fault(model, version, fault)
     return json_response({"error_rate": fault.error_rate, "extra_latency_ms": fault.extra_latency_ms})
 
 
 async def clear_fault(request: web.Request) -> web.Response:
     model, version = _model_version(request)
-    request.app[DATAPLANE_KEY].clear_fault(model, version)
+    request.app[MANAGEMENT_KEY].clear_fault(model, version)
     return json_response({"cleared": True})
 
 
@@ -114,7 +117,7 @@ async def clear_fault(request: web.Request) -> web.Response:
 
 async def _optional_body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
-    return rest_codec.loads_object(raw) if raw.strip() else {}
+    return codec.loads_object(raw) if raw.strip() else {}
 
 
 def _parameters(body: dict[str, Any]) -> dict[str, Any]:
@@ -128,7 +131,7 @@ async def repository_index(request: web.Request) -> web.Response:
     ready_only = (await _optional_body(request)).get("ready", False)
     if not isinstance(ready_only, bool):
         raise InvalidInput("'ready' must be a boolean")
-    entries = model_index.index(request.app[DATAPLANE_KEY], ready_only=ready_only)
+    entries = model_index.index(request.app[MANAGEMENT_KEY], ready_only=ready_only)
     return json_response([
         {"name": e.name, "version": e.version, "state": e.state}
         | ({"reason": e.reason} if e.reason else {})
@@ -145,14 +148,14 @@ async def repository_load(request: web.Request) -> web.Response:
             "versions from its registry (choose one with parameters.version)"
         )
     model = request.match_info["model"]
-    versions = await model_index.load(request.app[DATAPLANE_KEY], model, params.get("version"))
+    versions = await model_index.load(request.app[MANAGEMENT_KEY], model, params.get("version"))
     return json_response({"model": model, "versions": [str(v) for v in versions]})
 
 
 async def repository_unload(request: web.Request) -> web.Response:
     _parameters(await _optional_body(request))  # unload_dependents: kloop models have none
     model = request.match_info["model"]
-    versions = model_index.unload(request.app[DATAPLANE_KEY], model)
+    versions = model_index.unload(request.app[MANAGEMENT_KEY], model)
     return json_response({"model": model, "unloaded": [str(v) for v in versions]})
 
 
