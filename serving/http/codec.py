@@ -223,14 +223,19 @@ def _json_data(data: Any, datatype: str, where: str) -> np.ndarray[Any, Any]:
             raise InvalidInput(f"{where}: data is not a (nested) list of strings: {e}") from e
         return as_bytes_array([to_bytes(x) for x in flat])
     dtype = numpy_dtype(datatype)
-    if isinstance(data, np.ndarray):  # float data already decoded by loads_request (simdjson)
-        return data.astype(dtype, copy=False)
     try:
         if dtype.kind not in "iub":  # floats: JSON integers are exact floats too
-            return np.asarray(data, dtype=dtype).reshape(-1)
+            # A finite number past the datatype's range (1e300 for an FP32) would become inf:
+            # refused like any value that does not fit, never a silent cast.
+            with np.errstate(over="raise"):
+                if isinstance(data, np.ndarray):  # already decoded by loads_request (simdjson)
+                    return data.astype(dtype, copy=False)
+                return np.asarray(data, dtype=dtype).reshape(-1)
         # Integers and BOOL: decode as JSON gave them, then narrow, so that 1.5 for an INT64 or
         # 2 for a BOOL is refused instead of silently truncated (numpy's dtype= would cast).
         wide = np.asarray(data)
+    except FloatingPointError as e:
+        raise InvalidInput(f"{where}: a value is out of range for {datatype}") from e
     except (TypeError, ValueError, OverflowError) as e:
         raise InvalidInput(f"{where}: data is not a (nested) list of {datatype} values: {e}") from e
     if dtype.kind in "iu" and wide.dtype.kind not in "iu" and wide.size:

@@ -208,10 +208,13 @@ async def test_metadata_lists_datatypes_and_extensions(http: aiohttp.ClientSessi
     ("UINT8", [1, 300], "out of range"),
     ("INT8", [-129, 0], "out of range"),
     ("BOOL", [1, 0], "true/false"),
+    ("FP16", [1.0, 70000.0], "out of range"),  # past FP16's 65504: not a silent inf
+    ("FP32", [1.0, 1e300], "out of range"),
 ])
 async def test_http_json_refuses_values_that_do_not_fit_the_datatype(
         http: aiohttp.ClientSession, datatype: str, values: list[Any], says: str) -> None:
-    """A JSON number is not silently cast: 1.5 sent as INT64 is an error, not 1."""
+    """A JSON number is not silently cast: 1.5 sent as INT64 is an error, not 1, and 1e300 sent
+    as FP32 is an error, not inf."""
     shape = list(sample(datatype).shape)
     count = int(np.prod(shape))
     data = (values * count)[:count]
