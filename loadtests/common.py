@@ -12,7 +12,8 @@ import argparse
 import collections
 import functools
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 from locust import constant_throughput, events
@@ -47,7 +48,21 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-@events.init_command_line_parser.add_listener
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def listener(hook: Any) -> Callable[[F], F]:
+    """``@listener(events.init)``: locust's ``EventHook.add_listener`` as a decorator that keeps
+    the function's type (locust leaves ``add_listener`` unannotated)."""
+
+    def register(fn: F) -> F:
+        hook.add_listener(fn)
+        return fn
+
+    return register
+
+
+@listener(events.init_command_line_parser)
 def _add_arguments(parser: Any) -> None:
     g = parser.add_argument_group("kloop")
     g.add_argument("--grpc-target", default="", env_var="LOCUST_GRPC_TARGET",
@@ -82,9 +97,10 @@ def _add_arguments(parser: Any) -> None:
 def digits_images() -> np.ndarray:
     """scikit-learn's bundled 8x8 digits (shipped with the package, nothing is downloaded),
     scaled to [0, 1] like the training data: float32 [1797, 1, 8, 8]."""
-    from sklearn.datasets import load_digits
+    from trainer.data import load_split
 
-    data = load_digits().data.astype(np.float32) / 16.0
+    split = load_split()  # every image once: the training and the held-out part
+    data = np.concatenate([split.train_images, split.test_images]).astype(np.float32)
     return data.reshape(-1, *INPUT_SHAPE)
 
 
@@ -126,7 +142,7 @@ class VersionTally:
 SERVED = VersionTally()
 
 
-@events.test_stop.add_listener
+@listener(events.test_stop)
 def _log_served(environment: Environment, **_: Any) -> None:
     log.info("served by version: %s", SERVED.summary())
 

@@ -1,4 +1,4 @@
-"""The GPU measurement of issue 4, end to end in one call on the device machine.
+"""The GPU measurement of the serving path, end to end in one call on the device machine.
 
 For each model (the ResNet-18-style CNN on 3x64x64 and, where torchvision is installed,
 ResNet-50 on 3x224x224; random weights, fixed seed) it measures, in one script:
@@ -41,9 +41,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch is imported where it is used: the script starts fast on any machine
+    from torch import nn
 
 
 def _free_port() -> int:
@@ -55,7 +60,7 @@ def _free_port() -> int:
 # ---- models ---------------------------------------------------------------------------------
 
 
-def _model(name: str):  # type: ignore[no-untyped-def]
+def _model(name: str) -> nn.Module:
     """torchvision's ResNet-18 (10 classes) as "cnn" and ResNet-50 as "resnet50", seeded; without
     torchvision (a CPU dry run here) "cnn" is a ResNet-18 written out below."""
     import torch
@@ -67,12 +72,16 @@ def _model(name: str):  # type: ignore[no-untyped-def]
         if name != "cnn":
             raise
         return _resnet18().eval()
+    model: nn.Module
     if name == "cnn":
-        return torchvision.models.resnet18(num_classes=10).eval()
-    return torchvision.models.resnet50(num_classes=1000).eval()
+        model = torchvision.models.resnet18(num_classes=10)
+    else:
+        model = torchvision.models.resnet50(num_classes=1000)
+    return model.eval()
 
 
-def _resnet18():  # type: ignore[no-untyped-def]
+def _resnet18() -> nn.Module:
+    import torch
     from torch import nn
 
     def block(cin: int, cout: int, stride: int) -> nn.Module:
@@ -86,8 +95,9 @@ def _resnet18():  # type: ignore[no-untyped-def]
                 self.skip = (nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
                     nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
 
-            def forward(self, x):  # type: ignore[no-untyped-def]
-                return (self.body(x) + self.skip(x)).relu()
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                out: torch.Tensor = (self.body(x) + self.skip(x)).relu()
+                return out
 
         return Block()
 
@@ -139,6 +149,7 @@ def inprocess_limit(shape: tuple[int, ...], name: str, batch: int, dtype: str,
     with torch.inference_mode():
         for _ in range(3):
             model(x)
+        run: Callable[[], Any]
         if device == "cpu":
             run = lambda: model(x)  # noqa: E731
         else:
@@ -187,7 +198,7 @@ def null_server(port: int) -> None:
 
 
 def _load_proc(target: str, model: str, shape: tuple[int, ...], conc: int, seconds: float,
-               queue: mp.Queue) -> None:  # type: ignore[type-arg]
+               queue: mp.Queue[dict[str, Any]]) -> None:
     import grpc
 
     from kloop.pb import inference_pb2 as pb
@@ -202,7 +213,8 @@ def _load_proc(target: str, model: str, shape: tuple[int, ...], conc: int, secon
         opts = [("grpc.max_receive_message_length", 64 << 20),
                 ("grpc.max_send_message_length", 64 << 20)]
         async with grpc.aio.insecure_channel(target, options=opts) as ch:
-            call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = ch.unary_unary(
+                "/inference.GRPCInferenceService/ModelInfer")
             await call(body, timeout=60)
             lat: list[float] = []
             errors = 0

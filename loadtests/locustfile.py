@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from locust import events
 from locust.env import Environment
 
+from loadtests.common import listener
 from loadtests.grpc_user import GrpcInferUser
 from loadtests.http_user import HttpInferUser
 from loadtests.shapes import ScenarioShape
@@ -28,7 +29,7 @@ from loadtests.shapes import ScenarioShape
 __all__ = ["GrpcInferUser", "HttpInferUser", "ScenarioShape"]
 
 
-@events.init.add_listener
+@listener(events.init)
 def _check_targets(environment: Environment, **_: Any) -> None:
     """Refuse to start a user class that has nowhere to send its requests."""
     opts = environment.parsed_options

@@ -79,7 +79,7 @@ class ServerConfig:
     # One version directory instead of a registry (KServe: /mnt/models); see the module doc.
     model_dir: Path | None = None
     # With model_dir: what the deployer meant to serve (KLOOP_MODEL_NAME / KLOOP_MODEL_VERSION,
-    # set by deploy.kserve's renderer). A manifest that says otherwise refuses to start, so a
+    # set by deploy.cluster.kserve_manifests). A manifest that says otherwise refuses to start, so a
     # wrong storageUri cannot serve one version's model under another version's label.
     expect_model: str | None = None
     expect_version: str | None = None

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
@@ -27,6 +27,8 @@ import aiohttp
 import grpc
 import numpy as np
 
+from kloop.faults import Fault
+from kloop.model_version import Version, parse_version
 from kloop.pb import inference_pb2 as pb
 from kloop.pb import inference_pb2_grpc as pb_grpc
 from serving.grpc import converters
@@ -249,31 +251,32 @@ class AdminClient:
     def models(self) -> dict[str, Any]:
         return dict(self._json("GET", "/admin/models")["models"])
 
-    def load(self, model: str, version: str | int) -> None:
+    def load(self, model: str, version: Version) -> None:
         self._json("POST", f"/admin/models/{model}/versions/{version}/load")
 
-    def unload(self, model: str, version: str | int) -> None:
+    def unload(self, model: str, version: Version) -> None:
         self._json("POST", f"/admin/models/{model}/versions/{version}/unload")
 
-    def traffic(self, model: str) -> dict[str, int]:
-        return {str(k): int(v) for k, v in self._json("GET", f"/admin/models/{model}/traffic")["weights"].items()}
+    def traffic(self, model: str) -> dict[Version, int]:
+        return _weights_in(self._json("GET", f"/admin/models/{model}/traffic")["weights"])
 
-    def set_traffic(self, model: str, weights: dict[str, int]) -> dict[str, int]:
-        body = {"weights": {str(k): v for k, v in weights.items()}}
-        result = self._json("PUT", f"/admin/models/{model}/traffic", body)["weights"]
-        return {str(k): int(v) for k, v in result.items()}
+    def set_traffic(self, model: str, weights: Mapping[Version, int]) -> dict[Version, int]:
+        body = {"weights": {str(v): w for v, w in weights.items()}}  # the server checks them
+        return _weights_in(self._json("PUT", f"/admin/models/{model}/traffic", body)["weights"])
 
-    def set_fault(
-        self, model: str, version: str | int, error_rate: float, extra_latency_ms: float = 0
-    ) -> None:
-        body = {"error_rate": error_rate, "extra_latency_ms": extra_latency_ms}
-        self._json("PUT", f"/admin/models/{model}/versions/{version}/faults", body)
+    def set_fault(self, model: str, version: Version, fault: Fault) -> None:
+        self._json("PUT", f"/admin/models/{model}/versions/{version}/faults", fault.to_dict())
 
-    def clear_fault(self, model: str, version: str | int) -> None:
+    def clear_fault(self, model: str, version: Version) -> None:
         self._json("DELETE", f"/admin/models/{model}/versions/{version}/faults")
 
     def metrics_text(self) -> str:
         return self._request("GET", "/metrics", auth=False).decode()
+
+
+def _weights_in(weights: Mapping[str, Any]) -> dict[Version, int]:
+    """Weights as the wire spells them (versions as text keys) -> by version number."""
+    return {parse_version(v): int(w) for v, w in weights.items()}
 
 
 def _model_path(model: str, version: str | None) -> str:

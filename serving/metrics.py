@@ -1,9 +1,9 @@
 """Prometheus metrics of the server, labelled by model and version so a canary's live analysis
 can compare the candidate with the champion.
 
-The names are a contract: the rollout controller parses them. They live in their OWN
-``CollectorRegistry`` (not prometheus_client's global one) so two servers in one process (tests)
-do not collide and nothing else in the process leaks into ``/metrics``.
+The first four series are a contract (``kloop.telemetry``): the rollout analysis reads them.
+They live in their OWN ``CollectorRegistry`` (not prometheus_client's global one) so two servers
+in one process (tests) do not collide and nothing else in the process leaks into ``/metrics``.
 
 * ``kloop_inference_requests_total{model,version,protocol}``: every infer request routed to a version
 * ``kloop_inference_errors_total{model,version,protocol,code}``: of those, the failed ones;
@@ -47,6 +47,16 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from kloop.telemetry import (
+    CODE_LABEL,
+    DURATION,
+    ERRORS,
+    MODEL_LABEL,
+    PROTOCOL_LABEL,
+    REQUESTS,
+    VERSION_LABEL,
+    WEIGHT,
+)
 from serving.core.errors import ServingError
 from serving.core.types import WireProtocol
 from serving.errormap import http_status
@@ -98,23 +108,23 @@ class ServerMetrics:
         self._pending_max = 1 if multiprocess else PENDING_MAX
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Flush(self.flush))
+        # The series a canary is judged on: names and labels from the shared contract.
+        per_request = [MODEL_LABEL, VERSION_LABEL, PROTOCOL_LABEL]
         self.requests = Counter(
-            "kloop_inference_requests_total", "Inference requests routed to a model version.",
-            ["model", "version", "protocol"], registry=self.registry,
+            REQUESTS, "Inference requests routed to a model version.", per_request,
+            registry=self.registry,
         )
         self.errors = Counter(
-            "kloop_inference_errors_total",
-            "Inference requests routed to a model version that failed, by HTTP status code.",
-            ["model", "version", "protocol", "code"], registry=self.registry,
+            ERRORS, "Inference requests routed to a model version that failed, by HTTP status code.",
+            [*per_request, CODE_LABEL], registry=self.registry,
         )
         self.duration = Histogram(
-            "kloop_inference_request_duration_seconds",
-            "Time from routing to response of an inference request.",
-            ["model", "version", "protocol"], buckets=DURATION_BUCKETS, registry=self.registry,
+            DURATION, "Time from routing to response of an inference request.", per_request,
+            buckets=DURATION_BUCKETS, registry=self.registry,
         )
         self.weight = Gauge(
-            "kloop_model_traffic_weight", "Share of unpinned traffic a version receives (0-100).",
-            ["model", "version"], registry=self.registry, multiprocess_mode="livemax",
+            WEIGHT, "Share of unpinned traffic a version receives (0-100).",
+            [MODEL_LABEL, VERSION_LABEL], registry=self.registry, multiprocess_mode="livemax",
         )
         self.loaded = Gauge(
             "kloop_model_loaded", "1 while a version is loaded.",

@@ -18,18 +18,17 @@ from typing import Any, Protocol
 
 from deploy.ports import BackendError
 from deploy.rollout import MetricsError, World, normalized, samples_for
-from kloop.model_version import Version, parse_version
+from kloop.model_version import Version
 
 
 class AdminAPI(Protocol):
-    """The part of ``serving.client.AdminClient`` this backend uses (versions as the wire
-    writes them: text)."""
+    """The part of ``serving.client.AdminClient`` this backend uses."""
 
     def models(self) -> Any: ...
-    def load(self, m: str, v: str) -> Any: ...
-    def unload(self, m: str, v: str) -> Any: ...
-    def traffic(self, m: str) -> Mapping[str, int]: ...
-    def set_traffic(self, m: str, weights: dict[str, int]) -> Any: ...
+    def load(self, m: str, v: Version) -> Any: ...
+    def unload(self, m: str, v: Version) -> Any: ...
+    def traffic(self, m: str) -> Mapping[Version, int]: ...
+    def set_traffic(self, m: str, weights: Mapping[Version, int]) -> Any: ...
     def metrics_text(self) -> str: ...
 
 
@@ -77,7 +76,7 @@ class LocalBackend:
     def ensure_loaded(self, model: str, version: Version) -> None:
         with self._translated(f"load {model} v{version}"):
             if version not in loaded_versions(self.admin.models(), model):
-                self.admin.load(model, str(version))
+                self.admin.load(model, version)
 
     def set_weights(self, model: str, weights: Mapping[Version, int]) -> None:
         if sum(weights.values()) != 100:
@@ -87,7 +86,7 @@ class LocalBackend:
             if normalized(current) != normalized(weights):
                 # Name every version the server routes to, so none keeps a stale weight.
                 full = {v: 0 for v in current} | {v: int(w) for v, w in weights.items()}
-                self.admin.set_traffic(model, {str(v): w for v, w in full.items()})
+                self.admin.set_traffic(model, full)
 
     def promote(self, model: str, candidate: Version) -> None:
         self.set_weights(model, {candidate: 100})
@@ -97,7 +96,7 @@ class LocalBackend:
             if self._traffic(model).get(version, 0) > 0:
                 raise BackendError(f"{model} v{version} still takes traffic; not unloading it")
             if version in loaded_versions(self.admin.models(), model):
-                self.admin.unload(model, str(version))
+                self.admin.unload(model, version)
 
     def rollback(self, model: str, champion: Version | None, candidate: Version) -> None:
         if champion is not None:
@@ -109,7 +108,7 @@ class LocalBackend:
         """Actual weights; a model the server does not know (404: nothing loaded yet, e.g.
         before a first version's rollout) routes nothing, which is an answer, not an error."""
         try:
-            return {parse_version(v): int(w) for v, w in self.admin.traffic(model).items()}
+            return {int(v): int(w) for v, w in self.admin.traffic(model).items()}
         except self._errors as e:
             if getattr(e, "status", None) == 404:
                 return {}
@@ -118,7 +117,7 @@ class LocalBackend:
     def _unload(self, model: str, version: Version) -> None:
         with self._translated(f"unload {model} v{version}"):
             if version in loaded_versions(self.admin.models(), model):
-                self.admin.unload(model, str(version))
+                self.admin.unload(model, version)
 
     def _translated(self, what: str) -> _Translate:
         return _Translate(what, self._errors)

@@ -173,8 +173,8 @@ class Pipeline:
         if fault is not None:
             # Loaded at weight 0 (nothing routes to it yet) so the fault is in place before
             # the first canary request; the rollout's own load is then a no-op.
-            admin.load(manifest.name, str(manifest.version))
-            admin.set_fault(manifest.name, str(manifest.version), fault.error_rate, fault.extra_latency_ms)
+            admin.load(manifest.name, manifest.version)
+            admin.set_fault(manifest.name, manifest.version, fault)
             self.log(run, f"injected fault into v{manifest.version}: {fault}")
         gate_step, canary_step = run.step("gate"), run.step("canary")
         self._start(run, gate_step)

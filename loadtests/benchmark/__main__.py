@@ -54,9 +54,10 @@ def _env(scratch: Path, results: Path) -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], env: dict[str, str], **kw: object) -> subprocess.CompletedProcess[str]:
+def _run(cmd: list[str], env: dict[str, str], *, cwd: Path | str | None = None,
+         stdout: int | None = None) -> subprocess.CompletedProcess[str]:
     _log("$ " + " ".join(cmd))
-    return subprocess.run(cmd, env=env, check=True, text=True, **kw)  # type: ignore[call-overload]
+    return subprocess.run(cmd, env=env, check=True, text=True, cwd=cwd, stdout=stdout)
 
 
 def prepare(harness: Path, py: str, env: dict[str, str], scratch: Path, names: list[str],

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from kloop.artifact import Registry
+from kloop.modelfile import load_exported
 from loadtests.benchmark.models import MODELS
-from serving.core.repository import make_loader
-from serving.core.runtime import RuntimeOptions
+from serving.core.runtime import RuntimeOptions, prepare
 
 BATCHES = (1, 32)
 THREADS = 2  # the harness's two-thread cells, which the targets use
@@ -35,13 +35,15 @@ def measure(registry: Path, seconds: float,
             names: tuple[str, ...] = MODELS) -> list[dict[str, Any]]:
     """items/s and p50 per call of each model at each of BATCHES rows, ``seconds`` each."""
     reg = Registry(registry)
-    loader = make_loader(RuntimeOptions())
+    options = RuntimeOptions()
     out: list[dict[str, Any]] = []
     torch.set_num_threads(THREADS)
     for name in names:
         version = reg.versions(name)[-1]
         manifest = reg.manifest(name, version)
-        runner = loader(reg.path(name, version), manifest)
+        # what the server's loader does (serving.core.repository.make_loader), keeping the type
+        runner = prepare(load_exported(reg.path(name, version) / manifest.model_file), manifest,
+                         options)
         shape = manifest.inputs[0].shape[1:]
         for batch in BATCHES:
             x = torch.randn(batch, *shape)

@@ -41,7 +41,7 @@ REAL_PEERS = ("kserve", "torchserve", "torchserve_batch")
 NGINX_CEILING = {"http": "null_http", "grpc": "null_grpc_nginx"}
 KEY = tuple[str, str, int]  # (model, proto, conc)
 
-# The targets of issue 4, as ratios (see the module docstring).
+# The serving targets, as ratios (see the module docstring).
 KSERVE_FACTOR = 4.0
 GRPC_CEILING_SHARE = 0.70
 INPROCESS_SHARE = 0.80
@@ -122,7 +122,7 @@ def by_cell(runs: Iterable[Mapping[str, Any]]) -> dict[str, dict[KEY, Mapping[st
     return out
 
 
-def inprocess(baseline: list[Mapping[str, Any]], model: str, batch: int, threads: int) -> float | None:
+def inprocess(baseline: Sequence[Mapping[str, Any]], model: str, batch: int, threads: int) -> float | None:
     for r in baseline:
         if r["model"] == model and r["batch"] == batch and r["threads"] == threads:
             return float(r["items_per_s"])
@@ -133,7 +133,7 @@ def kloop_variants(runs: Iterable[Mapping[str, Any]]) -> list[str]:
     return sorted({r["peer"] for r in runs if str(r.get("peer", "")).startswith("kloop")})
 
 
-def checks(runs: list[dict[str, Any]], baseline: list[Mapping[str, Any]],
+def checks(runs: list[dict[str, Any]], baseline: Sequence[Mapping[str, Any]],
            variant: str = "kloop", kloop_graph: Sequence[Mapping[str, Any]] = ()) -> list[Check]:
     """The targets, for one kloop configuration (a peer name starting with ``kloop``);
     ``kloop_graph``: kloop's own graph in process (``inprocess.py``), context beside the
@@ -211,7 +211,7 @@ def _mark(ok: bool | None) -> str:
     return "n/a" if ok is None else ("yes" if ok else "**no**")
 
 
-def markdown(runs: list[dict[str, Any]], baseline: list[Mapping[str, Any]],
+def markdown(runs: list[dict[str, Any]], baseline: Sequence[Mapping[str, Any]],
              meta: Mapping[str, Any], kloop_graph: Sequence[Mapping[str, Any]] = ()) -> str:
     """The whole report: the cells, the in-process limit, the ratios and the verdicts."""
     lines = [f"Run: {meta.get('date', '?')}, {meta.get('duration_s', '?')} s per cell after a "
@@ -281,7 +281,7 @@ def markdown(runs: list[dict[str, Any]], baseline: list[Mapping[str, Any]],
     return "\n".join(lines) + "\n"
 
 
-def print_rich(runs: list[dict[str, Any]], baseline: list[Mapping[str, Any]],
+def print_rich(runs: list[dict[str, Any]], baseline: Sequence[Mapping[str, Any]],
                kloop_graph: Sequence[Mapping[str, Any]] = ()) -> None:
     """The verdicts as a terminal table."""
     from rich.console import Console

@@ -2,35 +2,20 @@
 
 It exists so a canary's live analysis can be demonstrated and tested: make version 2 fail half
 its requests (or answer 300 ms late) and watch the rollout controller roll it back, the way
-Istio's fault injection is used. The random source is injected so tests decide the outcome.
+Istio's fault injection is used. What a fault is (``Fault``) is the management API's contract,
+defined once in ``kloop.faults``. The random source is injected so tests decide the outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
 import threading
 
-from serving.core.errors import InferenceFailed, InvalidInput
+from kloop.faults import Fault
+from serving.core.errors import InferenceFailed
 
-
-@dataclasses.dataclass(frozen=True)
-class Fault:
-    error_rate: float = 0.0  # share of requests that fail, 0..1
-    extra_latency_ms: float = 0.0  # added before the model runs, milliseconds
-
-    def __post_init__(self) -> None:
-        if isinstance(self.error_rate, bool) or not isinstance(self.error_rate, (int, float)):
-            raise InvalidInput(f"error_rate must be a number in [0, 1], got {self.error_rate!r}")
-        if not 0.0 <= self.error_rate <= 1.0:
-            raise InvalidInput(f"error_rate must be in [0, 1], got {self.error_rate}")
-        if isinstance(self.extra_latency_ms, bool) or not isinstance(
-            self.extra_latency_ms, (int, float)
-        ):
-            raise InvalidInput(f"extra_latency_ms must be a number, got {self.extra_latency_ms!r}")
-        if not 0.0 <= self.extra_latency_ms <= 60_000:
-            raise InvalidInput(f"extra_latency_ms must be in [0, 60000], got {self.extra_latency_ms}")
+__all__ = ["FaultInjector"]
 
 
 class FaultInjector:

@@ -18,9 +18,9 @@ from typing import TypedDict
 
 import torch
 
+from kloop.faults import Fault
 from serving.core.dataplane import DataPlane
 from serving.core.errors import ModelNotFound
-from serving.core.faults import Fault
 from serving.core.repository import LoadedVersion
 
 

@@ -19,9 +19,9 @@ from typing import Any
 
 from aiohttp import web
 
+from kloop.faults import Fault
 from serving.core import model_index
 from serving.core.errors import Conflict, InvalidInput, Unauthorized
-from serving.core.faults import Fault
 from serving.core.management import Management
 from serving.http import codec
 from serving.http.routes import Handler, error_response, json_response, parse_version
@@ -96,14 +96,12 @@ async def set_traffic(request: web.Request) -> web.Response:
 async def set_fault(request: web.Request) -> web.Response:
     model, version = _model_version(request)
     body = await _body(request)
-    unknown = set(body) - {"error_rate", "extra_latency_ms"}
-    if unknown:
-        raise InvalidInput(f"unknown fault field(s) {sorted(unknown)}")
-    fault = Fault(
-        error_rate=body.get("error_rate", 0.0), extra_latency_ms=body.get("extra_latency_ms", 0.0)
-    )
+    try:
+        fault = Fault.from_dict(body)
+    except (ValueError, TypeError) as e:  # out of range, not a number, an unknown field
+        raise InvalidInput(str(e)) from e
     request.app[MANAGEMENT_KEY].set_fault(model, version, fault)
-    return json_response({"error_rate": fault.error_rate, "extra_latency_ms": fault.extra_latency_ms})
+    return json_response(fault.to_dict())
 
 
 async def clear_fault(request: web.Request) -> web.Response:

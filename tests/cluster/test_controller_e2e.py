@@ -42,6 +42,7 @@ from deploy.cluster.cr_store import ROLLOUT, CRRolloutStore, rollout_from_cr
 from deploy.cluster.kserve_manifests import isvc_name
 from deploy.rollout import Phase, Rollout, RolloutPolicy, new_rollout
 from kloop.artifact import Registry
+from kloop.faults import Fault
 from serving.client import AdminClient
 from tests.serving.conftest import MODEL, publish_version
 from tests.serving.test_model_dir import TOKEN, ModelDirServer
@@ -459,7 +460,7 @@ def test_rollout_steps_10_50_100_and_promotes(world):
 def test_injected_5xx_rolls_back_and_deletes_the_candidate(world, servers):
     w = world
     admin = AdminClient(servers["3"], TOKEN)
-    admin.set_fault(MODEL, 3, error_rate=1.0)  # every request to v3 answers 500
+    admin.set_fault(MODEL, 3, Fault(error_rate=1.0))  # every request to v3 answers 500
     try:
         w.controller("ctl-1")
         w.create("digits-v3", candidate="3", champion="2")

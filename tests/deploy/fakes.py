@@ -4,6 +4,7 @@ metric names (``kloop.telemetry``), and a helper to publish manifests into a rea
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +52,17 @@ def metric_registry() -> tuple[CollectorRegistry, Counter, Counter, Histogram, G
 
 
 class FakeAdmin:
-    """Loaded versions, weights and metrics of one server, in memory."""
+    """Loaded versions, weights and metrics of one server, in memory (``serving.client.
+    AdminClient``'s surface; the metrics as the server exports them, versions as label text)."""
 
     def __init__(self) -> None:
-        self.loaded: dict[str, set[str]] = {}
-        self.weights: dict[str, dict[str, int]] = {}
+        self.loaded: dict[str, set[Version]] = {}
+        self.weights: dict[str, dict[Version, int]] = {}
         self.calls: list[tuple[Any, ...]] = []
         self.down = False
         self._new_metrics()
-        self.latency: dict[str, float] = {}  # version -> seconds per request
-        self.error_rate: dict[str, float] = {}  # version -> fraction of 500s
+        self.latency: dict[Version, float] = {}  # version -> seconds per request
+        self.error_rate: dict[Version, float] = {}  # version -> fraction of 500s
 
     def _new_metrics(self) -> None:
         self.reg, self.req, self.err, self.dur, self.gauge = metric_registry()
@@ -76,15 +78,15 @@ class FakeAdmin:
     # ---- the admin API ------------------------------------------------------------------
     def models(self) -> dict[str, list[str]]:
         self._check()
-        return {m: sorted(vs) for m, vs in self.loaded.items()}
+        return {m: [str(v) for v in sorted(vs)] for m, vs in self.loaded.items()}  # JSON's view
 
-    def load(self, m: str, v: str) -> None:
+    def load(self, m: str, v: Version) -> None:
         self._check()
         self.calls.append(("load", m, v))
         self.loaded.setdefault(m, set()).add(v)
         self.weights.setdefault(m, {}).setdefault(v, 0)
 
-    def unload(self, m: str, v: str) -> None:
+    def unload(self, m: str, v: Version) -> None:
         self._check()
         self.calls.append(("unload", m, v))
         if self.weights.get(m, {}).get(v, 0) > 0:
@@ -92,33 +94,33 @@ class FakeAdmin:
         self.loaded.get(m, set()).discard(v)
         self.weights.get(m, {}).pop(v, None)
 
-    def traffic(self, m: str) -> dict[str, int]:
+    def traffic(self, m: str) -> dict[Version, int]:
         self._check()
         if m not in self.loaded:
             raise AdminError(404, f"model {m} not found")
         return dict(self.weights.get(m, {}))
 
-    def set_traffic(self, m: str, weights: dict[str, int]) -> None:
+    def set_traffic(self, m: str, weights: Mapping[Version, int]) -> None:
         self._check()
         self.calls.append(("set_traffic", m, dict(weights)))
         if sum(weights.values()) != 100 or set(weights) - self.loaded.get(m, set()):
             raise AdminError(400, f"bad weights {weights}")
         self.weights[m] = dict(weights)
         for v, w in weights.items():
-            self.gauge.labels(m, v).set(w)
+            self.gauge.labels(m, str(v)).set(w)
 
     def metrics_text(self) -> str:
         self._check()
         return generate_latest(self.reg).decode()
 
     # ---- traffic ------------------------------------------------------------------------
-    def serve(self, m: str, v: str, n: int, *, errors: int = 0, latency: float = 0.004,
+    def serve(self, m: str, v: Version, n: int, *, errors: int = 0, latency: float = 0.004,
               protocol: str = "http", code: str = "500") -> None:
-        self.req.labels(m, v, protocol).inc(n)
+        self.req.labels(m, str(v), protocol).inc(n)
         if errors:
-            self.err.labels(m, v, protocol, code).inc(errors)
+            self.err.labels(m, str(v), protocol, code).inc(errors)
         for _ in range(n):
-            self.dur.labels(m, v, protocol).observe(latency)
+            self.dur.labels(m, str(v), protocol).observe(latency)
 
     def drive(self, m: str, n: int) -> None:
         """``n`` requests split by the current weights, each version with its own behaviour."""

@@ -24,9 +24,9 @@ class Env:
         self.candidate = publish(self.registry, tmp_path, "iris", candidate_accuracy, fingerprint)
         self.registry.set_alias("iris", "champion", self.champion)
         self.registry.set_alias("iris", "candidate", self.candidate)
-        self.admin = FakeAdmin()  # speaks the wire: versions as text
-        self.admin.load("iris", str(self.champion))
-        self.admin.set_traffic("iris", {str(self.champion): 100})
+        self.admin = FakeAdmin()
+        self.admin.load("iris", self.champion)
+        self.admin.set_traffic("iris", {self.champion: 100})
         self.db = tmp_path / "kloop.db"
         self.clock = FakeClock(start=0.0)
         SQLiteRolloutStore(self.db).create(
@@ -49,9 +49,9 @@ def test_ten_fifty_hundred_promote_with_restarts(tmp_path):
     assert e.tick().phase is Phase.GATING
     r = e.tick()
     assert (r.phase, dict(r.weights)) == (Phase.PROGRESSING, {2: 10, 1: 90})
-    assert e.admin.weights["iris"] == {"1": 90, "2": 10}
+    assert e.admin.weights["iris"] == {1: 90, 2: 10}
     seen = []
-    for want in ({"1": 50, "2": 50}, {"1": 0, "2": 100}):
+    for want in ({1: 50, 2: 50}, {1: 0, 2: 100}):
         e.traffic()
         r = e.tick()
         seen.append(dict(e.admin.weights["iris"]))
@@ -61,12 +61,12 @@ def test_ten_fifty_hundred_promote_with_restarts(tmp_path):
     assert r.phase is Phase.PROMOTING
     assert e.registry.alias("iris", "champion") == 2  # the controller moved the alias
     assert e.registry.alias("iris", "candidate") is None
-    assert e.admin.loaded["iris"] == {"1", "2"}  # old champion kept for a fast rollback
+    assert e.admin.loaded["iris"] == {1, 2}  # old champion kept for a fast rollback
     e.clock.advance(10)
     assert e.tick().phase is Phase.PROMOTING  # retire_after_s not yet over
     e.clock.advance(30)
     r = e.tick()
-    assert r.phase is Phase.SUCCEEDED and e.admin.loaded["iris"] == {"2"}
+    assert r.phase is Phase.SUCCEEDED and e.admin.loaded["iris"] == {2}
     assert [h.kind_name for h in r.history] == [
         "run_gate", "set_weights", "set_weights", "set_weights", "promote", "wait", "retire"]
     assert SQLiteRolloutStore(e.db).active("iris") is None
@@ -81,7 +81,7 @@ def test_weights_applied_but_not_saved_do_not_step_twice(tmp_path):
     e.backend().set_weights("iris", {2: 50, 1: 50})
     r = e.tick()
     assert (r.step, dict(r.weights)) == (1, {2: 50, 1: 50})
-    assert e.admin.weights["iris"] == {"1": 50, "2": 50}
+    assert e.admin.weights["iris"] == {1: 50, 2: 50}
     assert "adopting" in r.history[-1].message
     r = e.tick()  # no time passed: the adopted step waits for its own window
     assert r.step == 1 and r.history[-1].verdict is Verdict.INCONCLUSIVE
@@ -90,13 +90,13 @@ def test_weights_applied_but_not_saved_do_not_step_twice(tmp_path):
 def test_error_spike_rolls_back(tmp_path):
     e = Env(tmp_path)
     e.tick(), e.tick()
-    e.admin.error_rate["2"] = 0.3
+    e.admin.error_rate[2] = 0.3
     e.traffic()
     r = e.tick()  # the decision is saved first, nothing written yet
-    assert r.phase is Phase.ROLLING_BACK and e.admin.weights["iris"] == {"1": 90, "2": 10}
+    assert r.phase is Phase.ROLLING_BACK and e.admin.weights["iris"] == {1: 90, 2: 10}
     r = e.tick()
     assert r.phase is Phase.ROLLED_BACK and "error rate" in r.reason
-    assert e.admin.weights["iris"] == {"1": 100} and e.admin.loaded["iris"] == {"1"}
+    assert e.admin.weights["iris"] == {1: 100} and e.admin.loaded["iris"] == {1}
     assert e.registry.alias("iris", "champion") == 1
 
 
@@ -105,8 +105,8 @@ def test_gate_failure_rolls_back_before_any_traffic(tmp_path):
     e.tick(), e.tick()
     r = e.tick()
     assert r.phase is Phase.ROLLED_BACK and "gate failed" in r.reason
-    assert ("load", "iris", "2") not in e.admin.calls
-    assert e.admin.weights["iris"] == {"1": 100}
+    assert ("load", "iris", 2) not in e.admin.calls
+    assert e.admin.weights["iris"] == {1: 100}
 
 
 def test_gate_error_aborts_with_the_reason(tmp_path):
@@ -130,7 +130,7 @@ def test_unreachable_server_aborts_after_error_limit_and_retries_the_abort(tmp_p
     e.admin.down = False
     r = e.tick()
     assert r.phase is Phase.ABORTED and r.failed == 0
-    assert e.admin.weights["iris"] == {"1": 100}
+    assert e.admin.weights["iris"] == {1: 100}
 
 
 def test_step_timeout_aborts(tmp_path):
@@ -179,13 +179,13 @@ def test_killed_after_the_rollback_writes_the_rollback_still_completes(tmp_path)
     RollingBack and finishes it; it never treats the champion's 100 % as drift."""
     e = Env(tmp_path)
     e.tick(), e.tick()
-    e.admin.error_rate["2"] = 0.3
+    e.admin.error_rate[2] = 0.3
     e.traffic()
     assert e.tick().phase is Phase.ROLLING_BACK
     e.backend().rollback("iris", 1, 2)  # the writes of a tick that then died unsaved
     r = e.tick()
     assert r.phase is Phase.ROLLED_BACK
-    assert e.admin.weights["iris"] == {"1": 100} and e.admin.loaded["iris"] == {"1"}
+    assert e.admin.weights["iris"] == {1: 100} and e.admin.loaded["iris"] == {1}
 
 
 def test_move_champion_is_idempotent_and_leaves_another_candidate_alias(tmp_path):

@@ -1,5 +1,4 @@
-"""The local backend against the in-memory admin API: versions are numbers on the backend's
-side and text on the admin API's (the wire)."""
+"""The local backend against the in-memory admin API (``tests.deploy.fakes.FakeAdmin``)."""
 
 import pytest
 
@@ -11,8 +10,8 @@ from tests.deploy.fakes import AdminError, FakeAdmin
 @pytest.fixture
 def env():
     admin = FakeAdmin()
-    admin.load("iris", "1")
-    admin.set_traffic("iris", {"1": 100})
+    admin.load("iris", 1)
+    admin.set_traffic("iris", {1: 100})
     admin.calls.clear()
     b = LocalBackend(admin, now=lambda: 42.0, admin_errors=(AdminError, OSError))
     return b, admin
@@ -24,7 +23,7 @@ def test_is_a_rollout_backend(env):
 
 def test_read_reports_weights_loaded_and_samples(env):
     b, admin = env
-    admin.serve("iris", "1", 10, errors=1)
+    admin.serve("iris", 1, 10, errors=1)
     w = b.read("iris")
     assert w.error is None and dict(w.weights) == {1: 100} and w.loaded == {1}
     assert w.samples[1].requests == 10 and w.samples[1].server_errors == 1
@@ -44,17 +43,17 @@ def test_writes_are_idempotent(env):
     b.ensure_loaded("iris", 2)
     b.set_weights("iris", {2: 10, 1: 90})
     b.set_weights("iris", {1: 90, 2: 10})
-    assert admin.calls == [("load", "iris", "2"), ("set_traffic", "iris", {"1": 90, "2": 10})]
+    assert admin.calls == [("load", "iris", 2), ("set_traffic", "iris", {1: 90, 2: 10})]
 
 
 def test_promote_routes_everything_and_keeps_the_old_champion_loaded(env):
     b, admin = env
     b.ensure_loaded("iris", 2)
     b.promote("iris", 2)
-    assert admin.weights["iris"] == {"1": 0, "2": 100}
-    assert admin.loaded["iris"] == {"1", "2"}
+    assert admin.weights["iris"] == {1: 0, 2: 100}
+    assert admin.loaded["iris"] == {1, 2}
     b.retire("iris", 1)
-    assert admin.loaded["iris"] == {"2"}
+    assert admin.loaded["iris"] == {2}
     b.retire("iris", 1)  # again: nothing to do
 
 
@@ -63,7 +62,7 @@ def test_rollback_restores_champion_and_unloads_candidate(env):
     b.ensure_loaded("iris", 2)
     b.set_weights("iris", {2: 50, 1: 50})
     b.rollback("iris", 1, 2)
-    assert admin.weights["iris"] == {"1": 100} and admin.loaded["iris"] == {"1"}
+    assert admin.weights["iris"] == {1: 100} and admin.loaded["iris"] == {1}
     b.rollback("iris", 1, 2)  # idempotent
 
 
@@ -99,7 +98,7 @@ def test_unknown_model_routes_nothing_rather_than_erroring(env):
     assert w.error is None and dict(w.weights) == {} and w.loaded == frozenset()
     b.ensure_loaded("fresh", 1)
     b.set_weights("fresh", {1: 100})
-    assert admin.weights["fresh"] == {"1": 100}
+    assert admin.weights["fresh"] == {1: 100}
 
 
 def test_server_client_errors_are_translated_by_default():

@@ -25,6 +25,7 @@ from deploy.cluster.prometheus import PromQLMetrics, ScrapeMetrics, escape
 from deploy.local.server_process import ServerHandle, ServerProcess
 from deploy.rollout.samples import MetricsError, samples_for
 from kloop.artifact import Registry
+from kloop.faults import Fault
 from serving.client import InferenceError
 from tests.serving.conftest import MODEL, publish_version
 from tests.serving.test_model_dir import infer
@@ -66,8 +67,8 @@ def server(tmp_path_factory) -> Iterator[ServerHandle]:
     try:
         admin = handle.admin()
         admin.load(MODEL, 1)
-        admin.set_traffic(MODEL, {"1": 50, "2": 50})
-        admin.set_fault(MODEL, 2, error_rate=0.3)  # real 500s from v2
+        admin.set_traffic(MODEL, {1: 50, 2: 50})
+        admin.set_fault(MODEL, 2, Fault(error_rate=0.3))  # real 500s from v2
         yield handle
     finally:
         proc.stop()

@@ -43,7 +43,7 @@ def test_serve_then_rollout_promotes_under_traffic(tmp_path: Path) -> None:
         _wait_for(lambda: discover(home) is not None, 60, "kloop serve did not record server.json")
         handle = discover(home)
         assert handle is not None and handle.pid == server.pid
-        assert handle.admin().traffic("digits") == {"1": 100}  # the champion, loaded at start
+        assert handle.admin().traffic("digits") == {1: 100}  # the champion, loaded at start
         images = np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32)
         cfg = TrafficConfig(model="digits", http_url=handle.http_url, grpc_target=handle.grpc_target,
                             rate_per_s=120)
@@ -57,7 +57,7 @@ def test_serve_then_rollout_promotes_under_traffic(tmp_path: Path) -> None:
         assert out.returncode == 0, out.stdout + out.stderr
         assert "Succeeded" in out.stdout
         assert reg.alias("digits", "champion") == 2
-        assert handle.admin().traffic("digits") == {"2": 100}
+        assert handle.admin().traffic("digits") == {2: 100}
         assert served["1"].requests > 0 and served["2"].requests > 0
         assert sum(s.errors for s in served.values()) == 0, traffic.failures()
     finally:
@@ -107,7 +107,7 @@ def test_rollout_killed_mid_way_resumes_where_it_was(tmp_path: Path) -> None:
         assert final.phase is Phase.SUCCEEDED
         steps = [e.weights.get(2) for e in final.history if e.kind_name == "set_weights"]
         assert steps == [10, 50, 100], steps  # each step once, none repeated after the restart
-        assert handle.admin().traffic("digits") == {"2": 100}
+        assert handle.admin().traffic("digits") == {2: 100}
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)

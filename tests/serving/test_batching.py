@@ -20,6 +20,7 @@ import aiohttp
 import numpy as np
 import pytest
 
+from kloop.faults import Fault
 from serving.app import Server, ServerConfig
 from serving.client import AdminClient, GrpcClient, HttpClient, InferenceError
 from serving.core.batching import (
@@ -424,7 +425,7 @@ async def test_http_timeout_header_and_timeout_parameter_answer_504_before_compu
     url = f"http://127.0.0.1:{srv.http_port}/v2/models/{MODEL}/infer"
     body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8],
                         "data": [0.0] * 64}]}
-    await asyncio.to_thread(admin.set_fault, MODEL, "2", 0.0, 300)  # every request waits 300 ms
+    await asyncio.to_thread(admin.set_fault, MODEL, 2, Fault(extra_latency_ms=300))  # every request waits 300 ms
     async with aiohttp.ClientSession() as s:
         async with s.post(url, json=body, headers={"X-Request-Timeout-Ms": "50"}) as r:
             assert r.status == 504, await r.text()
@@ -441,7 +442,7 @@ async def test_http_timeout_header_and_timeout_parameter_answer_504_before_compu
 async def test_grpc_deadline_is_honoured(batching_server: Server) -> None:
     srv = batching_server
     admin = admin_of(srv)
-    await asyncio.to_thread(admin.set_fault, MODEL, "2", 0.0, 300)
+    await asyncio.to_thread(admin.set_fault, MODEL, 2, Fault(extra_latency_ms=300))
     client = GrpcClient(f"127.0.0.1:{srv.grpc_port}", timeout=0.05)
     try:
         with pytest.raises(InferenceError) as info:
@@ -462,7 +463,7 @@ async def test_overloaded_http_answer_says_when_to_retry(registry_root: Path) ->
     body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8],
                         "data": [0.0] * 64}]}
     try:
-        await asyncio.to_thread(admin_of(srv).set_fault, MODEL, "2", 0.0, 300)
+        await asyncio.to_thread(admin_of(srv).set_fault, MODEL, 2, Fault(extra_latency_ms=300))
         async with aiohttp.ClientSession() as s:
             slow = asyncio.create_task(s.post(f"{url}/v2/models/{MODEL}/infer", json=body))
             while srv.dataplane.inflight == 0:

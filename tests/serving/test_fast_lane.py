@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kloop.faults import Fault
 from kloop.pb import inference_pb2 as pb
 from serving.client import AdminClient
 from tests.serving.conftest import MODEL, reference, require_native
@@ -254,7 +255,7 @@ def test_weights_faults_and_unloads_apply_to_the_very_next_request(
     try:
         # A split: unversioned requests are drawn per request, so they leave the lane, and
         # both versions answer them; pinned ones stay in it.
-        fast.admin.set_traffic(MODEL, {"1": 50, "2": 50})
+        fast.admin.set_traffic(MODEL, {1: 50, 2: 50})
         before = fast.fast_count()
         seen = {pb.ModelInferResponse.FromString(fast.call(plain)[2]).model_version
                 for _ in range(40)}
@@ -263,13 +264,13 @@ def test_weights_faults_and_unloads_apply_to_the_very_next_request(
         assert fast.call(pinned["1"])[0] == "OK"
         assert fast.fast_count() == before + 1
         # A fault on version 1: its very next request gets it.
-        fast.admin.set_fault(MODEL, 1, error_rate=1.0)
+        fast.admin.set_fault(MODEL, 1, Fault(error_rate=1.0))
         assert fast.call(pinned["1"])[:2] == ("INTERNAL", "injected fault")
         fast.admin.clear_fault(MODEL, 1)
         assert fast.call(pinned["1"])[0] == "OK"
         # Back to one version: unversioned requests return to the lane, and an unloaded
         # version is gone for them at once.
-        fast.admin.set_traffic(MODEL, {"2": 100})
+        fast.admin.set_traffic(MODEL, {2: 100})
         fast.admin.unload(MODEL, 1)
         before = fast.fast_count()
         assert fast.call(pinned["1"])[0] == "NOT_FOUND"
@@ -277,8 +278,8 @@ def test_weights_faults_and_unloads_apply_to_the_very_next_request(
         assert status == "OK" and pb.ModelInferResponse.FromString(raw).model_version == "2"
         assert fast.fast_count() == before + 1
     finally:  # the module's servers go on as they started
-        fast.admin.set_traffic(MODEL, {"2": 100})
-        if "1" in fast.admin.traffic(MODEL):
+        fast.admin.set_traffic(MODEL, {2: 100})
+        if 1 in fast.admin.traffic(MODEL):
             fast.admin.clear_fault(MODEL, 1)
         else:
             fast.admin.load(MODEL, 1)

@@ -100,7 +100,7 @@ def test_serves_exactly_that_version(registry_root, tmp_path, images):
         np.testing.assert_allclose(asyncio.run(logits()), reference(2, images)[0],
                                    rtol=1e-5, atol=1e-6)
         admin = AdminClient(url, TOKEN)
-        assert admin.traffic(MODEL) == {"2": 100}
+        assert admin.traffic(MODEL) == {2: 100}
         for call in (lambda: admin.load(MODEL, 1), lambda: admin.unload(MODEL, 2)):
             with pytest.raises(AdminError) as e:
                 call()

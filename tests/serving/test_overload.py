@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kloop.faults import Fault
 from serving.app import Server, ServerConfig
 from serving.client import AdminClient, GrpcClient, HttpClient, InferenceError
 from tests.serving.conftest import MODEL, TOKEN
@@ -22,7 +23,7 @@ async def test_requests_past_max_inflight_are_refused_not_queued(registry_root: 
     image = {"image": np.zeros((1, 1, 8, 8), dtype=np.float32)}
     try:
         admin = AdminClient(f"http://127.0.0.1:{srv.http_port}", TOKEN)
-        await asyncio.to_thread(admin.set_fault, MODEL, "2", 0.0, 500)  # hold one request 0.5 s
+        await asyncio.to_thread(admin.set_fault, MODEL, 2, Fault(extra_latency_ms=500))  # hold one request 0.5 s
         slow = asyncio.create_task(http.infer(MODEL, image))
         while srv.dataplane.inflight == 0:  # until the slow request is really in flight
             await asyncio.sleep(0.005)
@@ -33,7 +34,7 @@ async def test_requests_past_max_inflight_are_refused_not_queued(registry_root: 
             except InferenceError as e:
                 assert e.code == code, e
         assert (await slow).model_version == "2"
-        await asyncio.to_thread(admin.clear_fault, MODEL, "2")
+        await asyncio.to_thread(admin.clear_fault, MODEL, 2)
         assert (await grpc_client.infer(MODEL, image)).model_version == "2"
     finally:
         await http.close()
@@ -57,7 +58,7 @@ async def test_inflight_gauge_counts_requests_being_served(server, http_client, 
 
     image = {"image": np.zeros((1, 1, 8, 8), dtype=np.float32)}
     assert await gauge() == 0
-    await asyncio.to_thread(admin.set_fault, MODEL, "2", 0.0, 400)
+    await asyncio.to_thread(admin.set_fault, MODEL, 2, Fault(extra_latency_ms=400))
     held = [asyncio.create_task(http_client.infer(MODEL, image)) for _ in range(3)]
     while server.dataplane.inflight < 3:
         await asyncio.sleep(0.005)

@@ -54,7 +54,7 @@ def test_subprocess_serves_and_exits_zero_on_sigterm(registry_root: Path, tmp_pa
             resp = stub.ModelInfer(req, timeout=10)
             assert resp.model_version == "2" and list(resp.outputs[1].shape) == [2]
         admin = AdminClient(f"http://127.0.0.1:{ports['http']}", "proc-token")  # token from env
-        assert admin.traffic(MODEL) == {"2": 100}
+        assert admin.traffic(MODEL) == {2: 100}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, proc.stderr.read()  # type: ignore[union-attr]
         assert not ports_file.exists()

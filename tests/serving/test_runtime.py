@@ -16,11 +16,12 @@ import pytest
 import torch
 
 from kloop.artifact import Manifest, TensorSpec
+from kloop.faults import Fault
 from serving.app import ServerConfig
 from serving.core import runtime
 from serving.core.batching import BatchPolicy
 from serving.core.errors import InferenceFailed
-from serving.core.faults import Fault, FaultInjector
+from serving.core.faults import FaultInjector
 from serving.core.runtime import ModelRunner, RuntimeOptions, prepare
 from serving.metrics import ServerMetrics
 

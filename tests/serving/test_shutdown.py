@@ -23,6 +23,7 @@ import aiohttp
 import grpc
 import numpy as np
 
+from kloop.faults import Fault
 from serving.client import AdminClient, GrpcClient, InferenceError
 from tests.serving.conftest import MODEL, reference
 from tests.serving.test_process import REPO, wait_for_file
@@ -87,7 +88,7 @@ async def test_sigterm_under_load_answers_every_admitted_request(
     try:
         ports = await asyncio.to_thread(wait_for_file, ports_file, proc)
         base, target = f"http://127.0.0.1:{ports['http']}", f"127.0.0.1:{ports['grpc']}"
-        await asyncio.to_thread(AdminClient(base, TOKEN).set_fault, MODEL, "2", 0.0, HELD_MS)
+        await asyncio.to_thread(AdminClient(base, TOKEN).set_fault, MODEL, 2, Fault(extra_latency_ms=HELD_MS))
         rng = np.random.default_rng(3)
         inputs = [rng.standard_normal((1 + i % 3, 1, 8, 8), dtype=np.float32)
                   for i in range(2 * PER_PROTOCOL)]

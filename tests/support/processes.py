@@ -39,18 +39,23 @@ class Processes:
         return proc
 
     def stop(self, proc: subprocess.Popen[Any], grace_s: float | None = None) -> int:
-        """SIGTERM the process group, wait ``grace_s``, then SIGKILL it; its exit code."""
+        """SIGTERM the process group, wait ``grace_s``, then SIGKILL the group (what it started
+        may outlive it); its exit code. Stopping a process twice is a no-op the second time."""
+        if proc not in self._procs:
+            return proc.wait(10)
         if proc.poll() is None:
             _signal_group(proc, signal.SIGTERM)
             try:
-                return proc.wait(self.grace_s if grace_s is None else grace_s)
+                proc.wait(self.grace_s if grace_s is None else grace_s)
             except subprocess.TimeoutExpired:
                 pass
-        _signal_group(proc, signal.SIGKILL)  # what it started may outlive it
-        return proc.wait(10)
+        _signal_group(proc, signal.SIGKILL)
+        code = proc.wait(10)
+        self._procs.remove(proc)
+        return code
 
     def close(self) -> None:
-        for proc in reversed(self._procs):
+        for proc in reversed(list(self._procs)):
             self.stop(proc)
         self._procs.clear()
         for f in self._logs:
