@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.crds import REPO, shared_dir
+from tests.support.crds import REPO, shared_dir
 
 KLOOP_CRDS = REPO / "deploy" / "k8s" / "crds"
 

@@ -9,12 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from deploy.cluster.kube import KINDS, Kube, KubeConfig, NotFound
-
-pytestmark = pytest.mark.cluster
 
 
 def kloop(tmp_path: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -22,9 +22,7 @@ from deploy.rollout import Phase
 from deploy.rollout.samples import VersionSample
 from kloop.artifact import Registry
 from tests.cluster.test_manifests import apply_all, rendered
-from tests.deploy.fakes import FakeClock, publish
-
-pytestmark = pytest.mark.cluster
+from tests.support.fakes import FakeClock, publish
 
 SA = "system:serviceaccount:kloop-system:kloop-controller"
 ISVC = k.KINDS["InferenceService"]
@@ -263,7 +261,7 @@ def test_bad_candidate_rolls_back_and_spec_errors_abort(admin, namespace, regist
 
 
 def test_two_controller_processes_one_leader_and_sigterm_hands_over(cluster, admin, namespace,
-                                                                    registry):
+                                                                    registry, processes):
     import os
     import signal
     import subprocess
@@ -271,7 +269,7 @@ def test_two_controller_processes_one_leader_and_sigterm_hands_over(cluster, adm
     import time
 
     def start(identity: str) -> subprocess.Popen:
-        return subprocess.Popen(
+        return processes.spawn(
             [sys.executable, "-m", "deploy.cli", "controller", "--kubeconfig", str(cluster.kubeconfig),
              "-n", namespace, "--lease-namespace", namespace, "--registry", str(registry.root),
              "--metrics", "scrape", "--identity", identity, "--lease-duration", "4",
@@ -292,16 +290,10 @@ def test_two_controller_processes_one_leader_and_sigterm_hands_over(cluster, adm
         raise AssertionError(f"lease holder never satisfied the condition (last: {h})")
 
     procs = {"p1": start("p1"), "p2": start("p2")}
-    try:
-        first = holder_is(lambda h: h in procs)
-        time.sleep(2)
-        assert holder_is(lambda h: h is not None) == first  # renewed, not flapping
-        procs[first].send_signal(signal.SIGTERM)
-        assert procs[first].wait(timeout=15) == 0  # released the Lease, exited 0
-        other = next(p for p in procs if p != first)
-        assert holder_is(lambda h: h == other, timeout=10) == other  # took over
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    first = holder_is(lambda h: h in procs)
+    time.sleep(2)
+    assert holder_is(lambda h: h is not None) == first  # renewed, not flapping
+    procs[first].send_signal(signal.SIGTERM)
+    assert procs[first].wait(timeout=15) == 0  # released the Lease, exited 0
+    other = next(p for p in procs if p != first)
+    assert holder_is(lambda h: h == other, timeout=10) == other  # took over

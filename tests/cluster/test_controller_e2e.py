@@ -44,10 +44,8 @@ from deploy.rollout import Phase, Rollout, RolloutPolicy, new_rollout
 from kloop.artifact import Registry
 from kloop.faults import Fault
 from serving.client import AdminClient
-from tests.serving.conftest import MODEL, publish_version
-from tests.serving.test_model_dir import TOKEN, ModelDirServer
-
-pytestmark = pytest.mark.cluster
+from tests.support.processes import Processes
+from tests.support.serving import MODEL, TOKEN, ModelDirServer, publish_version
 
 ISVC, HTTP_ROUTE, LEASE = k.KINDS["InferenceService"], k.KINDS["HTTPRoute"], k.KINDS["Lease"]
 LEASE_NAME = "kloop-controller"
@@ -264,8 +262,10 @@ class Gateway(Loop):
 class Controller:
     """``python -m deploy.cli controller`` as a child process, logging to a file."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, registry: Path, identity: str,
-                 log_dir: Path, *, debug: bool = False, lease_s: float = 3.0) -> None:
+    def __init__(self, processes: Processes, kubeconfig: Path, namespace: str, registry: Path,
+                 identity: str, log_dir: Path, *, debug: bool = False,
+                 lease_s: float = 3.0) -> None:
+        self.processes = processes
         self.identity = identity
         self.log = log_dir / f"controller-{identity}.log"
         self.cmd = [sys.executable, "-m", "deploy.cli", "controller", "--kubeconfig", str(kubeconfig),
@@ -276,10 +276,8 @@ class Controller:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Controller:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                         start_new_session=True)
+        self.proc = self.processes.spawn(self.cmd, log=self.log,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
         return self
 
     def text(self) -> str:
@@ -295,13 +293,8 @@ class Controller:
         return self.proc.wait(20)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            self.processes.stop(self.proc, grace_s=15)
 
 
 class World:
@@ -309,9 +302,10 @@ class World:
     the Rollout's status observed (every resourceVersion the test saw)."""
 
     def __init__(self, cluster, namespace: str, registry_root: Path, urls: dict[str, str],
-                 log_dir: Path) -> None:
+                 log_dir: Path, processes: Processes) -> None:
         self.cluster, self.ns, self.registry_root, self.log_dir = (
             cluster, namespace, registry_root, log_dir)
+        self.processes = processes
         self.kube = k.Kube.connect(k.KubeConfig(kubeconfig=cluster.kubeconfig, namespace=namespace))
         self.store = CRRolloutStore(self.kube, namespace)
         self.registry = Registry(registry_root)
@@ -324,8 +318,8 @@ class World:
 
     def controller(self, identity: str, *, debug: bool = False,
                    lease_s: float = 3.0) -> Controller:
-        c = Controller(self.cluster.kubeconfig, self.ns, self.registry_root, identity,
-                       self.log_dir, debug=debug, lease_s=lease_s)
+        c = Controller(self.processes, self.cluster.kubeconfig, self.ns, self.registry_root,
+                       identity, self.log_dir, debug=debug, lease_s=lease_s)
         self.controllers.append(c)
         return c.start()
 
@@ -390,8 +384,8 @@ class World:
 
 
 @pytest.fixture
-def world(cluster, namespace, registry_root, servers, tmp_path) -> Iterator[World]:
-    w = World(cluster, namespace, registry_root, servers, tmp_path)
+def world(cluster, namespace, registry_root, servers, tmp_path, processes) -> Iterator[World]:
+    w = World(cluster, namespace, registry_root, servers, tmp_path, processes)
     w.kserve.start()
     w.gateway.start()
     try:

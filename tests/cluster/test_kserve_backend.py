@@ -32,12 +32,9 @@ from deploy.local.rollout_store import SQLiteRolloutStore
 from deploy.rollout import Phase, RolloutPolicy, new_rollout
 from kloop.artifact import Registry
 from serving.client import HttpClient
-from tests.crds import REPO, validate
-from tests.deploy.fakes import FakeClock
-from tests.serving.conftest import MODEL, publish_version
-from tests.serving.test_model_dir import ModelDirServer
-
-pytestmark = pytest.mark.cluster
+from tests.support.crds import REPO, validate
+from tests.support.fakes import FakeClock
+from tests.support.serving import MODEL, ModelDirServer, publish_version
 
 ISVC, HTTP, GRPC = KINDS["InferenceService"], KINDS["HTTPRoute"], KINDS["GRPCRoute"]
 RUNTIME = REPO / "deploy" / "k8s" / "runtime" / "clusterservingruntime.yaml"

@@ -10,8 +10,6 @@ import pytest
 
 from deploy.cluster.kube import KINDS, Conflict, Invalid, Kube, KubeConfig, NotFound
 
-pytestmark = pytest.mark.cluster
-
 CM = KINDS["ConfigMap"]
 PTJ = KINDS["PyTorchJob"]
 

@@ -6,9 +6,7 @@ import pytest
 
 from deploy.cluster import kube as k
 from deploy.cluster.leader import LEASE, LeaderElector
-from tests.deploy.fakes import FakeClock
-
-pytestmark = pytest.mark.cluster
+from tests.support.fakes import FakeClock
 
 
 @pytest.fixture

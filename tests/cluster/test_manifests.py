@@ -13,9 +13,8 @@ import yaml
 from deploy.cluster import kube as k
 from deploy.cluster.cr_store import POLICY_KEYS, ROLLOUT, STATUS_KEYS
 from deploy.cluster.kserve_manifests import render_kserve
-from tests.crds import REPO
+from tests.support.crds import REPO
 
-pytestmark = pytest.mark.cluster
 K8S = REPO / "deploy" / "k8s"
 
 

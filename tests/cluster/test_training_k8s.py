@@ -21,8 +21,6 @@ from kloop.artifact import Registry
 from trainer import job_manifests as render
 from trainer.spec import Elastic, Storage, TrainSpec
 
-pytestmark = pytest.mark.cluster
-
 PTJ = KINDS["PyTorchJob"]
 TJ = KINDS["TrainJob"]
 

@@ -15,26 +15,25 @@ import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 
 class Processes:
     def __init__(self, grace_s: float = 10.0) -> None:
         self.grace_s = grace_s
         self._procs: list[subprocess.Popen[Any]] = []
-        self._logs: list[IO[bytes]] = []
 
     def spawn(self, cmd: Sequence[str], *, log: Path | None = None,
               env: Mapping[str, str] | None = None, cwd: Path | None = None,
               **popen: Any) -> subprocess.Popen[Any]:
         """Start ``cmd``; with ``log``, its stdout and stderr go (appended) to that file."""
-        if log is not None:
-            out = open(log, "ab")  # closed by close(), after the process
-            self._logs.append(out)
-            popen.setdefault("stdout", out)
-            popen.setdefault("stderr", subprocess.STDOUT)
-        proc = subprocess.Popen(list(cmd), env=dict(env) if env is not None else None, cwd=cwd,
-                                start_new_session=True, **popen)
+        with contextlib.ExitStack() as stack:
+            if log is not None:  # the child holds its own descriptor; ours closes at once
+                out = stack.enter_context(open(log, "ab"))
+                popen.setdefault("stdout", out)
+                popen.setdefault("stderr", subprocess.STDOUT)
+            proc = subprocess.Popen(list(cmd), env=dict(env) if env is not None else None,
+                                    cwd=cwd, start_new_session=True, **popen)
         self._procs.append(proc)
         return proc
 
@@ -52,15 +51,15 @@ class Processes:
         _signal_group(proc, signal.SIGKILL)
         code = proc.wait(10)
         self._procs.remove(proc)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
         return code
 
     def close(self) -> None:
         for proc in reversed(list(self._procs)):
             self.stop(proc)
         self._procs.clear()
-        for f in self._logs:
-            f.close()
-        self._logs.clear()
 
 
 def _signal_group(proc: subprocess.Popen[Any], sig: signal.Signals) -> None:
