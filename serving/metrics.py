@@ -283,7 +283,7 @@ def _observe_all(histogram: Any, values: Sequence[float]) -> None:
     """``histogram.observe(v)`` for each of ``values``, with one update per bucket touched and
     one of the sum. It works on the child's ``_upper_bounds``, ``_buckets`` and ``_sum`` as
     prometheus_client's own ``observe`` does (a value goes to the first bucket whose bound is
-    at least the value); tests/serving/test_runtime.py checks the two agree."""
+    at least the value); tests/component/serving/test_runtime.py checks the two agree."""
     if not values:
         return
     bounds = histogram._upper_bounds

@@ -15,7 +15,7 @@ parameters, no requested outputs). Those calls reach Python grouped per route, o
 input with every member's rows; a group is one batcher request (``FastLane.infer_group``) and
 the front end writes each member's response from the batch's outputs. Per call, Python then does
 nothing at all: no protobuf parse, no task, no response message. The answers are byte for byte
-the general path's (tests/serving/test_fast_lane.py). The route table is rebuilt whenever
+the general path's (tests/component/serving/test_fast_lane.py). The route table is rebuilt whenever
 loads, traffic weights or faults change (``FastLane.routing_generation``, checked at every
 wake-up); calls routed by an older table, groups when a member's deadline already passed or
 when the server would not admit them all, go down the general path one by one.
