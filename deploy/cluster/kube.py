@@ -177,6 +177,16 @@ class Kube:
                 api.set_default_header("Impersonate-Group", cfg.impersonate_group)
         return cls(api, namespace or "default")
 
+    def close(self) -> None:
+        """Close the client's pooled connections (and its thread pool, if one was started)."""
+        self._api.close()
+
+    def __enter__(self) -> Kube:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # ---- raw calls ----------------------------------------------------------------------
 
     def _call(self, method: str, path: str, *, body: Any = None,

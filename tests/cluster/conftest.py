@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from deploy.cluster.kube import Kube, KubeConfig
 from tests.support.crds import REPO, shared_dir
 
 KLOOP_CRDS = REPO / "deploy" / "k8s" / "crds"
@@ -121,3 +122,17 @@ def namespace(cluster: Cluster) -> str:
     name = f"t-{uuid.uuid4().hex[:10]}"
     client.CoreV1Api(cluster.api_client()).create_namespace({"metadata": {"name": name}})
     return name
+
+
+@pytest.fixture
+def kube(cluster: Cluster, namespace: str) -> Iterator[Kube]:
+    """kloop's client, defaulting to the test's namespace; its connections closed after."""
+    with Kube.connect(KubeConfig(kubeconfig=cluster.kubeconfig, namespace=namespace)) as client:
+        yield client
+
+
+@pytest.fixture
+def admin(cluster: Cluster) -> Iterator[Kube]:
+    """kloop's client with the cluster admin's kubeconfig and no namespace of its own."""
+    with Kube.connect(KubeConfig(kubeconfig=cluster.kubeconfig)) as client:
+        yield client

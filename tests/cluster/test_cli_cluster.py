@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from deploy.cluster.kube import KINDS, Kube, KubeConfig, NotFound
+from deploy.cluster.kube import KINDS, Kube, NotFound
 
 
 def kloop(tmp_path: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -19,13 +19,13 @@ def kloop(tmp_path: Path, *args: str, timeout: float = 120) -> subprocess.Comple
                           check=False, capture_output=True, text=True, timeout=timeout)
 
 
-def test_rollout_get_describe(cluster, namespace, tmp_path) -> None:
+def test_rollout_get_describe(cluster, namespace, kube, tmp_path) -> None:
     kc = ["--kubeconfig", str(cluster.kubeconfig), "-n", namespace]
     out = kloop(tmp_path, "rollout", "digits", "--candidate", "2", "--target", "kserve", *kc,
                 "--steps", "20,100", "--min-requests", "50")
     assert out.returncode == 0, out.stderr
     name = out.stdout.split("rollout.kloop.dev/")[1].split()[0]
-    obj = Kube.connect(KubeConfig(kubeconfig=cluster.kubeconfig, namespace=namespace)).get(KINDS["Rollout"], name)
+    obj = kube.get(KINDS["Rollout"], name)
     assert obj["spec"]["model"] == "digits" and obj["spec"]["candidate"] == "2"
     assert obj["spec"]["policy"]["steps"] == [20, 100]
     listed = kloop(tmp_path, "get", "rollouts", *kc)
@@ -36,9 +36,9 @@ def test_rollout_get_describe(cluster, namespace, tmp_path) -> None:
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
 
 
-def test_train_on_kubernetes_deadline_cancels_and_cancel_deletes(cluster, namespace, tmp_path) -> None:
+def test_train_on_kubernetes_deadline_cancels_and_cancel_deletes(cluster, namespace, kube,
+                                                                 tmp_path) -> None:
     kc = ["--kubeconfig", str(cluster.kubeconfig), "-n", namespace]
-    kube = Kube.connect(KubeConfig(kubeconfig=cluster.kubeconfig, namespace=namespace))
     # Nobody plays the operator here: the job never starts, so the deadline cancels it.
     out = kloop(tmp_path, "train", "--target", "kubernetes", "--pvc", "runs", "--run-id", "r1",
                 "--deadline", "2", *kc)

@@ -77,10 +77,6 @@ def route_weights(admin: k.Kube, namespace: str) -> dict[str, int]:
             for rule in route["spec"]["rules"] for ref in rule["backendRefs"]}
 
 
-@pytest.fixture
-def admin(cluster) -> k.Kube:
-    return k.Kube.connect(k.KubeConfig(kubeconfig=cluster.kubeconfig))
-
 
 @pytest.fixture
 def registry(tmp_path) -> Registry:
@@ -168,12 +164,13 @@ def test_tick_retries_a_conflict_cleanly(cluster, admin, namespace, registry):
 # ---- (b) the controller with exactly the shipped RBAC ---------------------------------------
 
 
-def test_rollout_succeeds_with_only_the_shipped_rbac(cluster, admin, namespace, registry):
+def test_rollout_succeeds_with_only_the_shipped_rbac(cluster, admin, namespace, registry, request):
     apply_all(admin, [o for o in rendered()
                       if o["kind"] in ("Namespace", "ServiceAccount", "ClusterRole",
                                        "ClusterRoleBinding", "Role", "RoleBinding")])
     sa = k.Kube.connect(k.KubeConfig(kubeconfig=cluster.kubeconfig, namespace=namespace,
                                      impersonate=SA, impersonate_group="system:serviceaccounts"))
+    request.addfinalizer(sa.close)
     clock, traffic = FakeClock(), Traffic()
     elector = LeaderElector(sa, "kloop-controller", "kloop-system", "rbac-test", clock)
     backend = KServeBackend(sa, KServeConfig(namespace=namespace), traffic, now=clock.now)

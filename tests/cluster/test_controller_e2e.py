@@ -258,6 +258,14 @@ class Gateway(Loop):
     def served(self, version: str, status: int = 200) -> int:
         return self.answers[version][status]
 
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:  # the keep-alive connections, once the thread that used them is done
+            for conn in self._conns.values():
+                conn.close()
+            self._conns.clear()
+
 
 class Controller:
     """``python -m deploy.cli controller`` as a child process, logging to a file."""
@@ -377,10 +385,14 @@ class World:
         return "\n".join(lines)
 
     def close(self) -> None:
-        for c in self.controllers:
-            c.stop()
-        self.gateway.stop()
-        self.kserve.stop()
+        try:
+            for c in self.controllers:
+                c.stop()
+            self.gateway.stop()
+            self.kserve.stop()
+        finally:
+            for kube in (self.kube, self.kserve.kube, self.gateway.kube):
+                kube.close()
 
 
 @pytest.fixture

@@ -68,10 +68,6 @@ def servers(registry_root, tmp_path_factory) -> Iterator[dict[str, str]]:
             p.stop()
 
 
-@pytest.fixture
-def kube(cluster, namespace) -> Kube:
-    return Kube(cluster.api_client(), namespace)
-
 
 def backend(kube: Kube, registry_root: Path, clock: FakeClock | None = None,
             mode: str = "Standard") -> KServeBackend:

@@ -14,10 +14,6 @@ CM = KINDS["ConfigMap"]
 PTJ = KINDS["PyTorchJob"]
 
 
-@pytest.fixture
-def kube(cluster, namespace) -> Kube:
-    return Kube(cluster.api_client(), namespace)
-
 
 def configmap(name: str, **data: str) -> dict:
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data}
@@ -36,10 +32,11 @@ def pytorchjob(name: str, backoff_limit=3) -> dict:
 
 
 def test_connect_reads_the_kubeconfig(cluster, namespace):
-    k = Kube.connect(KubeConfig(kubeconfig=cluster.kubeconfig, namespace=namespace))
-    assert k.namespace == namespace
-    assert k.create(configmap("c"))["metadata"]["namespace"] == namespace
-    assert Kube.connect(KubeConfig(kubeconfig=cluster.kubeconfig)).namespace == "default"
+    with Kube.connect(KubeConfig(kubeconfig=cluster.kubeconfig, namespace=namespace)) as k:
+        assert k.namespace == namespace
+        assert k.create(configmap("c"))["metadata"]["namespace"] == namespace
+    with Kube.connect(KubeConfig(kubeconfig=cluster.kubeconfig)) as k:
+        assert k.namespace == "default"
 
 
 def test_create_get_and_stale_replace_conflicts(kube):

@@ -9,11 +9,6 @@ from deploy.cluster.leader import LEASE, LeaderElector
 from tests.support.fakes import FakeClock
 
 
-@pytest.fixture
-def kube(cluster, namespace) -> k.Kube:
-    return k.Kube.connect(k.KubeConfig(kubeconfig=cluster.kubeconfig, namespace=namespace))
-
-
 def electors(kube: k.Kube, namespace: str, clock: FakeClock) -> tuple[LeaderElector, LeaderElector]:
     mk = lambda ident: LeaderElector(kube, "kloop-controller", namespace, ident, clock,  # noqa: E731
                                      lease_duration_s=15, renew_s=5)

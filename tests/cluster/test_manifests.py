@@ -35,10 +35,6 @@ def apply_all(kube: k.Kube, objs: list[dict]) -> list[dict]:
     return [kube.apply(o) for o in order]
 
 
-@pytest.fixture
-def admin(cluster) -> k.Kube:
-    return k.Kube.connect(k.KubeConfig(kubeconfig=cluster.kubeconfig))
-
 
 def test_kustomization_renders_what_is_shipped():
     objs = rendered()

@@ -25,10 +25,6 @@ PTJ = KINDS["PyTorchJob"]
 TJ = KINDS["TrainJob"]
 
 
-@pytest.fixture
-def kube(cluster, namespace) -> Kube:
-    return Kube(cluster.api_client(), namespace)
-
 
 def make_spec(root: Path, **changes) -> TrainSpec:
     storage = Storage(pvc_claim="kloop-runs", mount_path=str(root), registry_uri=f"file://{root}/registry")
