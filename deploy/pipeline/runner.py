@@ -180,7 +180,7 @@ class Pipeline:
         self._start(run, gate_step)
 
         def on_event(ro: Rollout, ev: Event) -> None:
-            self.log(run, f"[rollout] {ev.kind}: {ev.message}")
+            self.log(run, f"[rollout] {ev.kind_name}: {ev.message}")
             if ro.gate is not None and gate_step.status == "running":
                 ok = ro.gate.verdict is Verdict.SUCCESSFUL
                 self._finish(run, gate_step, "succeeded" if ok else "failed", "; ".join(ro.gate.reasons))

@@ -1,11 +1,15 @@
-"""The serving fixtures (a plugin of the root conftest) and helpers: a registry holding two versions of a tiny digits-shaped model, and a real server
-(gRPC + HTTP on 127.0.0.1, port 0) running on the test's event loop.
+"""The serving fixtures (a plugin of the root conftest) and helpers.
 
-The trainer is written in parallel, so the artifacts are built here: a module with kloop's
-digits signature (``image`` FP32 [-1,1,8,8] -> ``logits`` FP32 [-1,10], ``label`` INT64 [-1]),
-exported with a dynamic batch dimension and published through ``kloop.artifact.Registry``.
-Exporting costs seconds, so it happens once per session; tests that damage the registry get
-their own copy.
+Fixtures: a registry holding two versions of a tiny digits-shaped model, and a real server (gRPC +
+HTTP on 127.0.0.1, port 0) running on the test's event loop, with clients for it. The artifacts are
+built here, not by the trainer: a module with kloop's digits signature (``image`` FP32 [-1,1,8,8]
+-> ``logits`` FP32 [-1,10], ``label`` INT64 [-1]), exported with a dynamic batch dimension and
+published through ``kloop.artifact.Registry``. Exporting costs seconds, so it happens once per
+session; tests that damage the registry get their own copy.
+
+Helpers: ``wait_for_file`` (a server child's ports file), ``ModelDirServer`` (``python -m serving
+--model-dir`` as a child process), ``infer`` (real HTTP requests), ``split_binary`` (a binary
+HTTP answer's parts).
 """
 
 from __future__ import annotations

@@ -39,6 +39,8 @@ def test_demo_completes_the_loop(demo: tuple[Path, subprocess.CompletedProcess[s
     d, proc = demo
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "no kloop process left running" in proc.stdout
+    # the step log speaks the history's words ("[rollout] wait: ..."), not Python's enum reprs
+    assert "[rollout] wait: " in proc.stdout and "Action." not in proc.stdout
     reg = Registry(d / "registry")
     assert reg.versions("digits") == [1, 2, 3, 4]
     assert reg.aliases("digits") == {"champion": 2}
