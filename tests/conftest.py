@@ -11,8 +11,8 @@ A test's tier is the first folder under tests/ it lives in, and that folder is i
 
 ``scripts/test -m "unit or component"`` is the quick tier. A test file outside the four folders
 is a collection error, so no test goes unmarked. The fixtures the tiers share are plugins under
-tests/support (registered below); ``processes`` / ``session_processes`` are the one way a test
-starts a child process and the one teardown for it.
+tests/support (registered below); ``processes`` is the one way a test starts a child process
+and the one teardown for it (a module- or session-scoped fixture holds a ``Processes`` of its own).
 """
 
 from __future__ import annotations
@@ -50,16 +50,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def processes() -> Iterator[Processes]:
     """Child processes of one test, stopped (SIGTERM to the group, grace, SIGKILL) at its end."""
-    procs = Processes()
-    try:
-        yield procs
-    finally:
-        procs.close()
-
-
-@pytest.fixture(scope="session")
-def session_processes() -> Iterator[Processes]:
-    """Child processes that live for the session (a shared server), stopped at its end."""
     procs = Processes()
     try:
         yield procs

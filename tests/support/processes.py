@@ -4,7 +4,7 @@
 too: torchrun's workers, a server's ``--workers``); ``close`` stops whatever is still running:
 SIGTERM to the process group, a grace period, then SIGKILL, and waits, so no test leaves a
 process behind whatever it asserted. The root conftest offers it as the ``processes`` fixture
-(one per test) and ``session_processes`` (one per session, for session-scoped servers).
+(one per test); a module- or session-scoped fixture holds a ``Processes`` of its own.
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ class Processes:
     def close(self) -> None:
         for proc in reversed(list(self._procs)):
             self.stop(proc)
-        self._procs.clear()
 
 
 def _signal_group(proc: subprocess.Popen[Any], sig: signal.Signals) -> None:
