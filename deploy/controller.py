@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from deploy.ports import BackendError, Clock, Conflict, RolloutBackend, RolloutStore
+from deploy.ports import BackendError, Clock, Conflict, Refused, RolloutBackend, RolloutStore
 from deploy.rollout import (
     Action,
     Applied,
@@ -71,7 +71,8 @@ def tick(
 
 def apply(d: Decision, r: Rollout, backend: RolloutBackend, registry: Registry) -> Applied:
     """Perform the decision's writes. A backend failure is reported, not raised: it counts as
-    "could not act" toward the error limit. Programming errors still raise."""
+    "could not act" toward the outage bound, or ends the phase at once when the server refused
+    it (``Refused``). Programming errors still raise."""
     try:
         match d.action:
             case Action.RUN_GATE:
@@ -87,6 +88,7 @@ def apply(d: Decision, r: Rollout, backend: RolloutBackend, registry: Registry) 
                     backend.ensure_loaded(r.model, r.champion)
                 backend.set_weights(r.model, d.weights or {})
             case Action.PROMOTE:
+                reverify(registry, r.model, r.candidate)
                 backend.promote(r.model, r.candidate)
                 move_champion(registry, r.model, r.candidate)
             case Action.RETIRE:
@@ -96,11 +98,25 @@ def apply(d: Decision, r: Rollout, backend: RolloutBackend, registry: Registry) 
                 backend.rollback(r.model, r.champion, r.candidate)
             case Action.ROLLBACK | Action.ABORT:
                 pass  # first the decision is saved (RollingBack); the writes come next tick
-            case Action.WAIT | Action.NOTHING:
+            case Action.WAIT | Action.GIVE_UP | Action.NOTHING:
                 pass
+    except Refused as e:
+        blame = e.files and e.version == r.candidate
+        return Applied(error=str(e), refused=True, blame=blame)
     except (BackendError, OSError) as e:
         return Applied(error=f"{type(e).__name__}: {e}")
     return Applied()
+
+
+def reverify(registry: Registry, model: str, version: Version) -> None:
+    """Check every file of ``version`` against its recorded sha256 before it becomes the
+    champion: a file changed since the server loaded it would otherwise be promoted, and the
+    next server start would refuse it."""
+    try:
+        registry.verify(model, version)
+    except ArtifactError as e:
+        raise Refused(f"v{version}'s files no longer verify: {e}", version=version,
+                      files=True) from e
 
 
 def _prepare(r: Rollout, backend: RolloutBackend) -> None:
@@ -158,4 +174,5 @@ def run_until_done(
         clock.sleep(interval_s)
 
 
-__all__ = ["RealClock", "apply", "move_champion", "run_gate", "run_until_done", "tick"]
+__all__ = ["RealClock", "apply", "move_champion", "reverify", "run_gate", "run_until_done",
+           "tick"]

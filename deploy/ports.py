@@ -23,7 +23,9 @@ Errors::
     ├── NotFound              no rollout with that id
     └── Conflict              the rollout moved since it was read (generation mismatch)
         └── ActiveRolloutExists   the model already has an active rollout
-    BackendError              a backend read or write failed (the cause chained)
+    BackendError              a backend read or write failed (the cause chained); retried
+    └── Refused               the server refused it, and a retry cannot change that: a
+                              version whose files fail verification, management disabled
 """
 
 from __future__ import annotations
@@ -52,7 +54,20 @@ class ActiveRolloutExists(Conflict):
 
 
 class BackendError(Exception):
-    """A backend write or read failed; the cause (server error, connection error) is chained."""
+    """A backend write or read failed; the cause (server error, connection error) is chained.
+    The controller retries it, within the policy's outage bound."""
+
+
+class Refused(BackendError):
+    """The serving side refused a write for a reason a retry cannot change. ``version`` is the
+    version it concerned (if one) and ``files`` says whether that version's own files are the
+    cause (a hash mismatch, a model file that does not load, a version not in the registry), as
+    opposed to the server's configuration (management disabled, several worker processes)."""
+
+    def __init__(self, message: str, *, version: Version | None = None, files: bool = False):
+        super().__init__(message)
+        self.version = version
+        self.files = files
 
 
 class Clock(Protocol):
@@ -116,7 +131,9 @@ class RolloutBackend(Protocol):
         ...
 
     def rollback(self, model: str, champion: Version | None, candidate: Version) -> None:
-        """Send 100% to ``champion`` (if any) and unload ``candidate``."""
+        """Send 100% to ``champion`` (if any) and unload ``candidate``. Without a champion the
+        candidate stays where it carries traffic: a rollback never leaves a serving model with
+        nothing to serve."""
         ...
 
 
@@ -136,5 +153,5 @@ class MetricsSource(Protocol):
 
 __all__ = [
     "ActiveRolloutExists", "BackendError", "Clock", "Conflict", "MetricsSource", "NotFound",
-    "RolloutBackend", "RolloutStore", "StoreError",
+    "Refused", "RolloutBackend", "RolloutStore", "StoreError",
 ]

@@ -321,6 +321,8 @@ class KServeBackend:
             if champion is not None:
                 self.ensure_loaded(model, champion)
                 self._set_routes(model, {champion: 100})
+            elif self._route_weights(HTTP_ROUTE, model).get(candidate, 0) > 0:
+                return  # a first version that serves: all the model has, it stays
             else:
                 for kind in (HTTP_ROUTE, GRPC_ROUTE):
                     self.kube.delete(kind, model_dns_name(model), self.ns,
@@ -378,6 +380,8 @@ class KServeBackend:
         isvc = self._get(ISVC, name)
         if isvc is None:
             return
+        if champion is None and _spec_version(isvc) == candidate:
+            return  # a first version that serves: all the model has, it stays
         if champion is None:
             self._event(model, candidate, "RolledBack", f"kloop removed {model} v{candidate}")
             self.kube.delete(ISVC, name, self.ns, propagation="Background")

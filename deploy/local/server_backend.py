@@ -7,6 +7,12 @@ lazily and translated into ``BackendError`` with the cause chained.
 
 Every write reads first and does nothing when the world already matches: the controller may
 repeat a write after a crash, and a repeated write must not be a second action.
+
+A refusal a retry cannot change becomes ``deploy.ports.Refused``: 422 (the version's files fail
+verification or do not load) and 404 (no such version) on a load blame that version's files;
+401/403/409 (a wrong token, management disabled, a multi-worker server) blame the server's
+configuration. A connection error, a 5xx or a 400 (the world changed under the write) is a
+plain ``BackendError``, retried within the rollout's outage bound.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
-from deploy.ports import BackendError
+from deploy.ports import BackendError, Refused
 from deploy.rollout import MetricsError, World, normalized, samples_for
 from kloop.model_version import Version
 
@@ -74,7 +80,7 @@ class LocalBackend:
     # ---- writing ------------------------------------------------------------------------
 
     def ensure_loaded(self, model: str, version: Version) -> None:
-        with self._translated(f"load {model} v{version}"):
+        with self._translated(f"load {model} v{version}", version=version, load=True):
             if version not in loaded_versions(self.admin.models(), model):
                 self.admin.load(model, version)
 
@@ -102,7 +108,11 @@ class LocalBackend:
         if champion is not None:
             self.ensure_loaded(model, champion)
             self.set_weights(model, {champion: 100})
-        self._unload(model, candidate)  # without a champion the model simply stops serving
+        else:
+            with self._translated(f"read the traffic of {model}"):
+                if self._traffic(model).get(candidate, 0) > 0:
+                    return  # all the model has: it stays serving rather than go offline
+        self._unload(model, candidate)
 
     def _traffic(self, model: str) -> dict[Version, int]:
         """Actual weights; a model the server does not know (404: nothing loaded yet, e.g.
@@ -119,23 +129,37 @@ class LocalBackend:
             if version in loaded_versions(self.admin.models(), model):
                 self.admin.unload(model, version)
 
-    def _translated(self, what: str) -> _Translate:
-        return _Translate(what, self._errors)
+    def _translated(self, what: str, *, version: Version | None = None,
+                    load: bool = False) -> _Translate:
+        return _Translate(what, self._errors, version, load)
+
+
+# HTTP statuses of the admin API that a retry cannot change, and whether they blame the
+# version's own files (on a load) rather than the server's configuration.
+_FILES = (404, 422)
+_CONFIG = (401, 403, 409)
 
 
 class _Translate:
-    """Turn the admin client's errors into ``BackendError`` (cause chained)."""
+    """Turn the admin client's errors into ``BackendError`` or ``Refused`` (cause chained)."""
 
-    def __init__(self, what: str, errors: tuple[type[BaseException], ...]):
-        self.what, self.errors = what, errors
+    def __init__(self, what: str, errors: tuple[type[BaseException], ...],
+                 version: Version | None, load: bool):
+        self.what, self.errors, self.version, self.load = what, errors, version, load
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, tp: type[BaseException] | None, e: BaseException | None,
                  tb: types.TracebackType | None) -> None:
-        if e is not None and isinstance(e, self.errors) and not isinstance(e, BackendError):
-            raise BackendError(f"{self.what}: {type(e).__name__}: {e}") from e
+        if e is None or not isinstance(e, self.errors) or isinstance(e, BackendError):
+            return
+        status = getattr(e, "status", None)
+        message = f"{self.what}: {type(e).__name__}: {e}"
+        if status in _CONFIG or (self.load and status in _FILES):
+            raise Refused(message, version=self.version,
+                          files=self.load and status in _FILES) from e
+        raise BackendError(message) from e
 
 
 def loaded_versions(models: Any, model: str) -> frozenset[Version]:

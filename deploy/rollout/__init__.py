@@ -12,7 +12,7 @@ quantiles) < ``policy`` (``RolloutPolicy`` with its ``AnalysisPolicy`` and ``Gat
 """
 
 from deploy.rollout.analysis import Analysis, GateResult, Verdict, VersionStats, analyse, gate
-from deploy.rollout.decide import Decision, decide, next_weight, step_weights
+from deploy.rollout.decide import Decision, decide, next_weight, outage_over, step_weights
 from deploy.rollout.policy import KNOBS, AnalysisPolicy, GatePolicy, Knob, RolloutPolicy
 from deploy.rollout.samples import (
     CounterReset,
@@ -24,14 +24,24 @@ from deploy.rollout.samples import (
     quantile,
     samples_for,
 )
-from deploy.rollout.state import WRITE_FAILED, Action, Event, EventKind, Phase, Rollout, new_rollout
-from deploy.rollout.transition import Applied, transition
+from deploy.rollout.state import (
+    WRITE_FAILED,
+    Action,
+    Event,
+    EventKind,
+    Phase,
+    Rollout,
+    champion_for,
+    new_rollout,
+)
+from deploy.rollout.transition import Applied, request_abort, restored_weights, transition
 from deploy.rollout.world import World, normalized
 
 __all__ = [
     "KNOBS", "WRITE_FAILED", "Action", "Analysis", "AnalysisPolicy", "Applied", "CounterReset",
     "Decision", "Event", "EventKind", "GatePolicy", "GateResult", "Knob", "MetricsError", "Phase",
     "Rollout", "RolloutPolicy", "Verdict", "VersionDelta", "VersionSample", "VersionStats",
-    "World", "analyse", "decide", "delta", "gate", "new_rollout", "next_weight", "normalized",
-    "parse", "quantile", "samples_for", "step_weights", "transition",
+    "World", "analyse", "champion_for", "decide", "delta", "gate", "new_rollout", "next_weight",
+    "normalized", "outage_over", "parse", "quantile", "request_abort", "restored_weights",
+    "samples_for", "step_weights", "transition",
 ]

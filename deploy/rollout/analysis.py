@@ -103,7 +103,8 @@ def gate(
             f"- {policy.max_accuracy_drop:.4f} = {limit:.4f}"
         )
     if not reasons:
-        reasons.append("no champion and no min_accuracy: nothing to compare")
+        return GateResult(Verdict.ERROR, ("a first version needs an absolute floor (min_accuracy): "
+                                          "no champion to compare with",))
     return GateResult(Verdict.FAILED if failed else Verdict.SUCCESSFUL, tuple(reasons))
 
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 
 from deploy.rollout.analysis import Analysis, Verdict, analyse
 from deploy.rollout.policy import RolloutPolicy
-from deploy.rollout.state import Action, Phase, Rollout
+from deploy.rollout.state import WRITE_FAILED, Action, Phase, Rollout
 from deploy.rollout.world import World, normalized
 from kloop.model_version import Version
 
@@ -58,16 +58,43 @@ def decide(r: Rollout, world: World, policy: RolloutPolicy, now: float) -> Decis
     """The one thing to do next. Pure: same rollout, world and time give the same decision."""
     if r.phase.terminal:
         return Decision(Action.NOTHING, f"rollout is {r.phase.value}")
+    if r.phase is Phase.ROLLING_BACK:
+        if r.errors and outage_over(r, policy, now):
+            return Decision(Action.GIVE_UP, f"could not restore the champion: {_streak(r, now)}",
+                            verdict=Verdict.ERROR)
+        action = Action.ABORT if r.outcome is Phase.ABORTED else Action.ROLLBACK
+        return Decision(action, f"restoring the champion: {r.reason}")
+    if r.errors and _last_write_failed(r) and outage_over(r, policy, now):
+        if r.phase is Phase.PROMOTING and r.promoted_at is not None:
+            return Decision(Action.GIVE_UP, f"promoted v{r.candidate}; v{r.champion} stays loaded "
+                                            f"at weight 0, retiring it failed: {_streak(r, now)}",
+                            verdict=Verdict.ERROR)
+        return Decision(Action.ABORT, f"could not act: {_streak(r, now)}", verdict=Verdict.ERROR)
     if r.phase is Phase.PENDING:
         return Decision(Action.RUN_GATE, "compare candidate and champion offline")
     if r.phase is Phase.GATING:
         return _after_gate(r, world, policy, now)
-    if r.phase is Phase.ROLLING_BACK:
-        action = Action.ABORT if r.outcome is Phase.ABORTED else Action.ROLLBACK
-        return Decision(action, f"restoring the champion: {r.reason}")
     if r.phase is Phase.PROMOTING:
         return _promoting(r, policy, now)
     return _progressing(r, world, policy, now)
+
+
+def outage_over(r: Rollout, policy: RolloutPolicy, now: float, extra: int = 0) -> bool:
+    """Has the rollout's streak of errors (plus ``extra`` this tick) reached the outage bound:
+    at least ``error_limit`` errors, lasting at least ``outage_tolerance_s`` seconds?"""
+    n = r.errors + extra
+    since = r.errors_since if r.errors and r.errors_since is not None else now
+    return n >= policy.error_limit and now - since >= policy.outage_tolerance_s
+
+
+def _streak(r: Rollout, now: float) -> str:
+    since = r.errors_since if r.errors_since is not None else now
+    last = r.history[-1].message if r.history else "?"
+    return f"{r.errors} errors in a row over {now - since:g}s; last: {last}"
+
+
+def _last_write_failed(r: Rollout) -> bool:
+    return bool(r.history) and r.history[-1].kind == WRITE_FAILED
 
 
 def _after_gate(r: Rollout, world: World, policy: RolloutPolicy, now: float) -> Decision:
@@ -109,17 +136,15 @@ def _awaiting_ready(r: Rollout, world: World, policy: RolloutPolicy, now: float)
 def _promoting(r: Rollout, policy: RolloutPolicy, now: float) -> Decision:
     if r.promoted_at is None:
         return Decision(Action.PROMOTE, f"retrying promotion: {r.reason}")
-    if r.champion is None or now - r.promoted_at >= policy.retire_after_s:
+    if r.champion is None:
+        return Decision(Action.RETIRE, f"promoted v{r.candidate}, the model's first champion")
+    if now - r.promoted_at >= policy.retire_after_s:
         return Decision(Action.RETIRE, f"promoted v{r.candidate}; retiring v{r.champion}")
     return Decision(Action.WAIT, f"keeping v{r.champion} loaded at weight 0 for a fast rollback "
                                  f"({policy.retire_after_s:g}s after promotion)")
 
 
 def _progressing(r: Rollout, world: World, policy: RolloutPolicy, now: float) -> Decision:
-    if r.errors >= policy.error_limit:
-        return Decision(Action.ABORT, f"{r.errors} consecutive errors; last: "
-                                      f"{r.history[-1].message if r.history else '?'}",
-                        verdict=Verdict.ERROR)
     if world.error is not None or world.samples is None:
         return _could_not_measure(r, policy, now, f"cannot read the world: {world.error}")
     actual, expected = normalized(world.weights), normalized(r.weights)
@@ -159,9 +184,10 @@ def _progressing(r: Rollout, world: World, policy: RolloutPolicy, now: float) ->
 
 def _could_not_measure(r: Rollout, policy: RolloutPolicy, now: float, why: str) -> Decision:
     n = r.errors + 1
-    if n >= policy.error_limit:
-        return Decision(Action.ABORT, f"could not measure {n} times in a row: {why}",
-                        verdict=Verdict.ERROR)
+    if outage_over(r, policy, now, extra=1):
+        since = r.errors_since if r.errors and r.errors_since is not None else now
+        return Decision(Action.ABORT, f"could not measure {n} times in a row over "
+                                      f"{now - since:g}s: {why}", verdict=Verdict.ERROR)
     if _timed_out(r, policy, now):
         return Decision(Action.ABORT, f"step timed out; last: {why}", verdict=Verdict.ERROR)
     return Decision(Action.WAIT, f"could not measure ({n}/{policy.error_limit}): {why}",

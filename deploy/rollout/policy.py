@@ -69,12 +69,16 @@ class GatePolicy:
 
     max_accuracy_drop: absolute accuracy (0..1) the candidate may lose against the champion;
       0.01 tolerates evaluation noise on a few thousand held-out examples.
-    min_accuracy: an absolute floor (0..1), the only check for a model's first version.
+    min_accuracy: an absolute floor (0..1) every candidate must reach; for a model's first
+      version (no champion to compare with) it is the only check, so a first version is never
+      promoted unjudged. 0.5 refuses a model that gets half its held-out examples wrong (a
+      shuffled-label digits model scores about 0.1). ``None`` turns the floor off; a first version is then refused
+      by the gate (an error: nothing to judge it by).
     metric: the manifest metric compared (higher is better).
     """
 
     max_accuracy_drop: float = 0.01
-    min_accuracy: float | None = None
+    min_accuracy: float | None = 0.5
     metric: str = "accuracy"
 
     def __post_init__(self) -> None:
@@ -100,7 +104,12 @@ class RolloutPolicy:
     Limits (Flagger's threshold semantics):
       failure_limit: failed analyses (counted over the whole rollout) that roll back; at 2, one
         bad window opens a fresh window and a second one rolls back.
-      error_limit: consecutive "could not measure" verdicts before the rollout aborts.
+      error_limit and outage_tolerance_s: how long the controller may be unable to act
+        ("could not measure", the server unreachable, a write that failed) before it gives up:
+        a streak of errors ends the phase once it holds at least ``error_limit`` errors AND has
+        lasted ``outage_tolerance_s`` seconds, so the bound is in seconds whatever the tick
+        interval, and one slow tick is not an outage. Giving up aborts (the champion is
+        restored); a rollback that cannot complete within the same bound ends NeedsAttention.
     Readiness (before the first step):
       ready_timeout_s: seconds the candidate may take to become ready after the gate passed
         (pull an image, download the model, start a pod); 600 covers a cold node pulling a
@@ -116,6 +125,7 @@ class RolloutPolicy:
     step_timeout_s: float = 900.0
     failure_limit: int = 2
     error_limit: int = 5
+    outage_tolerance_s: float = 30.0
     retire_after_s: float = 60.0
     ready_timeout_s: float = 600.0
     analysis: AnalysisPolicy = dataclasses.field(default_factory=AnalysisPolicy)
@@ -128,7 +138,7 @@ class RolloutPolicy:
             raise ValueError(f"steps {s} must end at 100: the last step's analysis promotes")
         if s[0] <= 0 or any(b <= a for a, b in itertools.pairwise(s)):
             raise ValueError(f"steps {s} must be strictly increasing percents in 1..100")
-        for name in ("retire_after_s", "ready_timeout_s"):
+        for name in ("retire_after_s", "ready_timeout_s", "outage_tolerance_s", "step_timeout_s"):
             _non_negative(name, getattr(self, name))
         if not self.ready_timeout_s > 0:
             raise ValueError(f"ready_timeout_s must be > 0, got {self.ready_timeout_s}")
@@ -205,7 +215,10 @@ KNOBS: tuple[Knob, ...] = (
     Knob("max_p99_ratio", "analysis", "accepted candidate p99 relative to the champion's"),
     Knob("p99_slack_ms", "analysis", "absolute p99 slack in milliseconds"),
     Knob("failure_limit", "rollout", "failed analyses that roll back"),
-    Knob("error_limit", "rollout", "consecutive 'could not measure' verdicts that abort"),
+    Knob("error_limit", "rollout", "consecutive errors (could not measure or act) before giving "
+                                   "up, together with outage_tolerance_s"),
+    Knob("outage_tolerance_s", "rollout", "seconds a streak of errors (server unreachable, "
+                                          "failed writes) may last before giving up"),
     Knob("max_accuracy_drop", "gate", "gate: accuracy the candidate may lose vs the champion"),
     Knob("min_accuracy", "gate", "gate: absolute minimum accuracy"),
     Knob("gate_metric", "gate", "gate: the manifest metric compared (higher is better)",

@@ -3,15 +3,27 @@
 A rollout is a persisted state machine (see ``Phase``)::
 
     Pending --run gate--> Gating --gate ok, candidate ready--> Progressing (step 0 .. n-1)
-        --last step ok--> Promoting --old champion retired--> Succeeded
-    Gating --gate failed--> RolledBack            (before any traffic)
-    Gating --candidate FailedToLoad | not ready after ready_timeout_s--> RolledBack
+        --last step ok--> Promoting --candidate re-verified, alias moved, old champion
+        retired--> Succeeded
+    Gating --gate failed | candidate refused or FailedToLoad | not ready in time--> RollingBack
+        --> RolledBack
     Gating --gate error--> Aborted                (e.g. evaluated on different data)
     Progressing --failed checks reach failure_limit--> RollingBack --> RolledBack
-    Progressing --errors reach error_limit | step timeout--> RollingBack --> Aborted
+    Progressing --outage | step timeout | user abort--> RollingBack --> Aborted
+    RollingBack --writes refused, or failing for the outage bound--> NeedsAttention
+
+Every phase is bounded: Pending and Promoting by the outage bound (``error_limit`` errors
+lasting ``outage_tolerance_s``), Gating by ``ready_timeout_s``, each step by
+``step_timeout_s``, RollingBack by the outage bound, after which it ends NeedsAttention
+instead of retrying forever. A load or write the server *refuses* (a hash mismatch, management
+disabled) is not retried at all.
 
 ``RollingBack`` is where a decided rollback/abort waits while its write has not succeeded;
-``RolledBack`` blames the candidate, ``Aborted`` does not (the controller could not measure).
+``RolledBack`` blames the candidate, ``Aborted`` does not (the controller could not measure,
+or a user aborted); both mean "traffic restored". ``NeedsAttention`` means the restore could
+not be confirmed: the reason says what was last seen. A server that restarts loads the
+champion alias, which a rollback never moved. Every terminal phase frees the model for its
+next rollout.
 
 ``to_dict``/``from_dict`` give the document stores keep (SQLite, a custom resource's status):
 plain JSON, versions as text (the wire's habit), read back into ``Version`` numbers.
@@ -39,10 +51,11 @@ class Phase(enum.Enum):
     ROLLING_BACK = "RollingBack"
     ROLLED_BACK = "RolledBack"
     ABORTED = "Aborted"
+    NEEDS_ATTENTION = "NeedsAttention"
 
     @property
     def terminal(self) -> bool:
-        return self in (Phase.SUCCEEDED, Phase.ROLLED_BACK, Phase.ABORTED)
+        return self in (Phase.SUCCEEDED, Phase.ROLLED_BACK, Phase.ABORTED, Phase.NEEDS_ATTENTION)
 
 
 class Action(enum.Enum):
@@ -56,6 +69,7 @@ class Action(enum.Enum):
     RETIRE = "retire"  # unload the old champion; the rollout succeeded
     ROLLBACK = "rollback"  # 100% to the champion, candidate unloaded; candidate blamed
     ABORT = "abort"  # same writes as rollback; candidate not blamed
+    GIVE_UP = "give_up"  # stop retrying a write: RollingBack -> NeedsAttention, or a retire
     NOTHING = "nothing"  # terminal phase (never recorded)
 
 
@@ -112,6 +126,7 @@ class Rollout:
     baseline: Mapping[Version, VersionSample] = dataclasses.field(default_factory=dict)
     failed: int = 0  # failed analyses in this rollout
     errors: int = 0  # consecutive error verdicts / failed writes
+    errors_since: float | None = None  # when that streak began (the outage bound runs from it)
     gate: GateResult | None = None
     champion_reference: VersionStats | None = None
     promoted_at: float | None = None
@@ -135,7 +150,7 @@ class Rollout:
             "phase": self.phase.value, "step": self.step, "weights": _weights_out(self.weights),
             "step_started_at": self.step_started_at, "window_started_at": self.window_started_at,
             "baseline": {str(v): s.to_dict() for v, s in self.baseline.items()},
-            "failed": self.failed, "errors": self.errors,
+            "failed": self.failed, "errors": self.errors, "errors_since": self.errors_since,
             "gate": self.gate.to_dict() if self.gate else None,
             "champion_reference": (
                 self.champion_reference.to_dict() if self.champion_reference else None
@@ -156,7 +171,7 @@ class Rollout:
             step_started_at=d["step_started_at"], window_started_at=d["window_started_at"],
             baseline={parse_version(v): VersionSample.from_dict(s)
                       for v, s in d["baseline"].items()},
-            failed=d["failed"], errors=d["errors"],
+            failed=d["failed"], errors=d["errors"], errors_since=d.get("errors_since"),
             gate=GateResult.from_dict(d["gate"]) if d["gate"] else None,
             champion_reference=(
                 VersionStats.from_dict(d["champion_reference"]) if d["champion_reference"] else None
@@ -167,6 +182,26 @@ class Rollout:
             history=tuple(Event.from_dict(e) for e in d["history"]),
             generation=generation,
         )
+
+
+def champion_for(model: str, candidate: Version, alias: Version | None,
+                 served: Mapping[Version, int]) -> Version | None:
+    """Whom the candidate is judged against and falls back to: the ``champion`` alias; without
+    one, the version that serves today (``served``: the server's weights for the model), so a
+    registry that never set the alias still gates and canaries against what users get. ``None``
+    for a first version (nothing serves, or only the candidate does). A split between several
+    versions with no alias names no champion: refused with ``ValueError``."""
+    if alias is not None:
+        return alias
+    serving = sorted(v for v, w in served.items() if int(w) > 0)
+    if not serving or serving == [candidate]:
+        return None
+    if len(serving) == 1:
+        return serving[0]
+    split = ", ".join(f"v{v} {served[v]}%" for v in serving)
+    raise ValueError(f"{model} has no champion alias and its traffic is split ({split}): "
+                     "there is no one version to judge the candidate against; finish or abort "
+                     "that split, or set the alias")
 
 
 def new_rollout(

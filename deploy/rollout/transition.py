@@ -14,24 +14,64 @@ from kloop.model_version import Version
 
 @dataclasses.dataclass(frozen=True)
 class Applied:
-    """What applying a decision did: ``error`` when a write failed; ``gate`` for RUN_GATE."""
+    """What applying a decision did: ``error`` when a write failed; ``gate`` for RUN_GATE.
+
+    ``refused``: the server answered the write with a refusal that a retry cannot change (a
+    version whose files fail verification, management disabled); ``blame`` says whether the
+    candidate's own files are the cause (then the rollout rolls back, else it aborts).
+    """
 
     error: str | None = None
     gate: GateResult | None = None
+    refused: bool = False
+    blame: bool = False
 
 
 def transition(r: Rollout, d: Decision, world: World, applied: Applied, now: float) -> Rollout:
     """The rollout after ``d`` was applied (or failed to apply) at ``now``. Pure."""
     if d.action is Action.NOTHING:
         return r
+    return _streak(r, _transition(r, d, world, applied, now), now)
+
+
+def request_abort(r: Rollout, reason: str, now: float) -> Rollout:
+    """A user's abort (``kloop rollout abort``): the decision is recorded as RollingBack with
+    outcome Aborted; the next tick restores the champion. Raises ``ValueError`` where there is
+    nothing to abort (a terminal rollout, or one whose promotion already moved the alias)."""
+    if r.phase.terminal:
+        raise ValueError(f"rollout {r.id} already ended: {r.phase.value} {r.reason}".rstrip())
+    if r.phase is Phase.PROMOTING and r.promoted_at is not None:
+        raise ValueError(f"rollout {r.id} already promoted v{r.candidate} (the champion alias "
+                         f"moved); it is only waiting to retire v{r.champion}")
+    if r.phase is Phase.ROLLING_BACK:
+        return r
+    r = dataclasses.replace(r, phase=Phase.ROLLING_BACK, outcome=Phase.ABORTED, reason=reason,
+                            errors=0, errors_since=None, updated=now)
+    return _log(r, now, Action.ABORT, reason, None)
+
+
+def _streak(before: Rollout, after: Rollout, now: float) -> Rollout:
+    """Keep ``errors_since`` with ``errors``: set when a streak starts, cleared when it ends."""
+    if after.errors == 0:
+        since = None
+    elif before.errors == 0 or after.errors_since is None:
+        since = now
+    else:
+        since = after.errors_since
+    return after if since == after.errors_since else dataclasses.replace(after, errors_since=since)
+
+
+def _transition(r: Rollout, d: Decision, world: World, applied: Applied, now: float) -> Rollout:
     if applied.error is not None:
+        if applied.refused:
+            return _refused(r, d, applied, now)
         return _write_failed(r, d, applied.error, now)
     r = dataclasses.replace(r, updated=now)
     match d.action:
         case Action.RUN_GATE:
             passed = applied.gate is not None and applied.gate.verdict in (
                 Verdict.SUCCESSFUL, Verdict.INCONCLUSIVE)
-            r = dataclasses.replace(r, phase=Phase.GATING, gate=applied.gate,
+            r = dataclasses.replace(r, phase=Phase.GATING, gate=applied.gate, errors=0,
                                     preparing_since=now if passed else r.preparing_since)
             message = "; ".join(applied.gate.reasons) if applied.gate else d.reason
             verdict = applied.gate.verdict if applied.gate else None
@@ -54,21 +94,54 @@ def transition(r: Rollout, d: Decision, world: World, applied: Applied, now: flo
                                     weights={r.candidate: 100}, reason=d.reason)
         case Action.RETIRE:
             r = dataclasses.replace(r, phase=Phase.SUCCEEDED, reason=d.reason)
+        case Action.GIVE_UP if r.phase is Phase.ROLLING_BACK:
+            r = dataclasses.replace(r, phase=Phase.NEEDS_ATTENTION, reason=d.reason)
+        case Action.GIVE_UP:  # promoted; the old champion could not be retired
+            r = dataclasses.replace(r, phase=Phase.SUCCEEDED, reason=d.reason)
         case Action.ROLLBACK | Action.ABORT if r.phase is not Phase.ROLLING_BACK:
             # Two phases: the decision is saved before anything is written, so a controller
             # that dies after the writes finds "RollingBack" and finishes it -- it never
             # mistakes the restored champion weights for drift and re-routes to the candidate.
             outcome = Phase.ABORTED if d.action is Action.ABORT else Phase.ROLLED_BACK
             r = dataclasses.replace(
-                r, phase=Phase.ROLLING_BACK, outcome=outcome, reason=d.reason,
+                r, phase=Phase.ROLLING_BACK, outcome=outcome, reason=d.reason, errors=0,
                 failed=r.failed + (d.verdict is Verdict.FAILED and r.phase is Phase.PROGRESSING),
             )
         case Action.ROLLBACK | Action.ABORT:
-            r = dataclasses.replace(
-                r, phase=r.outcome or Phase.ROLLED_BACK,
-                weights={r.champion: 100} if r.champion is not None else {},
-            )
+            weights = restored_weights(r, world)
+            r = dataclasses.replace(r, phase=r.outcome or Phase.ROLLED_BACK, weights=weights,
+                                    errors=0)
+            split = ", ".join(f"v{v} {w}%" for v, w in sorted(weights.items())) or "nothing"
+            return _log(r, now, d.action, f"traffic restored ({split}): {r.reason}", d.verdict)
     return _log(r, now, d.action, d.reason, d.verdict)
+
+
+def restored_weights(r: Rollout, world: World) -> dict[Version, int]:
+    """What serves once a rollback's writes are done: the champion at 100 %; without one the
+    candidate stays where it carries traffic (it is all the model has: a rollback never takes
+    a serving model offline), else nothing of this model serves."""
+    if r.champion is not None:
+        return {r.champion: 100}
+    return {r.candidate: 100} if world.weights.get(r.candidate, 0) > 0 else {}
+
+
+def _refused(r: Rollout, d: Decision, applied: Applied, now: float) -> Rollout:
+    """The server refused a write in a way a retry cannot change: end the phase now."""
+    error = applied.error or "refused"
+    r = dataclasses.replace(r, updated=now, errors=0)
+    if r.phase is Phase.ROLLING_BACK:
+        r = dataclasses.replace(r, phase=Phase.NEEDS_ATTENTION,
+                                reason=f"could not restore the champion: {error}")
+    elif r.phase is Phase.PROMOTING and r.promoted_at is not None:
+        r = dataclasses.replace(r, phase=Phase.SUCCEEDED,
+                                reason=f"promoted v{r.candidate}; v{r.champion} stays loaded: "
+                                       f"retiring it was refused: {error}")
+    else:
+        outcome = Phase.ROLLED_BACK if applied.blame else Phase.ABORTED
+        what = f"v{r.candidate} cannot be loaded" if applied.blame else f"{d.action.value} refused"
+        r = dataclasses.replace(r, phase=Phase.ROLLING_BACK, outcome=outcome,
+                                reason=f"{what}: {error}")
+    return _log(r, now, WRITE_FAILED, f"{d.action.value} refused: {error}", Verdict.ERROR)
 
 
 def _waited(r: Rollout, d: Decision, world: World, now: float) -> Rollout:

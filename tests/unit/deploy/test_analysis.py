@@ -29,8 +29,11 @@ P = GatePolicy(max_accuracy_drop=0.01)
         (M({}), M({"accuracy": 0.95}), P, Verdict.ERROR, "candidate has no numeric"),
         (M({"accuracy": 0.9}), M({"loss": 1.0}), P, Verdict.ERROR, "champion has no numeric"),
         (M({"accuracy": "high"}), None, P, Verdict.ERROR, "candidate has no numeric"),
-        # no champion: only the absolute floor applies
-        (M({"accuracy": 0.5}), None, P, Verdict.SUCCESSFUL, "nothing to compare"),
+        # no champion: only the absolute floor applies (0.5 by default), and one is needed
+        (M({"accuracy": 0.5}), None, P, Verdict.SUCCESSFUL, ">= minimum 0.5000"),
+        (M({"accuracy": 0.1}), None, P, Verdict.FAILED, "< minimum 0.5000"),
+        (M({"accuracy": 0.9}), None, GatePolicy(min_accuracy=None), Verdict.ERROR,
+         "a first version needs an absolute floor"),
         (M({"accuracy": 0.5}), None, GatePolicy(min_accuracy=0.8), Verdict.FAILED, "minimum"),
         (M({"accuracy": 0.85}), None, GatePolicy(min_accuracy=0.8), Verdict.SUCCESSFUL, "minimum"),
         # both checks apply with a champion

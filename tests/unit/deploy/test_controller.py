@@ -13,6 +13,7 @@ from kloop.artifact import Registry
 from tests.support.fakes import AdminError, FakeAdmin, FakeClock, publish
 
 POLICY = RolloutPolicy(steps=(10, 50, 100), step_timeout_s=600, failure_limit=1, error_limit=3,
+                       outage_tolerance_s=20,
                        retire_after_s=30,
                        analysis=AnalysisPolicy(min_requests=50, min_duration_s=60))
 

@@ -133,9 +133,16 @@ def test_gating(verdict, action, says):
         (ro(), world(cand=GOOD, champ=CHAMP), 59, Action.WAIT, Verdict.INCONCLUSIVE, "59/60 s"),
         # metrics unreachable: error verdict, waits under the limit
         (ro(), world(error="connection refused"), 60, Action.WAIT, Verdict.ERROR, "1/3"),
-        # error limit reached: abort, never a rollback
-        (ro(errors=2), world(error="connection refused"), 60, Action.ABORT, Verdict.ERROR,
-         "3 times"),
+        # error limit reached and the streak lasted outage_tolerance_s: abort, never a rollback
+        (ro(errors=2, errors_since=10), world(error="connection refused"), 60, Action.ABORT,
+         Verdict.ERROR, "3 times in a row over 50s"),
+        # as many errors, but within outage_tolerance_s (30 s): still waiting, whatever the
+        # tick interval
+        (ro(errors=2, errors_since=40), world(error="connection refused"), 60, Action.WAIT,
+         Verdict.ERROR, "3/3"),
+        # a streak long enough in seconds but with too few errors (one slow tick): waiting
+        (ro(errors=1, errors_since=0), world(error="connection refused"), 60, Action.WAIT,
+         Verdict.ERROR, "2/3"),
         # counter reset: error, not failed
         (ro(baseline={2: sample(5000), 1: ZERO}), world(cand=GOOD, champ=CHAMP), 60,
          Action.WAIT, Verdict.ERROR, "restarted"),
@@ -165,12 +172,14 @@ def test_decide_steps_and_adoption_carry_weights():
 
 def test_error_never_counts_as_failed():
     r = ro(failed=1)  # one more failure would roll back
-    for _ in range(4):
-        d = decide(r, world(error="down"), POLICY, 60)
+    for i in range(4):
+        now = 60 + 15 * i
+        d = decide(r, world(error="down"), POLICY, now)
         assert d.action is not Action.ROLLBACK
-        r = transition(r, d, world(error="down"), Applied(), 60)
+        r = transition(r, d, world(error="down"), Applied(), now)
         assert r.failed == 1
     assert r.phase is Phase.ABORTED and r.outcome is Phase.ABORTED
+    assert "traffic restored (v1 100%)" in r.history[-1].message
 
 
 def test_promoting_keeps_old_champion_then_retires():
