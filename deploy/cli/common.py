@@ -69,8 +69,13 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
 
 def policy(args: argparse.Namespace) -> RolloutPolicy:
     """The policy the flags describe: the defaults, changed where a flag was given."""
+    return RolloutPolicy.from_dict(given_policy(args))
+
+
+def given_policy(args: argparse.Namespace) -> dict[str, Any]:
+    """The policy settings given as flags on this command line, by persisted key."""
     given = {knob.name: getattr(args, _dest(knob)) for knob in KNOBS}
-    return RolloutPolicy.from_dict({k: v for k, v in given.items() if v is not None})
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in given.items() if v is not None}
 
 
 def _dest(knob: Knob) -> str:

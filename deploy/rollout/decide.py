@@ -129,8 +129,10 @@ def _awaiting_ready(r: Rollout, world: World, policy: RolloutPolicy, now: float)
         return Decision(Action.ROLLBACK, f"candidate never became ready: v{v} not ready "
                                          f"{waited:g}s after it was deployed (ready_timeout_s "
                                          f"{policy.ready_timeout_s:g})", verdict=Verdict.FAILED)
-    return Decision(Action.WAIT, f"waiting for v{v} to become ready "
-                                 f"({waited:g}s of {policy.ready_timeout_s:g}s)")
+    # PREPARE again (idempotent) rather than only wait: a server that restarted meanwhile has
+    # forgotten the load, and would otherwise make a good candidate time out.
+    return Decision(Action.PREPARE, f"waiting for v{v} to become ready "
+                                    f"({waited:g}s of {policy.ready_timeout_s:g}s)")
 
 
 def _promoting(r: Rollout, policy: RolloutPolicy, now: float) -> Decision:

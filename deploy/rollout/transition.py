@@ -85,8 +85,9 @@ def _transition(r: Rollout, d: Decision, world: World, applied: Applied, now: fl
                 window_started_at=now, baseline=_baseline(r, world, now),
                 champion_reference=_reference(r, d.analysis),
             )
-        case Action.PREPARE:
-            r = dataclasses.replace(r, preparing_since=now, errors=0)
+        case Action.PREPARE:  # the readiness deadline runs from the first one
+            since = r.preparing_since if r.preparing_since is not None else now
+            r = dataclasses.replace(r, preparing_since=since, errors=0)
         case Action.WAIT:
             r = _waited(r, d, world, now)
         case Action.PROMOTE:
@@ -190,7 +191,8 @@ def _log(r: Rollout, now: float, kind: EventKind, message: str,
          verdict: Verdict | None) -> Rollout:
     event = Event(at=now, kind=kind, message=message, verdict=verdict, weights=dict(r.weights))
     last = r.history[-1] if r.history else None
-    if kind is Action.WAIT and last is not None and last.kind is kind and last.verdict is verdict:
+    if (kind in (Action.WAIT, Action.PREPARE) and last is not None and last.kind is kind
+            and last.verdict is verdict):
         event = dataclasses.replace(event, count=last.count + 1)
         return dataclasses.replace(r, history=r.history[:-1] + (event,))
     return dataclasses.replace(r, history=r.history + (event,))

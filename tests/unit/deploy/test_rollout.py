@@ -304,7 +304,7 @@ def not_ready(failed=None):
         # not ready, never asked to load (e.g. the gate's load failed): prepare
         (gated(), not_ready(), 0, Action.PREPARE, "loading v2"),
         # asked, still loading: wait, saying how long
-        (gated(preparing_since=0.0), not_ready(), 30, Action.WAIT, "30s of 600s"),
+        (gated(preparing_since=0.0), not_ready(), 30, Action.PREPARE, "30s of 600s"),
         # deadline over: roll back, blaming the candidate
         (gated(preparing_since=0.0), not_ready(), 600, Action.ROLLBACK,
          "candidate never became ready: v2 not ready 600s"),
@@ -325,10 +325,11 @@ def test_candidate_readiness(r, w, now, action, says):
 
 
 def test_no_traffic_to_a_candidate_that_is_not_ready():
-    """Whatever the time, the first SET_WEIGHTS comes only once the candidate is loaded."""
+    """Whatever the time, the first SET_WEIGHTS comes only once the candidate is loaded; until
+    then the load is asked for again (idempotent: a restarted server forgot it)."""
     r = gated(preparing_since=0.0)
     for now in (0, 10, 100, 599):
-        assert decide(r, not_ready(), POLICY, now).action is Action.WAIT
+        assert decide(r, not_ready(), POLICY, now).action is Action.PREPARE
 
 
 def test_passing_gate_starts_the_ready_clock_and_failing_gate_does_not():
@@ -346,7 +347,8 @@ def test_prepare_then_wait_then_rollback_on_deadline():
     assert (r.phase, r.preparing_since, r.history[-1].kind_name) == (Phase.GATING, 0, "prepare")
     for now in (10, 20):
         r = transition(r, decide(r, not_ready(), POLICY, now), not_ready(), Applied(), now)
-    assert r.history[-1].kind_name == "wait" and r.history[-1].count == 2  # coalesced
+    assert r.history[-1].kind_name == "prepare" and r.history[-1].count == 3  # coalesced
+    assert r.preparing_since == 0  # the deadline runs from the first load
     for now in (600, 601):
         d = decide(r, not_ready(), POLICY, now)
         r = transition(r, d, not_ready(), Applied(), now)
