@@ -12,6 +12,17 @@ InferenceServices, not the pod).
 Lifecycle: load each model's ``champion`` version (else its latest) with all its traffic; start
 both listeners; write the ports file (tests and the CLI bind port 0 and read it back).
 
+A registry version that is refused at start (its files fail verification, its model file does
+not load) does not keep the server down: the error is logged, the newest *older* version that
+loads is served instead (a WARNING says so), and the refusal is reported (``/admin/models``'s
+``rejected``, the repository index's ``UNAVAILABLE`` with the reason). Older only: versions newer
+than the champion were never promoted or were rolled back, and serving one of them to all
+traffic would be a silent wrong answer rather than a loud fallback. A model none of whose
+versions loads is not served; the others are, and readiness then waits only for the models
+that loaded (waiting for the missing one would keep every model out of a balancer's rotation,
+the outage the fallback avoids). ``model_dir`` has no fallback: a pod with a bad artifact
+refuses to start, so that its rollout fails loudly.
+
 Stop (SIGTERM/SIGINT under ``serve``), so that no admitted request is lost:
 
 1. not ready (health 503 / ``ready: false``) and new inference refused cleanly with
@@ -20,7 +31,8 @@ Stop (SIGTERM/SIGINT under ``serve``), so that no admitted request is lost:
 2. every admitted request, queued in a batcher or executing, finishes (``grace_seconds`` at
    most);
 3. the listeners close (gRPC with a short grace for responses still being written), HTTP
-   connections close, the batchers and worker threads stop, the ports file goes.
+   connections close, the batchers and worker threads stop, the ports file goes (if it still
+   records this process: a server never deletes another's).
 """
 
 from __future__ import annotations
@@ -52,6 +64,7 @@ from serving.grpc import native, servicer
 from serving.grpc.native.server import NativeGrpcServer
 from serving.http import admin_routes, routes
 from serving.metrics import INFLIGHT_REFRESH_S, ServerMetrics
+from serving.workers import remove_ports_file
 
 log = logging.getLogger(__name__)
 # Who speaks gRPC: "native" (gRPC's C++ server moves the bytes, serving.grpc.native.server),
@@ -237,7 +250,7 @@ class Server:
         await self.dataplane.aclose()
         await self.management.aclose()
         if self.config.ports_file:
-            self.config.ports_file.unlink(missing_ok=True)
+            remove_ports_file(self.config.ports_file)
 
     async def _refresh_metrics(self) -> None:
         """A worker of a group writes its in-flight count for the others' scrapes."""
@@ -249,14 +262,38 @@ class Server:
         if self.config.model_dir is not None:
             await self._load_model_dir(self.config.model_dir)
             return
+        served = [name for name in self.initial_models if await self._load_initial(name)]
+        self.dataplane.expect_models(served)  # not the ones that failed (module docstring)
+
+    async def _load_initial(self, name: str) -> bool:
+        """Load ``name``'s champion (else its latest version), or the newest older version that
+        loads if that one is refused; False when none loads (module docstring)."""
         assert self.registry is not None  # ServerConfig: exactly one of the two
-        for name in self.initial_models:
-            versions = self.registry.versions(name)
-            if not versions:
-                raise ModelNotFound(f"model {name!r} has no versions in {self.registry.root}")
-            version = self.registry.alias(name, "champion") or versions[-1]
-            await self.management.load(name, version)
-            log.info("loaded %s v%d", name, version)
+        versions = self.registry.versions(name)
+        if not versions:
+            raise ModelNotFound(f"model {name!r} has no versions in {self.registry.root}")
+        try:
+            champion = self.registry.alias(name, "champion")
+        except ArtifactError as e:
+            log.error("%s: cannot read its champion alias (%s): starting from its latest version",
+                      name, e)
+            champion = None
+        wanted = champion or versions[-1]
+        role = "the champion" if champion else "the latest version"
+        for version in [wanted, *(v for v in reversed(versions) if v < wanted)]:
+            try:
+                await self.management.load(name, version)
+            except (ArtifactRejected, ModelNotFound) as e:
+                log.error("not serving %s v%d: %s", name, version, e)
+                continue
+            if version == wanted:
+                log.info("loaded %s v%d", name, version)
+            else:
+                log.warning("serving %s v%d instead of %s v%d", name, version, role, wanted)
+            return True
+        log.error("no version of %s up to v%d loads: %s is not served (the other models are)",
+                  name, wanted, name)
+        return False
 
     async def _load_model_dir(self, path: Path) -> None:
         try:

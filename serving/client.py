@@ -251,6 +251,13 @@ class AdminClient:
     def models(self) -> dict[str, Any]:
         return dict(self._json("GET", "/admin/models")["models"])
 
+    def rejected(self) -> dict[str, dict[Version, str]]:
+        """Versions the server refused to load (failed verification, a model file that does
+        not load) and has not loaded since, with the reason, per model."""
+        body = self._json("GET", "/admin/models").get("rejected", {})
+        return {m: {parse_version(v): str(why) for v, why in vs.items()}
+                for m, vs in body.items()}
+
     def load(self, model: str, version: Version) -> None:
         self._json("POST", f"/admin/models/{model}/versions/{version}/load")
 

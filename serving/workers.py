@@ -21,7 +21,8 @@ workers. What that implies, and why it is a choice rather than the default:
 
 The supervisor (this module) starts the workers, writes the ports file once all of them
 serve, forwards SIGTERM/SIGINT (each drains its in-flight requests), and stops the others
-when one dies.
+when one dies. The workers inherit its environment, the admin token (``KLOOP_ADMIN_TOKEN``)
+included: they re-run its command line, where a token must never be (``ps`` shows it).
 """
 
 from __future__ import annotations
@@ -44,6 +45,17 @@ from kloop.fsutil import atomic_write_bytes
 log = logging.getLogger(__name__)
 POLL_S = 0.1  # how often the supervisor looks at its workers
 KILL_AFTER_S = 10.0  # past the grace period, a worker still running is killed
+
+
+def remove_ports_file(path: Path) -> None:
+    """Delete the ports file ``path`` if it records this process (its ``pid``): a server never
+    deletes the record of another that wrote the same file since."""
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):  # gone, or not a ports file: nothing of ours
+        return
+    if isinstance(recorded, dict) and recorded.get("pid") == os.getpid():
+        path.unlink(missing_ok=True)
 
 
 def own_command() -> list[str]:
@@ -86,7 +98,7 @@ def supervise(workers: int, ports_file: Path | None, grace_seconds: float) -> in
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if ports_file is not None:
-            ports_file.unlink(missing_ok=True)
+            remove_ports_file(ports_file)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

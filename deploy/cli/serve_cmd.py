@@ -1,14 +1,25 @@
 """``kloop serve``: the model server (``serving.cli``) on the home's registry, recording its
 ports in ``<home>/server.json`` and its admin token in ``<home>/admin-token`` so the other
-commands find it."""
+commands find it.
+
+One server per home: while it writes the home's ``server.json`` it holds the home's lock
+(``deploy.local.server_process.HomeLock``); a second ``kloop serve`` on the same home exits 2
+without touching the first's record. The lock is taken after ``serving.openmp``'s re-exec (the
+exec would close its descriptor, opened close-on-exec) and lasts as long as the process.
+
+The home's token reaches the server through ``KLOOP_ADMIN_TOKEN`` in this process's environment,
+not through ``--admin-token``: the workers of ``--workers N`` re-run this command line and inherit
+the environment, and a token on a command line is what ``ps`` shows everyone.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from deploy.cli import common
-from deploy.local.server_process import SERVER_FILE, ensure_token
+from deploy.local.server_process import SERVER_FILE, HomeBusy, HomeLock, ensure_token
 from serving.cli import TOKEN_ENV
 
 
@@ -24,6 +35,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from serving import cli as serving_cli
+    from serving import openmp
 
     h = common.home(args)
     if args.registry == common.HOME_REGISTRY:
@@ -31,5 +43,14 @@ def run(args: argparse.Namespace) -> int:
     if args.ports_file is None:
         args.ports_file = h.root / SERVER_FILE
         if args.admin_token is None and not os.environ.get(TOKEN_ENV):
-            args.admin_token = ensure_token(h.root)
-    return serving_cli.run(args)
+            os.environ[TOKEN_ENV] = ensure_token(h.root)  # inherited by workers (module doc)
+    if args.ports_file.resolve() != h.root / SERVER_FILE:  # a worker, or a file of the user's
+        return serving_cli.run(args)
+    openmp.restart_with_spin_count()  # before the lock, which an exec would drop
+    try:
+        lock = HomeLock.acquire(h.root)
+    except HomeBusy as e:
+        print(f"kloop serve: {e}", file=sys.stderr)
+        return 2
+    with lock:
+        return serving_cli.run(args)

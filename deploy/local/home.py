@@ -4,6 +4,7 @@
     <home>/runs/<id>/     a pipeline or training run: checkpoints, logs, progress
     <home>/kloop.db       rollouts and pipeline runs (``deploy.local.sqlite``)
     <home>/server.json    while ``kloop serve`` runs: where it listens (``deploy.local.server_process``)
+    <home>/server.lock    flock'ed by that server for its life (one per home), with its pid
     <home>/admin-token    its admin token (mode 0600)
 """
 

@@ -5,11 +5,22 @@ written by the server once it is ready) and its admin token in ``<home>/admin-to
 0600), so ``kloop rollout``, ``kloop status`` and ``kloop pipeline run`` in another terminal find
 it without flags. ``ServerProcess`` starts one as a child process for the main job and the tests:
 readiness is the ports file appearing, never a log line.
+
+One server per home: whoever writes ``<home>/server.json`` first holds an exclusive ``flock`` on
+``<home>/server.lock`` (``HomeLock``), with its pid written in it, for the life of the server
+process. ``kloop serve`` takes it in its own process; ``ServerProcess`` takes it and hands the
+locked descriptor to its child, keeping no copy, so in both cases the lock goes with the server
+process however it ends (the kernel drops a ``flock`` with the last descriptor of it), and an
+``exec`` keeps it (``serving.openmp`` re-executes ``python -m serving``; the child's copy is
+inheritable). A second server on the same home is refused (``HomeBusy``) before it touches
+``server.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import secrets
@@ -24,6 +35,66 @@ from serving.client import AdminClient
 
 SERVER_FILE = "server.json"
 TOKEN_FILE = "admin-token"
+LOCK_FILE = "server.lock"
+
+
+class HomeBusy(RuntimeError):
+    """Another server holds the home's lock (``HomeLock``)."""
+
+    def __init__(self, home: Path, pid: int | None) -> None:
+        self.home, self.pid = home, pid
+        super().__init__(
+            f"another kloop serve (pid {pid if pid is not None else 'unknown'}) already serves "
+            f"home {home}; stop it first, or use another --home")
+
+
+class HomeLock:
+    """The exclusive, non-blocking ``flock`` on ``<home>/server.lock`` (module docstring).
+
+    ``acquire`` raises ``HomeBusy`` when another process holds it. The lock lasts as long as an
+    open descriptor of it does: ``release`` closes this one."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def acquire(cls, home: Path) -> HomeLock:
+        home.mkdir(parents=True, exist_ok=True)
+        path = home / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            raise HomeBusy(home, holder) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        lock = cls(path, fd)
+        lock.set_owner(os.getpid())
+        return lock
+
+    def set_owner(self, pid: int) -> None:
+        """Write the pid of the process the lock is for (a contender names it)."""
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{pid}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> HomeLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> int | None:
+    text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,27 +171,28 @@ class ServerProcess:
         self.handle: ServerHandle | None = None
 
     def start(self, timeout: float = 60.0) -> ServerHandle:
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.ports_file.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "serving", "--registry", str(self.registry),
-               "--http-port", "0", "--grpc-port", "0", "--ports-file", str(self.ports_file),
-               *self.extra_args]
-        env = {**os.environ, TOKEN_ENV: self.token}
-        with open(self.log_file, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
+        """Start the server and wait until it serves; ``HomeBusy`` if another serves the home."""
+        with HomeLock.acquire(self.home) as lock:  # the child keeps its own copy of the lock
+            self.ports_file.unlink(missing_ok=True)  # a dead server's: no live one holds the home
+            cmd = [sys.executable, "-m", "serving", "--registry", str(self.registry),
+                   "--http-port", "0", "--grpc-port", "0", "--ports-file", str(self.ports_file),
+                   *self.extra_args]
+            env = {**os.environ, TOKEN_ENV: self.token}
+            with open(self.log_file, "ab") as log:
+                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                             start_new_session=True, pass_fds=(lock.fd,))
+            lock.set_owner(self.proc.pid)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the model server exited with code {self.proc.returncode} while "
                                    f"starting; see {self.log_file}:\n{_tail(self.log_file)}")
-            try:
+            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
                 ports = json.loads(self.ports_file.read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                time.sleep(0.05)
-                continue
-            self.handle = ServerHandle.from_ports(ports, self.token)
-            return self.handle
+                if ports.get("pid") == self.proc.pid:
+                    self.handle = ServerHandle.from_ports(ports, self.token)
+                    return self.handle
+            time.sleep(0.05)
         self.stop()
         raise TimeoutError(f"the model server was not ready after {timeout:.0f}s; see {self.log_file}")
 

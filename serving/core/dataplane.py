@@ -166,6 +166,11 @@ class DataPlane:
     def live(self) -> bool:
         return True
 
+    def expect_models(self, models: Sequence[str]) -> None:
+        """Replace the models readiness waits for (the server, once its start-up loads are
+        done: the models it could load; serving.app)."""
+        self._expected = tuple(models)
+
     def ready(self) -> bool:
         """Ready when not shutting down and every expected model has a loaded version."""
         if self._shutting_down:

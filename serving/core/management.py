@@ -1,11 +1,15 @@
 """Management: what is served and how traffic splits, the surface the admin routes drive.
 
-Loads, unloads, traffic weights, fault injection and the status view. They change (or read)
-what the request path (``serving.core.dataplane.DataPlane``) serves from: the repository and
-the fault injector it shares with this class, and its batchers, one per version (an unloaded
-version's is retired through ``DataPlane.retire``). Kept out of the request path's class so
-that the inference adapters, which hold a ``DataPlane``, have no way to change what is served:
-only the HTTP admin routes and the app's start-up hold a ``Management``.
+Loads, unloads, traffic weights, fault injection, the status view and the refused versions.
+They change (or read) what the request path (``serving.core.dataplane.DataPlane``) serves from:
+the repository and the fault injector it shares with this class, and its batchers, one per
+version (an unloaded version's is retired through ``DataPlane.retire``). Kept out of the request
+path's class so that the inference adapters, which hold a ``DataPlane``, have no way to change
+what is served: only the HTTP admin routes and the app's start-up hold a ``Management``.
+
+A version whose files fail verification, or whose model file does not load, is remembered with
+the reason (``rejected``) until a later load of it succeeds: the admin view and the repository
+index report it, so a server that fell back to an older version at start says why.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 
 from kloop.faults import Fault
 from serving.core.dataplane import DataPlane
-from serving.core.errors import ModelNotFound
+from serving.core.errors import ArtifactRejected, ModelNotFound
 from serving.core.repository import LoadedVersion
 
 
@@ -44,9 +48,12 @@ class Management:
             initializer=torch.set_num_threads, initargs=(1,),  # no OpenMP team of its own
         )
         self._loading: dict[tuple[str, int], asyncio.Future[LoadedVersion]] = {}
+        # Versions refused since start, with why (ArtifactRejected's message), by model.
+        self._rejected: dict[str, dict[int, str]] = {}
 
     async def load(self, model: str, version: int) -> LoadedVersion:
-        """Verify and load a version without blocking the loop (hashing and torch are slow)."""
+        """Verify and load a version without blocking the loop (hashing and torch are slow).
+        A refusal (``ArtifactRejected``) is recorded in ``rejected``, a success clears it."""
         key = (model, version)
         pending = self._loading.get(key)
         if pending is None:
@@ -54,8 +61,21 @@ class Management:
             pending = asyncio.ensure_future(
                 loop.run_in_executor(self._load_executor, self.repository.load, model, version))
             self._loading[key] = pending
-            pending.add_done_callback(lambda _: self._loading.pop(key, None))
+            pending.add_done_callback(lambda done: self._settled(key, done))
         return await asyncio.shield(pending)
+
+    def _settled(self, key: tuple[str, int], done: asyncio.Future[LoadedVersion]) -> None:
+        self._loading.pop(key, None)
+        if done.cancelled():
+            return
+        model, version = key
+        error = done.exception()
+        if isinstance(error, ArtifactRejected):
+            self._rejected.setdefault(model, {})[version] = str(error)
+        elif error is None and version in self._rejected.get(model, {}):
+            del self._rejected[model][version]
+            if not self._rejected[model]:
+                del self._rejected[model]
 
     async def load_dir(self, version_dir: Path) -> LoadedVersion:
         """Verify and load one version directory (KServe's /mnt/models) in the loader thread."""
@@ -96,6 +116,11 @@ class Management:
                 "weights": {str(v): w for v, w in weights.items()},
             }
         return out
+
+    def rejected(self) -> dict[str, dict[int, str]]:
+        """Versions whose load was refused (files failing verification, a model file that does
+        not load) and not loaded since, with the reason, per model."""
+        return {m: dict(sorted(vs.items())) for m, vs in sorted(self._rejected.items())}
 
     async def aclose(self) -> None:
         """Stop the loader thread, after the load it runs (if any)."""

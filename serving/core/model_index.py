@@ -3,7 +3,9 @@
 The extension speaks of models, kloop's repository of versions with traffic weights, so:
 
 * index: every version of every model in the registry, ``READY`` when loaded, else
-  ``UNAVAILABLE`` (with the reason); a server serving one model directory lists its version.
+  ``UNAVAILABLE`` with the reason: ``unloaded``, or why its load was refused (its files failed
+  verification, its model file did not load: ``Management.rejected``); a server serving one
+  model directory lists its version.
 * load: with no version asked for, a model that has a loaded version is left as it is, and one
   that has none gets its ``champion`` version (else its latest), which takes all its traffic
   as the first loaded version does. ``parameters.version`` (kloop's parameter) loads that
@@ -38,16 +40,18 @@ class IndexEntry:
 def index(management: Management, ready_only: bool = False) -> list[IndexEntry]:
     repo = management.repository
     loaded = {m: set(_loaded_versions(management, m)) for m in repo.models()}
+    rejected = management.rejected()
     entries = []
     registry = repo.registry
-    names = sorted(set(loaded) | set(registry.models() if registry else ()))
+    names = sorted(set(loaded) | set(rejected) | set(registry.models() if registry else ()))
     for name in names:
         on_disk = registry.versions(name) if registry else []
-        for v in sorted(set(on_disk) | loaded.get(name, set())):
+        refused = rejected.get(name, {})
+        for v in sorted(set(on_disk) | loaded.get(name, set()) | set(refused)):
             if v in loaded.get(name, ()):
                 entries.append(IndexEntry(name, str(v), READY))
             elif not ready_only:
-                entries.append(IndexEntry(name, str(v), UNAVAILABLE, "unloaded"))
+                entries.append(IndexEntry(name, str(v), UNAVAILABLE, refused.get(v, "unloaded")))
     return entries
 
 

@@ -10,22 +10,34 @@ The repository extension's ``load`` and ``unload`` change what is served, so the
 same token (``Authorization: Bearer <token>``; tritonclient passes it through ``headers=``).
 ``POST /v2/repository/index`` only reads and is open, like model metadata. Semantics in
 ``serving.core.model_index``.
+
+``GET /admin/models`` answers ``{"models": {...}, "rejected": {model: {version: reason}}}``:
+what is served, and the versions whose load was refused (``Management.rejected``). A refused
+load (404, 422) is also logged as a WARNING, so the server's log says what a caller was told.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 from typing import Any
 
 from aiohttp import web
 
 from kloop.faults import Fault
 from serving.core import model_index
-from serving.core.errors import Conflict, InvalidInput, Unauthorized
+from serving.core.errors import (
+    ArtifactRejected,
+    Conflict,
+    InvalidInput,
+    ModelNotFound,
+    Unauthorized,
+)
 from serving.core.management import Management
 from serving.http import codec
 from serving.http.routes import Handler, error_response, json_response, parse_version
 
+log = logging.getLogger(__name__)
 MANAGEMENT_KEY = web.AppKey("management", Management)
 TOKEN_KEY = web.AppKey("admin_token", str)
 GROUP_SIZE_KEY = web.AppKey("group_size", int)  # worker processes sharing the ports
@@ -64,13 +76,24 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return json_response({"models": request.app[MANAGEMENT_KEY].status()})
+    management = request.app[MANAGEMENT_KEY]
+    rejected = {m: {str(v): why for v, why in vs.items()}
+                for m, vs in management.rejected().items()}
+    return json_response({"models": management.status(), "rejected": rejected})
 
 
 async def load(request: web.Request) -> web.Response:
     model, version = _model_version(request)
-    await request.app[MANAGEMENT_KEY].load(model, version)
+    try:
+        await request.app[MANAGEMENT_KEY].load(model, version)
+    except (ArtifactRejected, ModelNotFound) as e:
+        _log_refusal(model, version, e)
+        raise
     return json_response({"loaded": True, "model": model, "version": str(version)})
+
+
+def _log_refusal(model: str, version: object, error: Exception) -> None:
+    log.warning("refused to load %s version %s: %s", model, version, error)
 
 
 async def unload(request: web.Request) -> web.Response:
@@ -146,7 +169,12 @@ async def repository_load(request: web.Request) -> web.Response:
             "versions from its registry (choose one with parameters.version)"
         )
     model = request.match_info["model"]
-    versions = await model_index.load(request.app[MANAGEMENT_KEY], model, params.get("version"))
+    try:
+        versions = await model_index.load(request.app[MANAGEMENT_KEY], model,
+                                          params.get("version"))
+    except (ArtifactRejected, ModelNotFound) as e:
+        _log_refusal(model, params.get("version", "(default)"), e)
+        raise
     return json_response({"model": model, "versions": [str(v) for v in versions]})
 
 
