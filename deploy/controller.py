@@ -95,6 +95,9 @@ def apply(d: Decision, r: Rollout, backend: RolloutBackend, registry: Registry) 
                 if r.champion is not None:
                     backend.retire(r.model, r.champion)
             case Action.ROLLBACK | Action.ABORT if r.phase is Phase.ROLLING_BACK:
+                # The alias first: it needs no server, and a server that restarts (or comes
+                # back after an outage) loads whatever the alias names.
+                restore_champion(registry, r.model, r.champion, r.candidate)
                 backend.rollback(r.model, r.champion, r.candidate)
             case Action.ROLLBACK | Action.ABORT:
                 pass  # first the decision is saved (RollingBack); the writes come next tick
@@ -137,6 +140,22 @@ def move_champion(registry: Registry, model: str, candidate: Version) -> None:
         raise BackendError(f"moving {model}'s champion alias to {candidate}: {e}") from e
 
 
+def restore_champion(registry: Registry, model: str, champion: Version | None,
+                     candidate: Version) -> None:
+    """The registry half of a rollback: a promotion whose save was lost (the controller died,
+    or another writer saved first) may have moved the ``champion`` alias to the candidate
+    before the rollout was aborted; move it back (idempotent), so a restarted server serves the
+    champion, not a candidate that was never promoted."""
+    try:
+        if registry.alias(model, "champion") == candidate:
+            if champion is None:
+                registry.remove_alias(model, "champion")
+            else:
+                registry.set_alias(model, "champion", champion)
+    except (ArtifactError, OSError) as e:
+        raise BackendError(f"restoring {model}'s champion alias: {e}") from e
+
+
 def run_gate(r: Rollout, registry: Registry) -> GateResult:
     """The offline gate on the registry's manifests. A missing or corrupt manifest is a gate
     error (abort, nothing to compare), not a failure of the candidate."""
@@ -174,5 +193,5 @@ def run_until_done(
         clock.sleep(interval_s)
 
 
-__all__ = ["RealClock", "apply", "move_champion", "reverify", "run_gate", "run_until_done",
-           "tick"]
+__all__ = ["RealClock", "apply", "move_champion", "restore_champion", "reverify", "run_gate",
+           "run_until_done", "tick"]
