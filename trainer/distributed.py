@@ -12,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import signal
 from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 
+from trainer.launch import AGENT_PID_ENV, die_with_parent
 from trainer.spec import TrainSpec
 
 _TIMEOUT = datetime.timedelta(minutes=10)  # a stuck peer fails the job instead of hanging it
@@ -63,6 +65,19 @@ class DistEnv:
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is outside the world of {world} processes")
         return cls(rank=rank, world_size=world, local_rank=local_rank, master_addr=addr, master_port=port)
+
+
+def die_with_agent(env: Mapping[str, str] | None = None) -> bool:
+    """Under torchrun's agent (it sets TORCHELASTIC_RUN_ID for its workers), have this worker
+    SIGTERMed when the agent dies, even by SIGKILL: an orphaned worker would otherwise train on
+    alone, or wait for its peers until the collective timeout. Started by ``run_local``, the
+    agent's pid is known (``AGENT_PID_ENV``), so an agent that died before this call counts
+    too. False when not under an agent (a bare run: its parent is a shell, or a pod's init)."""
+    e = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" not in e:
+        return False
+    agent = e.get(AGENT_PID_ENV)
+    return die_with_parent(signal.SIGTERM, int(agent) if agent else None)
 
 
 def select_device(spec: TrainSpec, env: DistEnv) -> torch.device:

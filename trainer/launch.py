@@ -7,22 +7,33 @@ trainer.main``), so what passes here passes there.
 Progress is followed through ``<run-dir>/progress.jsonl`` (structured events written by rank 0),
 never by parsing log lines. All processes' output goes to ``<run-dir>/train.log``; its tail is
 attached to ``TrainingFailed`` when torchrun exits non-zero.
+
+The training dies with the process that started it, even one killed by SIGKILL, which can run
+no cleanup: on Linux torchrun is started through ``python -m trainer.launch --die-with PID``,
+which asks the kernel (``prctl(PR_SET_PDEATHSIG)``) to SIGTERM it when its parent dies and then
+execs torchrun, whose SIGTERM handler stops its workers (SIGTERM, then SIGKILL after 30 s); the
+workers in turn ask for SIGTERM when torchrun dies (``trainer.distributed.die_with_agent``).
+torchrun runs in a process group of its own, so a stop (an exception or Ctrl-C here) signals
+that group, not this process's terminal group. A wrapper and not ``preexec_fn``: the callers
+run threads (a progress bar, traffic), and ``preexec_fn`` is unsafe in a threaded process.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from trainer.progress import format_event, read_events
 from trainer.rundir import LOG_FILE, METRICS_FILE, PROGRESS_FILE, RESULT_FILE
@@ -30,7 +41,10 @@ from trainer.spec import TrainSpec
 
 _POLL_S = 0.2  # how often the progress file is read while training runs
 _TAIL_LINES = 60  # lines of train.log attached to TrainingFailed
+_STOP_GRACE_S = 40.0  # torchrun gives its workers 30 s after SIGTERM before it SIGKILLs them
 SPEC_FILE = "spec.json"
+AGENT_PID_ENV = "KLOOP_TORCHRUN_PID"  # torchrun's pid, for its workers (set by the wrapper)
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class TrainingFailed(RuntimeError):
@@ -88,7 +102,8 @@ def run_local(
     events: list[dict[str, Any]] = []
     started = time.monotonic()
     with open(run_dir / LOG_FILE, "ab") as log, _display(spec, progress) as show:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(spec), cwd=_repo_root())
+        proc = subprocess.Popen(_dying_with_this_process(cmd), stdout=log, stderr=subprocess.STDOUT,
+                                env=_child_env(spec), cwd=_repo_root(), process_group=0)
         try:
             while True:
                 done = proc.poll() is not None
@@ -100,8 +115,7 @@ def run_local(
                     break
                 time.sleep(_POLL_S)
         except BaseException:
-            proc.terminate()
-            proc.wait()
+            _stop(proc)
             raise
     duration = time.monotonic() - started
     if proc.returncode != 0:
@@ -122,6 +136,66 @@ def run_local(
         duration_s=duration,
         result=result,
     )
+
+
+def load_result(run_dir: Path) -> TrainResult:
+    """The result a finished run left in ``run_dir`` (``result.json``, ``metrics.json``),
+    without training: events and duration are those of no launch (empty, 0)."""
+    run_dir = Path(run_dir).resolve()
+    result = json.loads((run_dir / RESULT_FILE).read_text())
+    return TrainResult(run_dir=run_dir, metrics=json.loads((run_dir / METRICS_FILE).read_text()),
+                       model_path=run_dir / result["model_path"], events=[], duration_s=0.0,
+                       result=result)
+
+
+def die_with_parent(sig: signal.Signals = signal.SIGTERM, expected_parent: int | None = None) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux; elsewhere
+    a no-op, False). With ``expected_parent``, a parent that already died before the request
+    (this process was reparented) gets the same answer at once: ``sig`` to this process.
+
+    The kernel watches the parent *thread* that started this process: start children from a
+    thread that outlives them (``run_local`` blocks its thread until torchrun exits)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(int(sig)), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    if expected_parent is not None and os.getppid() != expected_parent:
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def _dying_with_this_process(cmd: Sequence[str]) -> list[str]:
+    """``cmd`` behind the wrapper that makes it die with this process (see the module doc)."""
+    if not sys.platform.startswith("linux"):
+        return list(cmd)
+    return [sys.executable, "-m", "trainer.launch", "--die-with", str(os.getpid()), "--", *cmd]
+
+
+def _exec_dying_with_parent(argv: Sequence[str]) -> NoReturn:
+    """``python -m trainer.launch --die-with PID -- CMD...``: exec CMD, SIGTERMed when PID (this
+    process's parent) dies; CMD's children find its pid in ``AGENT_PID_ENV``."""
+    if len(argv) < 4 or argv[0] != "--die-with" or argv[2] != "--":
+        sys.exit("usage: python -m trainer.launch --die-with PARENT_PID -- COMMAND [ARG...]")
+    die_with_parent(signal.SIGTERM, expected_parent=int(argv[1]))
+    os.environ[AGENT_PID_ENV] = str(os.getpid())  # exec keeps the pid: this is torchrun's
+    cmd = list(argv[3:])
+    os.execvp(cmd[0], cmd)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop torchrun's process group: SIGTERM (torchrun stops its workers), then SIGKILL."""
+    if proc.poll() is not None:
+        return  # reaped: its group id may already belong to someone else
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(_STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _child_env(spec: TrainSpec) -> dict[str, str]:
@@ -188,3 +262,7 @@ def _display(spec: TrainSpec, enabled: bool) -> Iterator[Callable[[dict[str, Any
                 bar.console.print(format_event(ev), highlight=False)
 
         yield show
+
+
+if __name__ == "__main__":
+    _exec_dying_with_parent(sys.argv[1:])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from trainer.distributed import DistEnv
+from trainer.distributed import DistEnv, die_with_agent
 from trainer.spec import TrainSpec
 
 
@@ -44,6 +44,7 @@ def load_spec(args: argparse.Namespace) -> TrainSpec:
 
 @record  # torchrun's failure summary then names the exception and its traceback, per rank
 def main(argv: Sequence[str] | None = None) -> int:
+    die_with_agent()  # before any work: a worker never outlives the torchrun that started it
     args = parse_args(argv)
     spec = load_spec(args)
     args.run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,11 @@
 """``kloop pipeline run`` (train → evaluate → publish → gate → canary → decide, with a run
-record) and ``kloop runs`` (the run history: list, show, compare)."""
+record), ``kloop pipeline resume RUN`` (continue an interrupted or failed run) and ``kloop runs``
+(the run history: list, show, compare; reading it marks runs whose process died)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from deploy.cli import common, train_cmd
 
@@ -24,6 +26,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                          "(chaos test)")
     pr.add_argument("--label", default="", help="a note kept with the run")
     pr.set_defaults(func=run_pipeline)
+    rs = psub.add_parser("resume", help="continue an interrupted or failed run",
+                         description="Continue RUN from its last finished step, under the same "
+                                     "id: train resumes from its last checkpoint, evaluate "
+                                     "reruns, a published version is kept, the run's rollout is "
+                                     "ticked on (or its outcome recorded, if it ended). The "
+                                     "spec and policy are the run's own.")
+    rs.add_argument("run_id", metavar="RUN", help="run id (or its unique suffix)")
+    rs.add_argument("--interval", type=float, default=1.0, help="seconds between rollout ticks")
+    common.add_server_args(rs)
+    rs.set_defaults(func=resume_pipeline)
 
     p = sub.add_parser("runs", help="pipeline run history: list, show, compare")
     p.add_argument("action", nargs="?", choices=("list", "show", "compare"), default="list")
@@ -43,6 +55,30 @@ def run_pipeline(args: argparse.Namespace) -> int:
     pipe = Pipeline(h, server=common.server(args, h), policy=common.policy(args),
                     tick_interval_s=args.interval, log=print)
     run = pipe.run(train_cmd.spec_from_args(args), fault=fault, label=args.label)
+    report.print_run(run)
+    return 0 if run.status == "succeeded" else 1
+
+
+def resume_pipeline(args: argparse.Namespace) -> int:
+    from deploy.local.runs import RunNotResumable, RunStore
+    from deploy.pipeline import report
+    from deploy.pipeline.runner import Pipeline
+    from deploy.rollout import RolloutPolicy
+
+    h = common.home(args)
+    try:
+        saved = RunStore(h.db).get(args.run_id)
+    except KeyError as e:
+        print(f"kloop pipeline resume: {e.args[0]}", file=sys.stderr)
+        return 2
+    pipe = Pipeline(h, server=common.server(args, h),
+                    policy=RolloutPolicy.from_dict(saved.params["policy"]),
+                    tick_interval_s=args.interval, log=print)
+    try:
+        run = pipe.resume(saved.id)
+    except RunNotResumable as e:
+        print(f"kloop pipeline resume: {e}", file=sys.stderr)
+        return 2
     report.print_run(run)
     return 0 if run.status == "succeeded" else 1
 

@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from deploy.local.runs import Run
+from deploy.local.runs import RESUMABLE, Run
 from deploy.local.server_process import ServerHandle
 from deploy.ports import RolloutStore
 from kloop.artifact import ArtifactError, Registry
@@ -31,13 +31,17 @@ def _num(x: Any, digits: int = 4) -> str:
 
 def print_runs(runs: Sequence[Run]) -> None:
     t = Table(title="pipeline runs (newest first)")
-    for c in ("run", "model", "started", "status", "version", "accuracy", "outcome", "steps"):
+    for c in ("run", "model", "started", "seconds", "status", "version", "accuracy", "outcome",
+              "steps"):
         t.add_column(c)
     for r in runs:
         steps = " ".join(f"{s.name}:{s.status[:4]}" for s in r.steps)
-        t.add_row(r.id, r.model, _t(r.created), r.status, _num(r.version),
+        t.add_row(r.id, r.model, _t(r.created), _num(r.duration_s, 0), r.status, _num(r.version),
                   _num(r.metrics.get("accuracy")), r.outcome, steps)
     console.print(t)
+    stopped = [r.id for r in runs if r.status in RESUMABLE]
+    if stopped:
+        console.print(f"continue a stopped run with `kloop pipeline resume RUN` ({', '.join(stopped)})")
 
 
 def print_run(run: Run) -> None:
@@ -50,6 +54,8 @@ def print_run(run: Run) -> None:
         t.add_row(s.name, s.status, _num(s.duration_s, 1), s.message, metrics)
     console.print(t)
     console.print(f"run dir: {run.run_dir} (pipeline.log, train/train.log, train/progress.jsonl)")
+    if run.status in RESUMABLE:
+        console.print(f"continue it with `kloop pipeline resume {run.id}`")
 
 
 def print_comparison(runs: Sequence[Run]) -> None:
@@ -77,7 +83,7 @@ def print_status(registry: Registry, server: ServerHandle | None, rollouts: Roll
     weights: dict[str, Mapping[str, Any]] = {}
     if server is not None:
         try:
-            weights = server.admin().models().get("models", {})
+            weights = server.admin().models()
             console.print(f"server: {server.http_url} (gRPC {server.grpc_target}, pid {server.pid})")
         except Exception as e:  # noqa: BLE001 - status must print even when the server is unhealthy
             console.print(f"server: {server.http_url} not answering: {e}")
@@ -97,8 +103,9 @@ def print_status(registry: Registry, server: ServerHandle | None, rollouts: Roll
             except ArtifactError as e:
                 acc, loss, run_id, created = None, None, f"corrupt: {e}", None
             loaded = str(v) in live.get("versions", [])
+            weight = live.get("weights", {}).get(str(v))
             t.add_row(str(v), by_version.get(v, ""), _t(created), _num(acc), _num(loss), run_id,
-                      "yes" if loaded else "", _num(live.get("weights", {}).get(str(v))))
+                      "yes" if loaded else "", "" if weight is None else f"{weight}%")
         console.print(t)
         history = rollouts.list(model=name)
         if history:

@@ -15,6 +15,12 @@ Where the steps come from:
   running server. The rollout runs the evaluation gate first, then the traffic steps with live
   analysis, then promotes or rolls back. Without a server, only the gate runs here; the first
   version of a model that passes it becomes the champion directly (nothing to compare with).
+
+A run that stopped (its process killed: the next reader of runs marks it ``interrupted``; or a
+step failed) continues with ``Pipeline.resume``, under the same id and record: train resumes
+from the run's last checkpoint (or is kept, if it had finished), evaluate reruns, publish keeps
+the version the run already published, and the run's rollout is ticked on if still active, or
+its outcome recorded if it ended meanwhile (``kloop rollout`` resumed it, someone aborted it).
 """
 
 from __future__ import annotations
@@ -28,18 +34,25 @@ from pathlib import Path
 from deploy.controller import RealClock, run_until_done
 from deploy.local.home import Home
 from deploy.local.rollout_store import SQLiteRolloutStore
-from deploy.local.runs import Run, RunStore, Step
+from deploy.local.runs import (
+    Run,
+    RunStore,
+    Step,
+    gate_passed,
+    outcome_status,
+    record_rollout,
+)
 from deploy.local.server_backend import LocalBackend
 from deploy.local.server_process import ServerHandle
-from deploy.ports import Clock
-from deploy.rollout import Event, Phase, Rollout, RolloutPolicy, Verdict, gate, new_rollout
-from kloop.artifact import Manifest
+from deploy.ports import Clock, NotFound
+from deploy.rollout import Event, Rollout, RolloutPolicy, Verdict, champion_for, gate, new_rollout
+from kloop.artifact import ArtifactError, Manifest
 from kloop.faults import Fault
 from kloop.model_version import Version
 from trainer.data import load_split
 from trainer.evaluate import evaluate
 from trainer.export import load_exported
-from trainer.launch import run_local
+from trainer.launch import TrainResult, load_result, run_local
 from trainer.publish import publish
 from trainer.spec import TrainSpec
 
@@ -76,25 +89,55 @@ class Pipeline:
 
     def run(self, spec: TrainSpec, *, fault: Fault | None = None, label: str = "") -> Run:
         """Run every step; returns the finished record (status ``failed`` on a step error)."""
+        for stale in self.runs.reconcile():  # runs whose process died are marked first
+            if stale.status == "interrupted":
+                self._log(f"run {stale.id} was interrupted ({stale.outcome}); continue it with "
+                          f"`kloop pipeline resume {stale.id}`")
         params = {"spec": spec.to_dict(), "policy": self.policy.to_dict(),
                   "fault": fault.to_dict() if fault else None, "label": label}
         run = Run.new(spec.model_name, params, self.home.runs_dir)
         Path(run.run_dir).mkdir(parents=True, exist_ok=True)
         self.runs.save(run)
         self.log(run, f"run {run.id} started{f' ({label})' if label else ''}: model {spec.model_name}")
+        return self._execute(run, spec, fault, resumed=False)
+
+    def resume(self, run_id: str) -> Run:
+        """Continue a stopped run (``interrupted`` or ``failed``) from its last finished step,
+        in this process; ``deploy.local.runs.RunNotResumable`` for a succeeded or live run.
+        The spec and fault are the run's own; the policy of a rollout it created is the
+        rollout's, and this pipeline's for one it creates now."""
+        run = self.runs.claim(run_id)
+        spec = TrainSpec.from_dict(run.params["spec"])
+        fault = Fault.from_dict(run.params["fault"]) if run.params.get("fault") else None
+        for s in run.steps:
+            if s.status != "succeeded" or s.name == "evaluate":
+                s.reset()
+        run.outcome = ""
+        self.runs.save(run)
+        self.log(run, f"run {run.id} resumed in pid {run.pid} (resume #{run.resumes})")
+        return self._execute(run, spec, fault, resumed=True)
+
+    def _execute(self, run: Run, spec: TrainSpec, fault: Fault | None, *, resumed: bool) -> Run:
         try:
-            self._steps(run, spec, fault)
+            self._steps(run, spec, fault, resumed=resumed)
             run.status = "succeeded"
         except Exception as e:  # noqa: BLE001 - any step failure is recorded on the run; the caller sets the exit code
             run.status = "failed"
             run.outcome = run.outcome or f"failed: {e}"
             with open(Path(run.run_dir) / "pipeline.log", "a") as f:
                 traceback.print_exc(file=f)
+        except BaseException as e:  # Ctrl-C: resumable, so the steps not run stay pending
+            run.status = "interrupted"
+            run.outcome = f"{type(e).__name__} in pid {run.pid}"
+            raise
         finally:
             for s in run.steps:
-                if s.status in ("pending", "running"):
-                    s.status = "skipped" if s.status == "pending" else "failed"
-                    s.finished = s.finished or time.time()
+                if s.status == "running":
+                    s.status, s.finished = "failed", time.time()
+                    if run.status == "interrupted":
+                        s.message = run.outcome
+                elif s.status == "pending" and run.status != "interrupted":
+                    s.status, s.finished = "skipped", time.time()
             run.finished = time.time()
             self.runs.save(run)
         self.log(run, f"run {run.id} {run.status}: {run.outcome}")
@@ -102,10 +145,26 @@ class Pipeline:
 
     # ---- steps -------------------------------------------------------------------------
 
-    def _steps(self, run: Run, spec: TrainSpec, fault: Fault | None) -> None:
-        run_dir = Path(run.run_dir)
+    def _steps(self, run: Run, spec: TrainSpec, fault: Fault | None, *, resumed: bool) -> None:
+        result = self._train(run, spec, resumed=resumed)
+        self._evaluate(run, result, resumed=resumed)
+        manifest = self._publish(run, spec, resumed=resumed)
+        existing = self._existing_rollout(run) if resumed else None
+        if existing is not None:
+            self._follow(run, existing, manifest, note="resumed")
+            return
+        champion = self.registry.alias(spec.model_name, "champion")
+        if self.server is None:
+            self._gate_only(run, manifest, champion)
+        else:
+            self._rollout(run, manifest, champion, fault)
+
+    def _train(self, run: Run, spec: TrainSpec, *, resumed: bool) -> TrainResult:
+        train_dir = Path(run.run_dir) / "train"
+        if run.step("train").status == "succeeded":  # resumed after training had finished
+            return load_result(train_dir)
         with self._step(run, "train") as st:
-            result = run_local(spec, run_dir / "train", progress=self.progress)
+            result = run_local(spec, train_dir, resume=resumed, progress=self.progress)
             summary = {k: v for k, v in result.result.items() if isinstance(v, (int, float))}
             st.metrics = {"duration_s": round(result.duration_s, 2), **summary}
             epochs = [e for e in result.events if e.get("event") == "epoch"]
@@ -113,7 +172,14 @@ class Pipeline:
                 st.metrics.update(final_loss=epochs[-1].get("loss"),
                                   samples_per_s=epochs[-1].get("samples_per_s"))
             st.message = f"{spec.epochs} epochs on {spec.world_size} processes"
+            if resumed:
+                start = next((e for e in result.events if e.get("event") == "start"), {})
+                done = int(start.get("start_epoch", 1)) - 1
+                st.message += (f" (resumed from the checkpoint of epoch {done})" if done > 0
+                               else " (resumed; no checkpoint yet, so trained from the start)")
+        return result
 
+    def _evaluate(self, run: Run, result: TrainResult, *, resumed: bool) -> None:
         with self._step(run, "evaluate") as st:
             split = load_split()
             module = load_exported(result.model_path)
@@ -126,18 +192,48 @@ class Pipeline:
             st.metrics = {"accuracy": metrics["accuracy"], "loss": metrics["loss"],
                           "num_examples": metrics.get("num_examples")}
             st.message = f"accuracy {metrics['accuracy']:.4f} on {metrics.get('num_examples')} held-out digits"
+            if resumed:
+                st.message += " (rerun on resume)"
 
+    def _publish(self, run: Run, spec: TrainSpec, *, resumed: bool) -> Manifest:
+        version = run.version if run.version is not None else (
+            self._published_by(run, spec.model_name) if resumed else None)
+        if version is not None:  # resumed: publish once per run, never a second version
+            manifest = self.registry.manifest(spec.model_name, version)
+            st = run.step("publish")
+            if st.status != "succeeded":
+                run.version = manifest.version
+                self._start(run, st)
+                st.metrics = {"version": manifest.version}
+                self._finish(run, st, "succeeded", f"{manifest.name} v{manifest.version} "
+                                                   f"({manifest.digest[:12]}; published before "
+                                                   "the run was resumed)")
+            return manifest
         with self._step(run, "publish") as st:
-            manifest = publish(self.registry, spec, run_dir / "train", run.id)
+            manifest = publish(self.registry, spec, Path(run.run_dir) / "train", run.id)
             run.version = manifest.version
             st.metrics = {"version": manifest.version}
             st.message = f"{manifest.name} v{manifest.version} ({manifest.digest[:12]})"
+        return manifest
 
-        champion = self.registry.alias(spec.model_name, "champion")
-        if self.server is None:
-            self._gate_only(run, manifest, champion)
-        else:
-            self._rollout(run, manifest, champion, fault)
+    def _published_by(self, run: Run, model: str) -> Version | None:
+        """The version this run published, found by its run id: the process may have died
+        after the registry wrote it and before the record said so."""
+        for v in reversed(self.registry.versions(model)):
+            try:
+                if self.registry.manifest(model, v).run_id == run.id:
+                    return v
+            except ArtifactError:
+                continue
+        return None
+
+    def _existing_rollout(self, run: Run) -> Rollout | None:
+        """The rollout this run created, if any (its id is fixed by the run's: the process may
+        have died after creating it and before recording it)."""
+        try:
+            return self.rollouts.get(run.rollout_id or _rollout_id(run))
+        except NotFound:
+            return None
 
     def _gate_only(self, run: Run, manifest: Manifest, champion: Version | None) -> None:
         with self._step(run, "gate") as st:
@@ -164,8 +260,17 @@ class Pipeline:
                  fault: Fault | None) -> None:
         assert self.server is not None
         admin = self.server.admin()
-        backend = LocalBackend(admin)
-        r = new_rollout(f"{run.id}-rollout", manifest.name, manifest.version, champion,
+        if champion is None:  # no alias: the version the server serves now, adopted as it
+            served = LocalBackend(admin).read(manifest.name)
+            if served.error is not None:
+                raise PipelineError(f"{manifest.name} has no champion alias and the server could "
+                                    f"not tell what it serves: {served.error}")
+            champion = champion_for(manifest.name, manifest.version, None, served.weights)
+            if champion is not None:
+                self.registry.set_alias(manifest.name, "champion", champion)
+                self.log(run, f"no champion alias: v{champion}, which the server serves, "
+                              "is the champion")
+        r = new_rollout(_rollout_id(run), manifest.name, manifest.version, champion,
                         self.policy, self.clock.now())
         self.rollouts.create(r)
         run.rollout_id = r.id
@@ -176,35 +281,47 @@ class Pipeline:
             admin.load(manifest.name, manifest.version)
             admin.set_fault(manifest.name, manifest.version, fault)
             self.log(run, f"injected fault into v{manifest.version}: {fault}")
+        self._follow(run, r, manifest)
+
+    def _follow(self, run: Run, r: Rollout, manifest: Manifest, note: str = "") -> None:
+        """Tick rollout ``r`` (new, or resumed) until it ends, keeping the gate and canary
+        steps current; then record the decision. A rollout that already ended is recorded."""
+        run.rollout_id = r.id
         gate_step, canary_step = run.step("gate"), run.step("canary")
-        self._start(run, gate_step)
+        if r.phase.terminal:
+            final = r
+            self.log(run, f"rollout {r.id} had ended meanwhile: {r.phase.value} {r.reason}")
+        else:
+            if self.server is None:
+                raise PipelineError(f"rollout {r.id} is still {r.phase.value}: start the server "
+                                    "(`kloop serve`, or pass --server) and resume again")
+            self._start(run, canary_step if gate_step.status == "succeeded" else gate_step)
+            if note:
+                self.log(run, f"resuming rollout {r.id} (phase {r.phase.value}, step {r.step})")
 
-        def on_event(ro: Rollout, ev: Event) -> None:
-            self.log(run, f"[rollout] {ev.kind_name}: {ev.message}")
-            if ro.gate is not None and gate_step.status == "running":
-                ok = ro.gate.verdict is Verdict.SUCCESSFUL
-                self._finish(run, gate_step, "succeeded" if ok else "failed", "; ".join(ro.gate.reasons))
-                if ok:
-                    self._start(run, canary_step)
-            if canary_step.status == "running":
-                canary_step.metrics = {"weights": dict(ro.weights), "step": ro.step,
-                                       "failed_analyses": ro.failed}
-                self.runs.save(run)
+            def on_event(ro: Rollout, ev: Event) -> None:
+                self.log(run, f"[rollout] {ev.kind_name}: {ev.message}")
+                if ro.gate is not None and gate_step.status == "running":
+                    ok = gate_passed(ro.gate.verdict)
+                    self._finish(run, gate_step, "succeeded" if ok else "failed",
+                                 "; ".join(ro.gate.reasons))
+                    if ok:
+                        self._start(run, canary_step)
+                if canary_step.status == "running":
+                    canary_step.metrics = {"weights": {str(v): w for v, w in ro.weights.items()},
+                                           "step": ro.step, "failed_analyses": ro.failed}
+                    self.runs.save(run)
 
-        final = run_until_done(self.rollouts, backend, self.registry, r.id, self.clock,
-                               self.tick_interval_s, on_event)
-        if gate_step.status == "running":  # ended before the gate ran (e.g. aborted)
-            self._finish(run, gate_step, "failed", final.reason)
-        if canary_step.status == "running":
-            ok = final.phase is Phase.SUCCEEDED
-            self._finish(run, canary_step, "succeeded" if ok else "failed", final.reason)
-        with self._step(run, "decide") as st:
-            run.outcome = _outcome(final)
-            st.message = f"{run.outcome}: {final.reason}" if final.reason else run.outcome
-            st.metrics = {"phase": final.phase.value, "weights": dict(final.weights)}
+            final = run_until_done(self.rollouts, LocalBackend(self.server.admin()),
+                                   self.registry, r.id, self.clock, self.tick_interval_s,
+                                   on_event)
+        record_rollout(run, final, end=time.time(), note=note)
+        self.runs.save(run)
+        for st in (gate_step, canary_step, run.step("decide")):
+            self.log(run, f"step {st.name}: {st.status}{f' — {st.message}' if st.message else ''}")
         self.registry.remove_alias(manifest.name, "candidate")
-        if final.phase is Phase.ABORTED:
-            raise PipelineError(f"rollout {r.id} aborted: {final.reason}")
+        if outcome_status(final.phase) != "succeeded":
+            raise PipelineError(f"rollout {final.id} ended {final.phase.value}: {final.reason}")
 
     # ---- bookkeeping -------------------------------------------------------------------
 
@@ -236,10 +353,5 @@ class Pipeline:
         self.log(run, f"step {st.name}: {status}{f' — {message}' if message else ''}")
 
 
-def _outcome(r: Rollout) -> str:
-    if r.phase is Phase.SUCCEEDED:
-        return "promoted" if r.champion is not None else "champion (first version)"
-    if r.phase is Phase.ROLLED_BACK:
-        gated = r.gate is not None and r.gate.verdict is not Verdict.SUCCESSFUL
-        return "rolled back by the gate" if gated else "rolled back by live analysis"
-    return "aborted"
+def _rollout_id(run: Run) -> str:
+    return f"{run.id}-rollout"
