@@ -4,6 +4,7 @@ policy's flags (every setting of ``deploy.rollout.KNOBS``), finding the local se
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import typing
@@ -89,9 +90,22 @@ def _parser(knob: Knob) -> Callable[[str], Any]:
     if hint == tuple[int, ...]:
         return _int_list
     base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-    if base in (int, float, str):
+    if base is float:
+        return _finite
+    if base in (int, str):
         return typing.cast(Callable[[str], Any], base)
     raise TypeError(f"no flag parser for {knob.name}: {hint}")
+
+
+def _finite(text: str) -> float:
+    """A float flag: ``inf`` and ``nan`` are refused here, naming the flag (argparse does)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
 
 
 def _int_list(text: str) -> tuple[int, ...]:

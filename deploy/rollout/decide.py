@@ -90,7 +90,7 @@ def outage_over(r: Rollout, policy: RolloutPolicy, now: float, extra: int = 0) -
 def _streak(r: Rollout, now: float) -> str:
     since = r.errors_since if r.errors_since is not None else now
     last = r.history[-1].message if r.history else "?"
-    return f"{r.errors} errors in a row over {now - since:g}s; last: {last}"
+    return f"{r.errors} errors in a row over {now - since:.1f}s; last: {last}"
 
 
 def _last_write_failed(r: Rollout) -> bool:
@@ -189,7 +189,7 @@ def _could_not_measure(r: Rollout, policy: RolloutPolicy, now: float, why: str) 
     if outage_over(r, policy, now, extra=1):
         since = r.errors_since if r.errors and r.errors_since is not None else now
         return Decision(Action.ABORT, f"could not measure {n} times in a row over "
-                                      f"{now - since:g}s: {why}", verdict=Verdict.ERROR)
+                                      f"{now - since:.1f}s: {why}", verdict=Verdict.ERROR)
     if _timed_out(r, policy, now):
         return Decision(Action.ABORT, f"step timed out; last: {why}", verdict=Verdict.ERROR)
     return Decision(Action.WAIT, f"could not measure ({n}/{policy.error_limit}): {why}",

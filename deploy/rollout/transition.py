@@ -139,7 +139,12 @@ def _refused(r: Rollout, d: Decision, applied: Applied, now: float) -> Rollout:
                                        f"retiring it was refused: {error}")
     else:
         outcome = Phase.ROLLED_BACK if applied.blame else Phase.ABORTED
-        what = f"v{r.candidate} cannot be loaded" if applied.blame else f"{d.action.value} refused"
+        if d.action is Action.PROMOTE:
+            what = f"v{r.candidate} not promoted"
+        elif applied.blame:
+            what = f"v{r.candidate} cannot be loaded"
+        else:
+            what = f"{d.action.value} refused"
         r = dataclasses.replace(r, phase=Phase.ROLLING_BACK, outcome=outcome,
                                 reason=f"{what}: {error}")
     return _log(r, now, WRITE_FAILED, f"{d.action.value} refused: {error}", Verdict.ERROR)

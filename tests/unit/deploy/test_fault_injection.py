@@ -316,6 +316,7 @@ def test_corrupted_during_the_canary_is_not_promoted(tmp_path: Path) -> None:
         w.step("none")
     r = w.rollout()
     assert r.phase is Phase.ROLLED_BACK and "no longer verify" in r.reason, r.reason
+    assert r.reason.startswith(f"v{w.candidate} not promoted"), r.reason
     assert w.registry.alias(MODEL, "champion") == w.champion
     w.server.restart()
     assert w.server.served(MODEL) == {w.champion: 100}

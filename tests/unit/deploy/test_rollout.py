@@ -135,7 +135,7 @@ def test_gating(verdict, action, says):
         (ro(), world(error="connection refused"), 60, Action.WAIT, Verdict.ERROR, "1/3"),
         # error limit reached and the streak lasted outage_tolerance_s: abort, never a rollback
         (ro(errors=2, errors_since=10), world(error="connection refused"), 60, Action.ABORT,
-         Verdict.ERROR, "3 times in a row over 50s"),
+         Verdict.ERROR, "3 times in a row over 50.0s"),
         # as many errors, but within outage_tolerance_s (30 s): still waiting, whatever the
         # tick interval
         (ro(errors=2, errors_since=40), world(error="connection refused"), 60, Action.WAIT,
