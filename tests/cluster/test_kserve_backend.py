@@ -314,7 +314,7 @@ def test_rollout_gate_ready_10_50_100_promote(kube, registry_root, servers, tmp_
     assert not exists(kube, ISVC, isvc_name(MODEL, "1"))
     assert route_weights(kube, HTTP) == {"2": 100}
     assert [h.kind_name for h in r.history] == [
-        "run_gate", "wait", "set_weights", "set_weights", "set_weights", "promote", "retire"]
+        "run_gate", "prepare", "set_weights", "set_weights", "set_weights", "promote", "retire"]
     Registry(registry_root).set_alias(MODEL, "champion", 1)
 
 
