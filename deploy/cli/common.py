@@ -91,13 +91,13 @@ def _parser(knob: Knob) -> Callable[[str], Any]:
         return _int_list
     base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
     if base is float:
-        return _finite
+        return finite
     if base in (int, str):
         return typing.cast(Callable[[str], Any], base)
     raise TypeError(f"no flag parser for {knob.name}: {hint}")
 
 
-def _finite(text: str) -> float:
+def finite(text: str) -> float:
     """A float flag: ``inf`` and ``nan`` are refused here, naming the flag (argparse does)."""
     try:
         value = float(text)

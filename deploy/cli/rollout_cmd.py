@@ -17,7 +17,6 @@ today (``deploy.rollout.champion_for``).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 
@@ -68,11 +67,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (value > 0 and math.isfinite(value)):
+    value = common.finite(text)
+    if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
     return value
 

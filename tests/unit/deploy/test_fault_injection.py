@@ -144,6 +144,7 @@ class World:
         SQLiteRolloutStore(self.db).create(new_rollout(
             "r1", MODEL, self.candidate, self.champion, POLICY, self.clock.now()))
         self.corrupted_at: float | None = None
+        self.gone = False  # the server went away for good
 
     def backend(self) -> LocalBackend:
         return LocalBackend(self.server, now=self.clock.now, admin_errors=(AdminError, OSError))
@@ -151,7 +152,7 @@ class World:
     def step(self, fault: str) -> None:
         """One tick of the world and the controller, with ``fault`` in force for it."""
         s = self.server
-        s.down = fault == "down" or getattr(self, "gone", False)
+        s.down = fault == "down" or self.gone
         s.refusing = 403 if fault == "refuse" else None
         if fault == "restart" and not s.down:
             s.restart()
@@ -225,7 +226,7 @@ def run(tmp_path: Path, setup: Setup, faults: list[str], gone_for_good: bool) ->
         lost += fault in CONTROLLER_FAULTS
         if w.rollout().phase.terminal:
             break
-    w.gone = gone_for_good  # type: ignore[attr-defined]
+    w.gone = gone_for_good
     limit = bound_s(POLICY) / INTERVAL_S + lost
     while not w.rollout().phase.terminal:
         assert ticks <= limit, (f"not terminal after {ticks} ticks ({ticks * INTERVAL_S:g}s, "
@@ -293,7 +294,7 @@ def test_a_server_gone_for_good_ends_needs_attention_within_the_bound(tmp_path: 
     for _ in range(3):
         w.step("none")
     assert w.rollout().phase is Phase.PROGRESSING
-    w.gone = True  # type: ignore[attr-defined]
+    w.gone = True
     started = w.clock.now()
     while not w.rollout().phase.terminal:
         w.step("none")
@@ -302,7 +303,7 @@ def test_a_server_gone_for_good_ends_needs_attention_within_the_bound(tmp_path: 
     assert w.clock.now() - started <= 2 * (POLICY.outage_tolerance_s
                                            + POLICY.error_limit * INTERVAL_S) + 2 * INTERVAL_S
     assert w.registry.alias(MODEL, "champion") == w.champion  # a restart serves the champion
-    w.gone = False  # type: ignore[attr-defined]
+    w.gone = False
     w.server.restart()
     assert w.server.served(MODEL) == {w.champion: 100}
 
