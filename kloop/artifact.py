@@ -51,6 +51,9 @@ DATATYPES = frozenset(
      "FP16", "FP32", "FP64", "BF16", "BYTES"}
 )
 
+# Versions published before tasks declared their metrics were all the digits CNN's.
+_LEGACY_DIRECTIONS = {"accuracy": "higher", "loss": "lower"}
+
 
 class ArtifactError(Exception):
     """Root of the registry's errors."""
@@ -106,6 +109,35 @@ class Manifest:
     files: Mapping[str, str]  # relative path -> sha256 hex, every file but the manifest
     schema: int = SCHEMA_VERSION
     labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # How the metrics are judged, as the task declared: {"primary": NAME, "metrics": {NAME:
+    # {"direction": "higher" | "lower", "threshold": float | None}}}. Empty in versions
+    # published before tasks declared it (``primary_metric`` and ``direction`` then answer
+    # for the digits CNN they all were).
+    evaluation: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # Where the version came from: task reference, code digest or image, config, data
+    # fingerprint, run id (``trainer.publish`` writes it).
+    lineage: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def primary_metric(self) -> str:
+        """The metric the gate judges by default."""
+        return str(self.evaluation.get("primary") or "accuracy")
+
+    def direction(self, metric: str) -> str | None:
+        """"higher" or "lower" (which is better) for ``metric``, None when not declared."""
+        declared = self.evaluation.get("metrics", {}).get(metric)
+        if isinstance(declared, Mapping):
+            d = declared.get("direction")
+            return d if d in ("higher", "lower") else None
+        if self.evaluation:
+            return None
+        return _LEGACY_DIRECTIONS.get(metric)
+
+    def threshold(self, metric: str) -> float | None:
+        """The task's absolute floor ("higher") or ceiling ("lower") for ``metric``, if any."""
+        declared = self.evaluation.get("metrics", {}).get(metric)
+        t = declared.get("threshold") if isinstance(declared, Mapping) else None
+        return float(t) if isinstance(t, int | float) and not isinstance(t, bool) else None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -115,6 +147,8 @@ class Manifest:
         d["params"] = dict(self.params)
         d["files"] = dict(sorted(self.files.items()))
         d["labels"] = dict(self.labels)
+        d["evaluation"] = dict(self.evaluation)
+        d["lineage"] = dict(self.lineage)
         return d
 
     @classmethod
@@ -137,6 +171,8 @@ class Manifest:
                 files=dict(d["files"]),
                 schema=int(d.get("schema", SCHEMA_VERSION)),
                 labels=dict(d.get("labels", {})),
+                evaluation=dict(d.get("evaluation", {})),
+                lineage=dict(d.get("lineage", {})),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactCorrupt(f"manifest is malformed: {e}") from e
@@ -282,6 +318,8 @@ class Registry:
         run_id: str,
         labels: Mapping[str, str] | None = None,
         framework: str = "pytorch",
+        evaluation: Mapping[str, Any] | None = None,
+        lineage: Mapping[str, Any] | None = None,
     ) -> Manifest:
         """Copy ``source_dir``'s files into a new version, atomically. Returns its manifest."""
         check_name(name)
@@ -310,6 +348,7 @@ class Registry:
                     inputs=tuple(inputs), outputs=tuple(outputs), metrics=dict(metrics),
                     params=dict(params), data_fingerprint=data_fingerprint, run_id=run_id,
                     files=files, labels=dict(labels or {}),
+                    evaluation=dict(evaluation or {}), lineage=dict(lineage or {}),
                 )
                 raw = _canonical(manifest.to_dict())
                 (staging / MANIFEST_FILE).write_bytes(raw)

@@ -97,7 +97,7 @@ def _add_arguments(parser: Any) -> None:
 def digits_images() -> np.ndarray:
     """scikit-learn's bundled 8x8 digits (shipped with the package, nothing is downloaded),
     scaled to [0, 1] like the training data: float32 [1797, 1, 8, 8]."""
-    from trainer.data import load_split
+    from trainer.tasks.digits_data import load_split
 
     split = load_split()  # every image once: the training and the held-out part
     data = np.concatenate([split.train_images, split.test_images]).astype(np.float32)

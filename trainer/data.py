@@ -1,122 +1,104 @@
-"""The digits data set and its fixed held-out split.
+"""Task data as kloop uses it: the held-out fingerprint, batches as positional inputs, shards.
 
-Why the split is fixed and fingerprinted: the rollout's evaluation gate compares a candidate with
-the champion, which is only fair on the same examples. The split is therefore not a training
-parameter: its seed and fraction are constants here, recorded in ``SplitDefinition``, and the
-``fingerprint`` (sha256 over that definition AND the bytes of the test images and labels) lets
-anyone check that two models were measured on identical data.
-
-``shuffle_labels`` permutes the *training* labels only (a deliberately bad candidate for demos);
-the held-out split and its fingerprint stay the same, so the gate can still compare it.
-
-The data is scikit-learn's bundled ``load_digits`` (1,797 8x8 images, 10 classes): no download.
+Why a fingerprint over the held-out split's definition AND its bytes: the rollout's gate
+compares a candidate with the champion, which is only fair on the same examples. The task says
+how its split is made (``Datasets.definition``: source, seed, fraction); the fingerprint hashes
+that together with every held-out item's tensors (dtype, shape, bytes), so a changed file, a
+new split seed or a different preprocessing of the raw data all show as a different
+fingerprint, and the gate refuses to compare.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+import torch
+from torch.utils.data import Dataset
 
-DATASET = "sklearn.datasets.load_digits"
-NUM_CLASSES = 10
-IMAGE_SHAPE = (1, 8, 8)  # channels, height, width
-SPLIT_SEED = 20_240_611  # fixed: the held-out split must not move between candidates
-TEST_FRACTION = 0.25
-_PIXEL_MAX = 16.0  # digits pixels are integers 0..16
+from trainer.task import TaskError
 
 
-@dataclasses.dataclass(frozen=True)
-class SplitDefinition:
-    """What defines the held-out split; hashed into the fingerprint."""
-
-    dataset: str = DATASET
-    test_fraction: float = TEST_FRACTION
-    split_seed: int = SPLIT_SEED
-    stratified: bool = True
-    scaling: str = "pixel/16"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class DigitsSplit:
-    """Train and test arrays: images float32 [N, 1, 8, 8] in [0, 1], labels int64 [N]."""
-
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    definition: SplitDefinition
-    fingerprint: str  # sha256 hex of the definition and the test bytes
-    train_index: np.ndarray  # rows of the original data set in the training split (sorted)
-    test_index: np.ndarray  # rows of the original data set in the held-out split (sorted)
-    labels_shuffled: bool = False
-
-    @property
-    def num_train(self) -> int:
-        return int(self.train_labels.shape[0])
-
-    @property
-    def num_test(self) -> int:
-        return int(self.test_labels.shape[0])
-
-
-def fingerprint(definition: SplitDefinition, test_images: np.ndarray, test_labels: np.ndarray) -> str:
-    """sha256 over the split definition and the exact bytes (and dtypes, shapes) of the test set."""
+def fingerprint(definition: Mapping[str, Any], held_out: Dataset[Any]) -> str:
+    """sha256 hex over ``definition`` (as canonical JSON) and every held-out item's tensors."""
     h = hashlib.sha256()
-    h.update(json.dumps(definition.to_dict(), sort_keys=True).encode())
-    for a in (test_images, test_labels):
-        a = np.ascontiguousarray(a)
-        h.update(f"|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
+    try:
+        h.update(json.dumps(dict(definition), sort_keys=True).encode())
+    except TypeError as e:
+        raise TaskError(f"the held-out split's definition must be plain JSON data: {e}") from e
+    for i in range(_length(held_out, "held_out")):
+        for t in _tensors(held_out[i]):
+            a = np.ascontiguousarray(t.detach().cpu().numpy())
+            h.update(f"|{a.dtype.str}|{a.shape}|".encode())
+            h.update(a.tobytes())
     return h.hexdigest()
 
 
-def load_split(
-    definition: SplitDefinition = SplitDefinition(),
-    *,
-    shuffle_labels: bool = False,
-    label_seed: int = 0,
-) -> DigitsSplit:
-    """The held-out split of the digits data set, deterministic for a given ``definition``.
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """The tensors of an item, in a fixed order (dict keys sorted)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, np.ndarray):
+        yield torch.from_numpy(np.ascontiguousarray(obj))
+    elif isinstance(obj, Mapping):
+        for k in sorted(obj):
+            yield from _tensors(obj[k])
+    elif isinstance(obj, tuple | list):
+        for x in obj:
+            yield from _tensors(x)
+    elif isinstance(obj, bool | int | float):
+        yield torch.tensor(obj)
+    else:
+        raise TaskError(f"a dataset item holds a {type(obj).__name__}; items are tensors, "
+                        "numbers, or tuples / dicts of them")
 
-    ``shuffle_labels`` permutes the training labels with ``label_seed``; the test set, and so the
-    fingerprint, do not change.
-    """
-    if definition.dataset != DATASET:
-        raise ValueError(f"unknown dataset {definition.dataset!r}; this module provides {DATASET!r}")
-    if not 0.0 < definition.test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {definition.test_fraction}")
-    raw = load_digits()
-    images = (raw.images.astype(np.float32) / _PIXEL_MAX).reshape(-1, *IMAGE_SHAPE)
-    labels = raw.target.astype(np.int64)
-    idx_train, idx_test = train_test_split(
-        np.arange(labels.shape[0]),
-        test_size=definition.test_fraction,
-        random_state=definition.split_seed,
-        stratify=labels if definition.stratified else None,
-    )
-    # Sorted indices: the arrays (and the fingerprint) do not depend on the order sklearn returns.
-    idx_train, idx_test = np.sort(idx_train), np.sort(idx_test)
-    test_images, test_labels = images[idx_test], labels[idx_test]
-    train_labels = labels[idx_train]
-    if shuffle_labels:
-        train_labels = np.random.default_rng(label_seed).permutation(train_labels)
-    return DigitsSplit(
-        train_images=np.ascontiguousarray(images[idx_train]),
-        train_labels=np.ascontiguousarray(train_labels),
-        test_images=np.ascontiguousarray(test_images),
-        test_labels=np.ascontiguousarray(test_labels),
-        definition=definition,
-        fingerprint=fingerprint(definition, test_images, test_labels),
-        train_index=idx_train,
-        test_index=idx_test,
-        labels_shuffled=shuffle_labels,
-    )
+
+def _length(ds: Dataset[Any], what: str) -> int:
+    try:
+        n = len(ds)  # type: ignore[arg-type]  # map-style datasets define __len__
+    except TypeError:
+        raise TaskError(f"the {what} dataset has no len(): kloop needs map-style datasets "
+                        "(indexable, with a length) to shard them") from None
+    if n < 1:
+        raise TaskError(f"the {what} dataset is empty")
+    return int(n)
+
+
+def length(ds: Dataset[Any], what: str) -> int:
+    return _length(ds, what)
+
+
+def positional(inputs: Any, names: Sequence[str]) -> tuple[torch.Tensor, ...]:
+    """A collated batch's inputs as the positional tensors the graph takes (names' order)."""
+    if isinstance(inputs, torch.Tensor):
+        if len(names) != 1:
+            raise TaskError(f"the dataset yields one input tensor; the example input names "
+                            f"{len(names)} ({', '.join(names)}): yield a dict keyed by them")
+        return (inputs,)
+    if isinstance(inputs, Mapping):
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise TaskError(f"the dataset's inputs lack {', '.join(missing)} "
+                            f"(it yields {', '.join(map(str, inputs))})")
+        return tuple(inputs[n] for n in names)
+    raise TaskError(f"a dataset item's inputs are a {type(inputs).__name__}; expected a tensor "
+                    "or a dict of tensors by input name")
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, tuple | list):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def shard(n: int, rank: int, world: int) -> list[int]:
+    """This process's share of ``n`` held-out items: every world-th from ``rank``, no padding
+    (DistributedSampler would repeat items to even the shards, and count them twice)."""
+    return list(range(rank, n, world))

@@ -101,12 +101,26 @@ def init_process_group(env: DistEnv, device: torch.device) -> None:
         dist.init_process_group(backend=backend, store=HashStore(), rank=0, world_size=1,
                                 timeout=_TIMEOUT, device_id=device_id)
         return
-    os.environ.setdefault("MASTER_ADDR", env.master_addr)
-    os.environ.setdefault("MASTER_PORT", str(env.master_port))
-    dist.init_process_group(
-        backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-        timeout=_TIMEOUT, device_id=device_id,
-    )
+    dist.init_process_group(backend=backend, store=_store(env), rank=env.rank,
+                            world_size=env.world_size, timeout=_TIMEOUT, device_id=device_id)
+
+
+def _store(env: DistEnv, environ: Mapping[str, str] | None = None) -> dist.Store:
+    """The rendezvous store, with a key prefix per torchrun restart.
+
+    Why not ``init_method="env://"``: under torchrun the workers share the agent's store,
+    which outlives a restart of the worker group, and env:// adds no prefix per attempt
+    (torch assumes a fresh store per retry). The restarted workers then read the addresses
+    the dead group published and fail with "connection refused"; seen with torch 2.13 when a
+    worker is SIGKILLed. Prefixing the keys with the restart count gives each attempt its own.
+    Without torchrun's agent (a pod running the entry point bare) rank 0 hosts the store.
+    """
+    e = os.environ if environ is None else environ
+    agent = e.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
+                          is_master=not agent and env.is_main, timeout=_TIMEOUT)
+    attempt = e.get("TORCHELASTIC_RESTART_COUNT", "0") or "0"
+    return dist.PrefixStore(f"kloop/attempt_{attempt}", store)
 
 
 def destroy_process_group() -> None:

@@ -72,14 +72,16 @@ class TrainResult:
 
 
 def torchrun_command(spec: TrainSpec, run_dir: Path, *, resume: bool, port: int) -> list[str]:
-    """The local command line: one node, ``spec.nproc_per_node`` processes, a private port."""
+    """The local command line: one node, ``spec.nproc_per_node`` processes, a private port.
+    A worker that dies makes torchrun restart the group (up to ``spec.max_restarts`` times),
+    and the restarted workers resume from the last checkpoint (``trainer.loop``)."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes", "1",
         "--nproc-per-node", str(spec.nproc_per_node),
         "--rdzv-backend", "c10d",
         "--rdzv-endpoint", f"127.0.0.1:{port}",
-        "--max-restarts", "0",
+        "--max-restarts", str(spec.max_restarts),
         "-m", "trainer.main",
         "--spec", str(run_dir / SPEC_FILE),
         "--run-dir", str(run_dir),
@@ -88,9 +90,11 @@ def torchrun_command(spec: TrainSpec, run_dir: Path, *, resume: bool, port: int)
 
 
 def run_local(
-    spec: TrainSpec, run_dir: Path, resume: bool = False, *, progress: bool = True
+    spec: TrainSpec, run_dir: Path, resume: bool = False, *, progress: bool = True,
+    pythonpath: Sequence[str] = (),
 ) -> TrainResult:
-    """Train ``spec`` with torchrun on this machine; block until done. Raises ``TrainingFailed``."""
+    """Train ``spec`` with torchrun on this machine; block until done. Raises ``TrainingFailed``.
+    The workers import the task from ``spec.code``'s directory, ``pythonpath`` and kloop's."""
     if spec.num_nodes != 1:
         raise ValueError(f"a local run has one node; spec asks for num_nodes={spec.num_nodes}")
     run_dir = Path(run_dir).resolve()
@@ -103,7 +107,7 @@ def run_local(
     started = time.monotonic()
     with open(run_dir / LOG_FILE, "ab") as log, _display(spec, progress) as show:
         proc = subprocess.Popen(_dying_with_this_process(cmd), stdout=log, stderr=subprocess.STDOUT,
-                                env=_child_env(spec), cwd=_repo_root(), process_group=0)
+                                env=_child_env(spec, pythonpath), cwd=_repo_root(), process_group=0)
         try:
             while True:
                 done = proc.poll() is not None
@@ -198,13 +202,14 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def _child_env(spec: TrainSpec) -> dict[str, str]:
+def _child_env(spec: TrainSpec, pythonpath: Sequence[str] = ()) -> dict[str, str]:
     env = dict(os.environ)
     # One thread per process on CPU: N processes x all cores each would oversubscribe the machine.
     if spec.device != "cuda":
         env["OMP_NUM_THREADS"] = "1"
-    root = str(_repo_root())
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    paths = [spec.code.path] if spec.code is not None else []
+    paths += [*pythonpath, str(_repo_root()), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -253,11 +258,13 @@ def _display(spec: TrainSpec, enabled: bool) -> Iterator[Callable[[dict[str, Any
                 bar.update(task, completed=ev["epoch"] - 1 + ev["step"] / ev["steps"],
                            description=f"loss {ev['loss']:.4f}")
             elif ev["event"] == "epoch":
+                held = " ".join(f"{k} {v:.4g}" for k, v in ev.get("held_out", {}).items())
                 bar.update(task, completed=ev["epoch"],
-                           description=f"loss {ev['loss']:.4f} acc {ev['accuracy']:.3f} {ev['samples_per_s']:.0f}/s")
+                           description=f"loss {ev['loss']:.4f} {held} {ev['samples_per_s']:.0f}/s")
             elif ev["event"] == "done":
+                primary = ev.get("primary_metric", "")
                 bar.update(task, completed=spec.epochs,
-                           description=f"held-out accuracy {ev['metrics']['accuracy']:.4f}")
+                           description=f"held-out {primary} {ev['metrics'].get(primary, float('nan')):.4f}")
             if ev["event"] != "step":  # step lines would scroll the bar away; it shows them
                 bar.console.print(format_event(ev), highlight=False)
 

@@ -57,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kloop.artifact import Registry
         from trainer.publish import publish
 
-        m = publish(Registry(spec.storage.registry_uri), spec, args.run_dir, args.run_id)
+        m = publish(Registry(spec.storage.registry_uri), spec, args.run_dir, args.run_id,
+                    image=spec.image)
         print(f"published {m.name} v{m.version} to {spec.storage.registry_uri}", flush=True)
     return 0
 

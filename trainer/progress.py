@@ -4,10 +4,14 @@ Why two forms of one event: people read the log; the pipeline and the local laun
 JSON lines (appended, one object per line, flushed per event), so nothing ever parses a human
 log line. Events (all carry ``event`` and ``time``, unix seconds):
 
-* ``start``  epochs, start_epoch, world_size, device, resumed
+* ``start``  task, epochs, start_epoch, start_step, world_size, device, resumed, restart
+             (torchrun's restart count), data_fingerprint, primary_metric
 * ``step``   epoch, step, steps (per epoch), loss (running mean of this epoch)
-* ``epoch``  epoch, epochs, loss, accuracy (training, over all processes), samples_per_s
-* ``done``   metrics (held-out evaluation of the exported model), model_path, seconds
+* ``checkpoint`` epoch, step: a mid-epoch checkpoint (``checkpoint_every_steps``)
+* ``epoch``  epoch, epochs, loss (training, over all processes), held_out (the task's metrics
+             on the held-out split, all-reduced), samples_per_s
+* ``done``   metrics (held-out evaluation of the exported model), model_path, seconds,
+             primary_metric
 
 Only rank 0 writes. The file is appended across resumes, so one log tells the whole story.
 """
@@ -29,21 +33,28 @@ def format_event(ev: dict[str, Any]) -> str:
     """The human line for an event."""
     kind = ev.get("event")
     if kind == "start":
-        how = f"resuming at epoch {ev['start_epoch']}" if ev.get("resumed") else "starting"
-        return f"train: {how}, {ev['epochs']} epochs on {ev['world_size']} process(es), {ev['device']}"
+        how = "starting"
+        if ev.get("resumed"):
+            how = f"resuming at epoch {ev['start_epoch']}"
+            if ev.get("start_step"):
+                how += f" after step {ev['start_step']}"
+        if ev.get("restart"):
+            how = f"restart {ev['restart']} after a worker died, {how}"
+        task = f" {ev['task']}," if ev.get("task") else ""
+        return f"train:{task} {how}, {ev['epochs']} epochs on {ev['world_size']} process(es), {ev['device']}"
+    if kind == "checkpoint":
+        return f"  checkpoint at epoch {ev['epoch']} step {ev['step']}"
     if kind == "step":
         return f"  epoch {ev['epoch']} step {ev['step']}/{ev['steps']} loss {ev['loss']:.4f}"
     if kind == "epoch":
-        return (
-            f"epoch {ev['epoch']}/{ev['epochs']} loss {ev['loss']:.4f} "
-            f"accuracy {ev['accuracy']:.4f} {ev['samples_per_s']:.0f} samples/s"
-        )
+        held = "".join(f" held-out {k} {v:.4f}" for k, v in ev.get("held_out", {}).items())
+        return (f"epoch {ev['epoch']}/{ev['epochs']} loss {ev['loss']:.4f}{held} "
+                f"{ev['samples_per_s']:.0f} samples/s")
     if kind == "done":
         m = ev.get("metrics", {})
-        return (
-            f"train: done in {ev['seconds']:.1f}s, held-out accuracy {m.get('accuracy', float('nan')):.4f}"
-            f" loss {m.get('loss', float('nan')):.4f} -> {ev['model_path']}"
-        )
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in m.items()
+                          if isinstance(v, int | float) and k != "num_examples")
+        return f"train: done in {ev['seconds']:.1f}s, held-out {shown} -> {ev['model_path']}"
     return json.dumps(ev)
 
 

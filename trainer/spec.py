@@ -90,26 +90,59 @@ T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
+class Code:
+    """The task's code when it is not in the image: a directory packed (with its
+    ``requirements.txt``, if any) into a tar.gz whose sha256 is recorded. Locally the directory
+    is put on the workers' path; in a cluster the archive reaches the run's directory on the
+    shared volume and is unpacked (and its requirements installed) before torchrun starts."""
+
+    path: str  # the directory on the submitting machine (absolute)
+    sha256: str  # of the packed archive (``trainer.code.pack``): what the pods run is this
+
+    def __post_init__(self) -> None:
+        _require(self.path.startswith("/"), f"code.path must be absolute, got {self.path!r}")
+        _require(bool(re.fullmatch(r"[0-9a-f]{64}", self.sha256)), f"code.sha256 {self.sha256!r} is not a sha256 hex digest")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainSpec:
-    """One training run. Defaults train the digits CNN with 2 CPU processes in well under a minute."""
+    """One training run. Defaults train the digits CNN with 2 CPU processes in well under a minute.
+
+    What is trained is the ``task`` (``trainer.task``): a registered name (``kloop tasks``) or
+    ``module:Class``; ``config`` sets fields of the task's config dataclass (checked against it
+    by ``trainer.task.resolve`` before any process starts). Everything else here is kloop's:
+    how many processes, how long, where, with what restarts and checkpoints.
+    """
 
     model_name: str = "digits"  # registry name the result is published under
-    arch: str = "digits_cnn"  # architecture registry key (trainer.models.ARCHITECTURES)
+    task: str = "digits"  # registered task name or "module:Class" (trainer.task)
+    config: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # task config overrides
     epochs: int = 8  # full passes over the training split; ~97 % test accuracy by then
     global_batch_size: int = 64  # samples per optimizer step over ALL processes; fixes the math
-    lr: float = 0.05  # SGD learning rate (momentum 0.9); tuned for batch 64
-    momentum: float = 0.9  # SGD momentum
     seed: int = 0  # model init and data order; same seed + global batch = same result at any world size
     nproc_per_node: int = 2  # processes per node (torchrun --nproc-per-node); 1 per GPU on CUDA
     num_nodes: int = 1  # replicas in a cluster: 1 Master + (num_nodes - 1) Workers
-    shuffle_labels: bool = False  # permute training labels: a deliberately bad candidate for demos
     device: Device = "auto"  # "auto" = CUDA when present, else CPU
     log_every_steps: int = 10  # progress "step" events every N optimizer steps (rank 0)
+    # Restarts of the worker group (torchrun --max-restarts) after a worker dies: training
+    # continues from the last checkpoint. 3 survives a few crashes without looping forever.
+    max_restarts: int = 3
+    # A checkpoint after every epoch and, when set, every N optimizer steps: what a restart
+    # loses is at most that much work. None: per epoch only (an epoch takes seconds here).
+    checkpoint_every_steps: int | None = None
+    code: Code | None = None  # the task's code as a packed directory (None: in the image / path)
+    # The container's command in a cluster, when the user brings their own (it must start the
+    # training itself); None: torchrun + kloop's entry point (``trainer.job_manifests.command``).
+    command: tuple[str, ...] | None = None
     resources: Resources = dataclasses.field(default_factory=Resources)
     image: str = "ghcr.io/kloop/kloop-trainer:0.1.0"  # container image with kloop installed
     restart_policy: RestartPolicy = "OnFailure"  # restarted pods resume from the last checkpoint
     clean_pod_policy: CleanPodPolicy = "None"  # keep finished pods for their logs by default
     backoff_limit: int = 3  # pod restarts before the job is marked failed
+    # The job (and its pods) is deleted this long after it finished; a day keeps the logs for
+    # a look and stops finished jobs piling up. None: never (the operator's default).
+    ttl_seconds_after_finished: int | None = 86_400
+    active_deadline_seconds: int | None = None  # the job is failed after running this long
     elastic: Elastic | None = None  # None = fixed size (Master + Workers)
     storage: Storage = dataclasses.field(default_factory=Storage)
 
@@ -118,14 +151,25 @@ class TrainSpec:
             check_name(self.model_name)  # the registry's rule, stated once
         except ValueError as e:
             raise SpecError(f"model_name: {e}") from None
-        _require(bool(self.arch), "arch must name an architecture")
+        _require(isinstance(self.task, str) and bool(self.task), "task must name a task (a registered name or module:Class)")
+        _require(isinstance(self.config, Mapping), f"config must be a mapping of task config fields, got {type(self.config).__name__}")
+        object.__setattr__(self, "config", dict(self.config))
+        if self.command is not None:
+            _require(not isinstance(self.command, str) and all(isinstance(a, str) for a in self.command) and len(self.command) > 0,
+                     f"command must be a non-empty list of strings, got {self.command!r}")
+            object.__setattr__(self, "command", tuple(self.command))
         _require(_is_int(self.epochs) and self.epochs >= 1, f"epochs must be an integer >= 1, got {self.epochs!r}")
         _require(_is_int(self.global_batch_size) and self.global_batch_size >= 1, f"global_batch_size must be >= 1, got {self.global_batch_size!r}")
-        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        _require(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         _require(_is_int(self.nproc_per_node) and self.nproc_per_node >= 1, f"nproc_per_node must be >= 1, got {self.nproc_per_node!r}")
         _require(_is_int(self.num_nodes) and self.num_nodes >= 1, f"num_nodes must be >= 1, got {self.num_nodes!r}")
         _require(self.log_every_steps >= 1, f"log_every_steps must be >= 1, got {self.log_every_steps}")
+        _require(_is_int(self.max_restarts) and self.max_restarts >= 0, f"max_restarts must be an integer >= 0, got {self.max_restarts!r}")
+        _require(self.checkpoint_every_steps is None or (_is_int(self.checkpoint_every_steps) and self.checkpoint_every_steps >= 1),
+                 f"checkpoint_every_steps must be an integer >= 1 or None, got {self.checkpoint_every_steps!r}")
+        for name in ("ttl_seconds_after_finished", "active_deadline_seconds"):
+            v = getattr(self, name)
+            _require(v is None or (_is_int(v) and v >= (0 if name.startswith("ttl") else 1)),
+                     f"{name} must be a whole number of seconds (or None), got {v!r}")
         _require(self.device in get_args(Device), f"device must be one of {get_args(Device)}, got {self.device!r}")
         _require(self.restart_policy in get_args(RestartPolicy), f"restart_policy must be one of {get_args(RestartPolicy)}, got {self.restart_policy!r}")
         _require(self.clean_pod_policy in get_args(CleanPodPolicy), f"clean_pod_policy must be one of {get_args(CleanPodPolicy)}, got {self.clean_pod_policy!r}")
@@ -175,10 +219,31 @@ class TrainSpec:
             nested["resources"] = _build(Resources, d.pop("resources"), "resources")
         if "storage" in d:
             nested["storage"] = _build(Storage, d.pop("storage"), "storage")
+        d = _legacy(d)
+        if "code" in d:
+            c = d.pop("code")
+            nested["code"] = None if c is None else _build(Code, c, "code")
         if "elastic" in d:
             e = d.pop("elastic")
             nested["elastic"] = None if e is None else _build(Elastic, e, "elastic")
         return _build(cls, {**d, **nested}, "TrainSpec")
+
+
+_LEGACY_CONFIG = ("lr", "momentum", "shuffle_labels")
+
+
+def _legacy(d: dict[str, Any]) -> dict[str, Any]:
+    """Specs saved before tasks (``arch`` and the digits CNN's hyperparameters at the top
+    level) read as the digits task with those values in its config, so old runs resume."""
+    if "arch" not in d:
+        return d
+    arch = d.pop("arch")
+    _require(arch == "digits_cnn", f"arch {arch!r}: specs name a task now (task=...)")
+    config = dict(d.get("config", {}))
+    for k in _LEGACY_CONFIG:
+        if k in d:
+            config[k] = d.pop(k)
+    return {**d, "task": d.get("task", "digits"), "config": config}
 
 
 def _build(cls: type[T], d: Any, where: str) -> T:

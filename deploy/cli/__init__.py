@@ -6,6 +6,7 @@ State lives under ``$KLOOP_HOME`` (default ``~/.kloop``; ``deploy.local.home``).
 
 =================  ================================================================
 ``train_cmd``      ``kloop train`` (torchrun, or a PyTorchJob / TrainJob), ``train cancel``
+``tasks_cmd``      ``kloop tasks`` (the installed tasks; check one)
 ``serve_cmd``      ``kloop serve`` (the model server on the home's registry)
 ``rollout_cmd``    ``kloop rollout`` (local canary, or a Rollout resource for KServe)
 ``pipeline_cmd``   ``kloop pipeline run``, ``kloop runs``
@@ -29,12 +30,13 @@ from deploy.cli import (
     rollout_cmd,
     serve_cmd,
     status_cmd,
+    tasks_cmd,
     train_cmd,
 )
 from deploy.cluster.kube import KubeError
 from kloop.artifact import ArtifactError
 
-_COMMANDS = (train_cmd, serve_cmd, rollout_cmd, pipeline_cmd, status_cmd, cluster_cmd, demo_cmd)
+_COMMANDS = (tasks_cmd, train_cmd, serve_cmd, rollout_cmd, pipeline_cmd, status_cmd, cluster_cmd, demo_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

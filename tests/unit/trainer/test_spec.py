@@ -25,7 +25,14 @@ def test_defaults_are_valid_and_round_trip_through_json() -> None:
         ({"resources": {"gpus": 1}}, "nproc_per_node 2 exceeds resources.gpus 1"),
         ({"resources": {"gpus": 2}, "device": "cpu"}, "GPUs would sit idle"),
         ({"epochs": 0}, "epochs must be an integer >= 1"),
-        ({"lr": 0.0}, "lr must be > 0"),
+        ({"max_restarts": -1}, "max_restarts must be an integer >= 0"),
+        ({"checkpoint_every_steps": 0}, "checkpoint_every_steps must be an integer >= 1"),
+        ({"ttl_seconds_after_finished": -5}, "ttl_seconds_after_finished must be a whole number"),
+        ({"active_deadline_seconds": 0}, "active_deadline_seconds must be a whole number"),
+        ({"config": [1]}, "config must be a mapping"),
+        ({"command": "python x.py"}, "command must be a non-empty list of strings"),
+        ({"code": {"path": "rel", "sha256": "0" * 64}}, "code.path must be absolute"),
+        ({"code": {"path": "/x", "sha256": "abc"}}, "is not a sha256"),
         ({"device": "tpu"}, "device must be one of"),
         ({"clean_pod_policy": "Sometimes"}, "clean_pod_policy must be one of"),
         ({"model_name": "Digits!"}, "model_name"),
@@ -51,3 +58,18 @@ def test_from_dict_rejects_unknown_fields() -> None:
         TrainSpec.from_dict({"epoch": 3})
     with pytest.raises(SpecError, match="resources: unknown fields \\['gpu'\\]"):
         TrainSpec.from_dict({"resources": {"gpu": 1}})
+
+
+def test_specs_saved_before_tasks_read_as_the_digits_task() -> None:
+    old = {"arch": "digits_cnn", "lr": 0.1, "momentum": 0.5, "shuffle_labels": True, "epochs": 2}
+    spec = TrainSpec.from_dict(old)
+    assert (spec.task, spec.config, spec.epochs) == ("digits", {"lr": 0.1, "momentum": 0.5, "shuffle_labels": True}, 2)
+    with pytest.raises(SpecError, match="specs name a task now"):
+        TrainSpec.from_dict({"arch": "resnet"})
+
+
+def test_task_config_and_code_round_trip() -> None:
+    spec = TrainSpec(task="mypkg.task:Churn", config={"lr": 0.01, "layers": [2, 3]},
+                     command=("python", "train.py"))
+    back = TrainSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert back == spec and back.command == ("python", "train.py")

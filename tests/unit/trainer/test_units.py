@@ -8,13 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from torch.utils.data import TensorDataset
+
 from trainer import checkpoint
-from trainer.data import load_split
 from trainer.distributed import DistEnv
 from trainer.loop import make_loader
-from trainer.models import ServingWrapper, build_model
 from trainer.progress import ProgressLog, read_events
 from trainer.spec import TrainSpec
+from trainer.tasks.digits import Digits, DigitsCNN, DigitsConfig
+from trainer.tasks.digits_data import load_split
+
+
+def _train_set() -> TensorDataset:
+    return Digits(DigitsConfig()).datasets().train  # type: ignore[return-value]
 
 
 def _env(rank: int, world: int) -> DistEnv:
@@ -28,12 +34,12 @@ def _examples(x: torch.Tensor, y: torch.Tensor) -> list[tuple[int, bytes]]:
 @pytest.mark.parametrize("world", [2, 4])
 def test_every_world_size_sees_the_same_global_batches(world: int) -> None:
     """The parity argument of trainer.loop, checked on the real sampler and loader."""
-    split = load_split()
+    split, train = load_split(), _train_set()
     spec = TrainSpec(nproc_per_node=1, global_batch_size=64, seed=7)
     for epoch in (1, 2):
-        single = make_loader(split, spec, _env(0, 1))
+        single = make_loader(train, spec, _env(0, 1))
         single.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
-        ranks = [make_loader(split, spec, _env(r, world)) for r in range(world)]
+        ranks = [make_loader(train, spec, _env(r, world)) for r in range(world)]
         for loader in ranks:
             loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
         one = list(single)
@@ -44,15 +50,15 @@ def test_every_world_size_sees_the_same_global_batches(world: int) -> None:
             assert _examples(x1, y1) == _examples(
                 torch.cat([x for x, _ in shards]), torch.cat([y for _, y in shards])
             )
-    a = [y for _, y in make_loader(split, spec, _env(0, 1))]
-    loader = make_loader(split, spec, _env(0, 1))
+    a = [y for _, y in make_loader(train, spec, _env(0, 1))]
+    loader = make_loader(train, spec, _env(0, 1))
     loader.sampler.set_epoch(3)  # type: ignore[attr-defined]
     assert any(not torch.equal(x, y) for x, y in zip(a, [y for _, y in loader], strict=True))
 
 
 def test_make_loader_rejects_indivisible_batch() -> None:
     with pytest.raises(ValueError, match="not divisible"):
-        make_loader(load_split(), TrainSpec(global_batch_size=64, nproc_per_node=1), _env(0, 3))
+        make_loader(_train_set(), TrainSpec(global_batch_size=64, nproc_per_node=1), _env(0, 3))
 
 
 def test_dist_env_from_torchrun_pet_and_bare() -> None:
@@ -68,30 +74,36 @@ def test_dist_env_from_torchrun_pet_and_bare() -> None:
 
 def test_checkpoint_round_trip_and_identity_check(tmp_path: Path) -> None:
     spec = TrainSpec()
-    model = build_model(spec.arch)
+    ident = checkpoint.identity(spec, "trainer.tasks.digits:Digits", {"lr": 0.05})
+    model = DigitsCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.zeros(2, 1, 8, 8)).sum().backward()
     opt.step()
     path = tmp_path / "checkpoint.pt"
     checkpoint.save(path, checkpoint.Checkpoint(
         epoch=3, model=model.state_dict(), optimizer=opt.state_dict(), rng=torch.get_rng_state(),
-        identity=checkpoint.identity(spec),
+        identity=ident, step=7,
     ))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left behind
-    ck = checkpoint.load(path, spec.replace(epochs=20))  # extending a run is allowed
-    assert ck is not None and ck.epoch == 3
+    # extending a run is allowed
+    ck = checkpoint.load(path, checkpoint.identity(spec.replace(epochs=20), "trainer.tasks.digits:Digits", {"lr": 0.05}))
+    assert ck is not None and (ck.epoch, ck.step) == (3, 7)
     for k, v in model.state_dict().items():
         assert torch.equal(ck.model[k], v)
-    assert checkpoint.load(tmp_path / "none.pt", spec) is None
+    assert checkpoint.load(tmp_path / "none.pt", ident) is None
     with pytest.raises(checkpoint.CheckpointMismatch, match="seed"):
-        checkpoint.load(path, spec.replace(seed=1))
+        checkpoint.load(path, checkpoint.identity(spec.replace(seed=1), "trainer.tasks.digits:Digits", {"lr": 0.05}))
+    with pytest.raises(checkpoint.CheckpointMismatch, match="config"):
+        checkpoint.load(path, checkpoint.identity(spec, "trainer.tasks.digits:Digits", {"lr": 0.1}))
+    with pytest.raises(checkpoint.CheckpointMismatch, match="task"):
+        checkpoint.load(path, checkpoint.identity(spec, "other:Task", {"lr": 0.05}))
 
 
 def test_progress_log_and_partial_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     log = ProgressLog(tmp_path, enabled=True)
-    log.emit("epoch", epoch=1, epochs=2, loss=0.5, accuracy=0.9, samples_per_s=100.0, steps=3)
+    log.emit("epoch", epoch=1, epochs=2, loss=0.5, held_out={"rmse": 0.9}, samples_per_s=100.0, steps=3)
     ProgressLog(tmp_path, enabled=False).emit("epoch", epoch=9)  # other ranks write nothing
-    assert "epoch 1/2 loss 0.5000 accuracy 0.9000" in capsys.readouterr().out
+    assert "epoch 1/2 loss 0.5000 held-out rmse 0.9000" in capsys.readouterr().out
     with open(log.path, "a") as f:
         f.write('{"event": "ep')  # a write in flight
     events, offset = read_events(log.path)
@@ -101,11 +113,3 @@ def test_progress_log_and_partial_lines(tmp_path: Path, capsys: pytest.CaptureFi
     more, _ = read_events(log.path, offset)
     assert more == [{"event": "epoch", "epoch": 2}]
     assert json.loads(log.path.read_text().splitlines()[0])["event"] == "epoch"
-
-
-def test_serving_wrapper_returns_logits_and_labels() -> None:
-    logits, label = ServingWrapper(build_model("digits_cnn")).eval()(torch.rand(5, 1, 8, 8))
-    assert logits.shape == (5, 10) and label.dtype == torch.int64
-    assert torch.equal(label, logits.argmax(1))
-    with pytest.raises(ValueError, match="unknown architecture"):
-        build_model("resnet")
