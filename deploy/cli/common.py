@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from deploy.local.home import Home
 from deploy.local.server_process import TOKEN_FILE, ServerHandle, discover
-from deploy.rollout import KNOBS, AnalysisPolicy, GatePolicy, Knob, RolloutPolicy
+from deploy.rollout import KNOBS, AnalysisPolicy, GatePolicy, Knob, MetricThreshold, RolloutPolicy
 from serving.cli import TOKEN_ENV
 
 if TYPE_CHECKING:
@@ -57,15 +57,20 @@ def kube(args: argparse.Namespace, namespace: str | None = None) -> Kube:
 
 
 def add_policy_args(p: argparse.ArgumentParser) -> None:
-    """``--steps``, ``--min-requests``, ...: every ``RolloutPolicy`` setting, with its default."""
+    """``--steps``, ``--min-requests``, ...: every ``RolloutPolicy`` setting, with its default.
+    A renamed setting also answers to its former flag (``--max-accuracy-drop`` is
+    ``--gate-tolerance``); a repeated one (``--gate-condition``) takes one item per flag."""
     default = RolloutPolicy().to_dict()
     g = p.add_argument_group("rollout policy (deploy.rollout.RolloutPolicy)")
     for knob in KNOBS:
         value = default[knob.name]
         shown = ",".join(map(str, value)) if isinstance(value, list) else value
-        g.add_argument(knob.flag, dest=_dest(knob), type=_parser(knob), default=None,
-                       metavar=knob.name.upper(),
-                       help=f"{knob.help} (default: {'none' if shown is None else shown})")
+        alias = f"; alias {', '.join(knob.alias_flags)}" if knob.aliases else ""
+        g.add_argument(knob.flag, *knob.alias_flags, dest=_dest(knob), type=_parser(knob),
+                       default=None, action="append" if knob.repeated else "store",
+                       metavar="METRIC:KEY=VALUE" if knob.repeated else knob.name.upper(),
+                       help=f"{knob.help} (default: {shown if shown not in (None, '') else 'none'}"
+                            f"{alias})")
 
 
 def policy(args: argparse.Namespace) -> RolloutPolicy:
@@ -75,8 +80,9 @@ def policy(args: argparse.Namespace) -> RolloutPolicy:
 
 def given_policy(args: argparse.Namespace) -> dict[str, Any]:
     """The policy settings given as flags on this command line, by persisted key."""
-    given = {knob.name: getattr(args, _dest(knob)) for knob in KNOBS}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in given.items() if v is not None}
+    given = {knob: getattr(args, _dest(knob)) for knob in KNOBS}
+    return {knob.name: knob.dump(tuple(v) if isinstance(v, list) else v)
+            for knob, v in given.items() if v is not None}
 
 
 def _dest(knob: Knob) -> str:
@@ -84,17 +90,46 @@ def _dest(knob: Knob) -> str:
 
 
 def _parser(knob: Knob) -> Callable[[str], Any]:
-    """How a flag's text becomes the setting's value, from the setting's declared type."""
+    """How a flag's text becomes the setting's value, from the setting's declared type. A gate
+    setting is also checked alone against ``GatePolicy``'s own rules, so a bad value is refused
+    naming its flag (the gate has no cross-field rules that another flag could satisfy)."""
     owner = {"rollout": RolloutPolicy, "analysis": AnalysisPolicy, "gate": GatePolicy}
     hint = typing.get_type_hints(owner[knob.section])[knob.field]
+    parse = _base_parser(knob, hint)
+    if knob.section != "gate":
+        return parse
+
+    def checked(text: str) -> Any:
+        value = parse(text)
+        try:
+            fields: dict[str, Any] = {knob.field: (value,) if knob.repeated else value}
+            GatePolicy(**fields)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+
+    return checked
+
+
+def _base_parser(knob: Knob, hint: Any) -> Callable[[str], Any]:
     if hint == tuple[int, ...]:
         return _int_list
+    if hint == tuple[MetricThreshold, ...]:
+        return _condition
     base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
     if base is float:
         return finite
     if base in (int, str):
         return typing.cast(Callable[[str], Any], base)
     raise TypeError(f"no flag parser for {knob.name}: {hint}")
+
+
+def _condition(text: str) -> MetricThreshold:
+    """``--gate-condition METRIC:key=value[,key=value]``."""
+    try:
+        return MetricThreshold.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def finite(text: str) -> float:

@@ -28,7 +28,7 @@ from deploy.local.home import Home
 from deploy.local.server_backend import LocalBackend
 from deploy.local.server_process import SERVER_FILE, ServerHandle
 from deploy.ports import Clock, RolloutStore
-from deploy.rollout import KNOBS, Event, Phase, Rollout, RolloutPolicy
+from deploy.rollout import KNOBS, Event, MetricThreshold, Phase, Rollout, RolloutPolicy
 from kloop.model_version import Version
 
 KNOB_FLAGS = {k.name: k.flag for k in KNOBS}
@@ -198,7 +198,12 @@ def _changed_policy(args: argparse.Namespace, stored: RolloutPolicy) -> list[str
 
 
 def _show(v: object) -> str:
-    return ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v)
+    """A persisted setting as its flag spells it (a gate condition as METRIC:key=value)."""
+    if isinstance(v, list | tuple):
+        sep = " " if any(isinstance(x, dict) for x in v) else ","
+        return sep.join(str(MetricThreshold.from_dict(x)) if isinstance(x, dict) else str(x)
+                        for x in v)
+    return str(v)
 
 
 def abort(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ from typing import Any
 from deploy.cluster import kube as k
 from deploy.ports import Conflict, NotFound
 from deploy.rollout import KNOBS, Phase, Rollout, RolloutPolicy
-from deploy.rollout.policy import camel
+from deploy.rollout.policy import MetricThreshold, camel
 from kloop.model_version import Version
 
 ROLLOUT = k.KINDS["Rollout"]
@@ -40,7 +40,17 @@ API_VERSION = ROLLOUT.api_version
 # A policy setting's persisted key <-> its CR spec.policy key (Kubernetes habit: camelCase, units
 # spelled out): both from the one table of settings, ``deploy.rollout.KNOBS``.
 POLICY_KEYS: dict[str, str] = {knob.name: knob.cr_key for knob in KNOBS}
-_POLICY_FIELDS = {v: f for f, v in POLICY_KEYS.items()}
+# A renamed setting's former CR key (``maxAccuracyDrop``, ``minAccuracy``) -> its former persisted
+# key, which ``RolloutPolicy.from_dict`` still reads: CRs written before the rename keep working.
+LEGACY_POLICY_KEYS: dict[str, str] = {
+    cr_key: alias for knob in KNOBS for alias, cr_key in zip(knob.aliases, knob.alias_cr_keys,
+                                                             strict=True)}
+_POLICY_FIELDS = {v: f for f, v in POLICY_KEYS.items()} | LEGACY_POLICY_KEYS
+# A gate condition's fields, inside spec.policy.gateConditions[]: camelCase like the rest.
+CONDITION_KEYS: dict[str, str] = {f.name: camel(f.name)
+                                  for f in dataclasses.fields(MetricThreshold)}
+_CONDITION_FIELDS = {v: f for f, v in CONDITION_KEYS.items()}
+_CONDITIONS = POLICY_KEYS["gate_conditions"]
 
 # Rollout.to_dict() status key <-> CR status key (the spec-ish keys are recorded in status, so a
 # running rollout cannot be retargeted by editing its spec).
@@ -62,6 +72,8 @@ def policy_from_spec(spec_policy: Mapping[str, Any] | None) -> RolloutPolicy:
     for key, value in (spec_policy or {}).items():
         if key not in _POLICY_FIELDS:
             raise InvalidSpec(f"unknown policy field {key!r}")
+        if key == _CONDITIONS and isinstance(value, list):
+            value = [_condition_from_spec(c) for c in value]
         fields[_POLICY_FIELDS[key]] = value
     try:
         return RolloutPolicy.from_dict(fields)
@@ -72,8 +84,23 @@ def policy_from_spec(spec_policy: Mapping[str, Any] | None) -> RolloutPolicy:
 def policy_to_spec(policy: RolloutPolicy) -> dict[str, Any]:
     """The settings that differ from the defaults, under their CR keys."""
     default = RolloutPolicy().to_dict()
-    return {POLICY_KEYS[name]: value for name, value in policy.to_dict().items()
+    spec = {POLICY_KEYS[name]: value for name, value in policy.to_dict().items()
             if value is not None and value != default[name]}
+    if _CONDITIONS in spec:
+        spec[_CONDITIONS] = [{CONDITION_KEYS[f]: v for f, v in c.items()}
+                             for c in spec[_CONDITIONS]]
+    return spec
+
+
+def _condition_from_spec(c: Any) -> Any:
+    """One ``gateConditions`` item under the persisted keys (anything else is left for
+    ``RolloutPolicy.from_dict`` to refuse)."""
+    if not isinstance(c, Mapping):
+        return c
+    unknown = set(c) - set(_CONDITION_FIELDS)
+    if unknown:
+        raise InvalidSpec(f"spec.policy.{_CONDITIONS}: unknown fields {sorted(unknown)}")
+    return {_CONDITION_FIELDS[k_]: v for k_, v in c.items()}
 
 
 def cr_from_rollout(r: Rollout, namespace: str, *, backend: Mapping[str, Any] | None = None,

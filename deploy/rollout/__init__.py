@@ -5,15 +5,22 @@ judgement is a table-testable function. The controller (``deploy.controller``) i
 the world, applies decisions and saves the result.
 
 Modules, lowest first: ``samples`` (cumulative counters from Prometheus text, windows,
-quantiles) < ``policy`` (``RolloutPolicy`` with its ``AnalysisPolicy`` and ``GatePolicy``, and
-``KNOBS``, every setting's spelling) < ``analysis`` (the gate and the live verdicts) < ``state``
-(``Phase``, ``Action``, ``Event``, ``Rollout``) < ``world`` (what a backend saw) < ``decide`` <
-``transition``.
+quantiles) < ``policy`` (``RolloutPolicy`` with its ``AnalysisPolicy`` and ``GatePolicy``, the
+gate's ``MetricThreshold`` conditions, and ``KNOBS``, every setting's spelling) < ``analysis``
+(the gate and the live verdicts) < ``state`` (``Phase``, ``Action``, ``Event``, ``Rollout``) <
+``world`` (what a backend saw) < ``decide`` < ``transition``.
 """
 
 from deploy.rollout.analysis import Analysis, GateResult, Verdict, VersionStats, analyse, gate
 from deploy.rollout.decide import Decision, decide, next_weight, outage_over, step_weights
-from deploy.rollout.policy import KNOBS, AnalysisPolicy, GatePolicy, Knob, RolloutPolicy
+from deploy.rollout.policy import (
+    KNOBS,
+    AnalysisPolicy,
+    GatePolicy,
+    Knob,
+    MetricThreshold,
+    RolloutPolicy,
+)
 from deploy.rollout.samples import (
     CounterReset,
     MetricsError,
@@ -39,7 +46,8 @@ from deploy.rollout.world import World, normalized
 
 __all__ = [
     "KNOBS", "WRITE_FAILED", "Action", "Analysis", "AnalysisPolicy", "Applied", "CounterReset",
-    "Decision", "Event", "EventKind", "GatePolicy", "GateResult", "Knob", "MetricsError", "Phase",
+    "Decision", "Event", "EventKind", "GatePolicy", "GateResult", "Knob", "MetricThreshold",
+    "MetricsError", "Phase",
     "Rollout", "RolloutPolicy", "Verdict", "VersionDelta", "VersionSample", "VersionStats",
     "World", "analyse", "champion_for", "decide", "delta", "gate", "new_rollout", "next_weight",
     "normalized", "outage_over", "parse", "quantile", "request_abort", "restored_weights",

@@ -9,7 +9,10 @@ Every setting is spelled three ways: its persisted key (``min_duration_s``: SQLi
 the CR's recorded status), its command-line flag (``--min-duration``) and its key in a Rollout
 custom resource's ``spec.policy`` (``minDurationSeconds``). ``KNOBS`` lists each setting once
 with its help; the flag and the CR key are derived from the persisted key by one rule each, so a
-new setting appears on every surface by adding one line here.
+new setting appears on every surface by adding one line here. A renamed setting keeps its former
+keys as ``aliases`` (spelled by the same rules), so records, scripts and custom resources
+written before the rename still read: the gate's ``max_accuracy_drop`` and ``min_accuracy``
+became ``gate_tolerance`` and ``gate_threshold`` when the gate learnt metrics other than accuracy.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 
 def _non_negative(name: str, v: float) -> None:
@@ -63,31 +66,149 @@ class AnalysisPolicy:
                 raise ValueError(f"{name} must be >= 1 (below 1 demands the candidate be better)")
 
 
-@dataclasses.dataclass(frozen=True)
-class GatePolicy:
-    """How much worse than the champion a candidate may score offline.
+def _finite_number(name: str, v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
 
-    max_accuracy_drop: absolute accuracy (0..1) the candidate may lose against the champion;
-      0.01 tolerates evaluation noise on a few thousand held-out examples.
-    min_accuracy: an absolute floor (0..1) every candidate must reach; for a model's first
-      version (no champion to compare with) it is the only check, so a first version is never
-      promoted unjudged. 0.5 refuses a model that gets half its held-out examples wrong (a
-      shuffled-label digits model scores about 0.1). ``None`` turns the floor off; a first version is then refused
-      by the gate (an error: nothing to judge it by).
-    metric: the manifest metric compared (higher is better).
+
+def _metric_name(name: str, v: object) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError(f"{name} must name a metric, got {v!r}")
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricThreshold:
+    """One extra gate condition on a metric the manifests carry (MLflow's ``MetricThreshold``).
+
+    Which way is better comes from the manifests (the task's declared ``direction``), never
+    from here: a metric without a declared direction cannot be judged. All numbers are in the
+    metric's own units; ``None`` leaves a check out.
+
+    threshold: absolute floor (higher is better) or ceiling (lower is better); the only check
+      a first version (no champion) gets.
+    min_absolute_change: the candidate must BEAT the champion by at least this much.
+    min_relative_change: the candidate must beat the champion by at least this fraction of
+      ``|champion|`` (0.05 = 5%).
+    tolerance: the candidate may be WORSE than the champion by at most this much.
     """
 
-    max_accuracy_drop: float = 0.01
-    min_accuracy: float | None = 0.5
-    metric: str = "accuracy"
+    metric: str
+    threshold: float | None = None
+    min_absolute_change: float | None = None
+    min_relative_change: float | None = None
+    tolerance: float | None = None
+
+    LIMITS: ClassVar[tuple[str, ...]] = (
+        "threshold", "min_absolute_change", "min_relative_change", "tolerance")
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.max_accuracy_drop <= 1.0:
-            raise ValueError(f"max_accuracy_drop {self.max_accuracy_drop} is not in [0, 1]")
-        if self.min_accuracy is not None and not 0.0 <= self.min_accuracy <= 1.0:
-            raise ValueError(f"min_accuracy {self.min_accuracy} is not in [0, 1]")
-        if not self.metric:
-            raise ValueError("the gate's metric must be named")
+        _metric_name("a gate condition's metric", self.metric)
+        for name in self.LIMITS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            value = _finite_number(f"{self.metric}: {name}", value)
+            if name != "threshold" and value < 0:
+                raise ValueError(f"{self.metric}: {name} must be >= 0, got {value:g} (the "
+                                 "direction comes from the task, not from the sign)")
+            object.__setattr__(self, name, value)
+        if all(getattr(self, name) is None for name in self.LIMITS):
+            raise ValueError(f"the gate condition on {self.metric} sets no limit: give one of "
+                             f"{', '.join(self.LIMITS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The metric and the limits set (what is absent is ``None``)."""
+        return {f.name: v for f in dataclasses.fields(self)
+                if (v := getattr(self, f.name)) is not None}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MetricThreshold:
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a gate condition is an object with a metric, got {d!r}")
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown gate condition fields {sorted(unknown)}")
+        if "metric" not in d:
+            raise ValueError(f"a gate condition needs a metric: {dict(d)}")
+        return cls(**d)
+
+    @classmethod
+    def parse(cls, text: str) -> MetricThreshold:
+        """``METRIC:key=value[,key=value]`` (the command line's spelling), e.g.
+        ``f1:threshold=0.8,tolerance=0.01``."""
+        metric, sep, rest = text.partition(":")
+        if not sep or not metric.strip() or not rest.strip():
+            raise ValueError(f"{text!r} is not METRIC:key=value[,key=value] (keys "
+                             f"{', '.join(cls.LIMITS)})")
+        limits: dict[str, float] = {}
+        for item in rest.split(","):
+            key, eq, value = (part.strip() for part in item.partition("="))
+            if not eq or key not in cls.LIMITS:
+                raise ValueError(f"{item.strip()!r} in {text!r} is not key=value with a key "
+                                 f"in {', '.join(cls.LIMITS)}")
+            if key in limits:
+                raise ValueError(f"{key} is given twice in {text!r}")
+            try:
+                limits[key] = float(value)
+            except ValueError:
+                raise ValueError(f"{key}={value!r} in {text!r} is not a number") from None
+        return cls(metric.strip(), **limits)
+
+    def __str__(self) -> str:
+        """The command line's spelling: what ``parse`` reads back."""
+        limits = ",".join(f"{k}={v:g}" for k, v in self.to_dict().items() if k != "metric")
+        return f"{self.metric}:{limits}"
+
+
+@dataclasses.dataclass(frozen=True)
+class GatePolicy:
+    """What the candidate's offline evaluation must show before it gets any traffic.
+
+    Every number is in the judged metric's own units, and "worse" and "better" follow the
+    direction the task declared for it in the manifest (``Manifest.direction``): accuracy is
+    higher-is-better, RMSE lower-is-better. The gate never guesses a direction.
+
+    metric: the primary metric judged; ``None`` = the candidate manifest's ``primary_metric``
+      (the task's declaration; ``accuracy`` for manifests published before tasks declared one).
+    tolerance: how much worse than the champion the candidate may score on the primary metric
+      ("no worse than"): higher is better -> candidate >= champion - tolerance; lower is
+      better -> candidate <= champion + tolerance. 0.01 tolerates evaluation noise on a few
+      thousand held-out examples for a fraction metric (accuracy); set it in the metric's units
+      for others (RMSE in the target's units).
+    threshold: an absolute floor (higher is better) or ceiling (lower is better) on the primary
+      metric, and the only check of a model's first version (no champion to compare with), so
+      a first version is never promoted unjudged. ``None`` = the task's declared threshold
+      (``Manifest.threshold``); for manifests without a declaration, 0.5 on accuracy (refuses
+      a digits model that gets half its held-out examples wrong; a shuffled-label one scores
+      about 0.1), else none. A first version with no threshold from either is refused (an
+      error: nothing to judge it by).
+    conditions: extra checks, any number, on any metric the manifests carry
+      (``MetricThreshold``); all must pass. Empty by default: the primary metric is the task's
+      own choice of what matters.
+    """
+
+    metric: str | None = None
+    tolerance: float = 0.01
+    threshold: float | None = None
+    conditions: tuple[MetricThreshold, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.metric is not None:
+            _metric_name("the gate's metric", self.metric)
+        object.__setattr__(self, "tolerance", _finite_number("gate tolerance", self.tolerance))
+        if self.tolerance < 0:
+            raise ValueError(f"gate tolerance must be >= 0, got {self.tolerance:g} (the "
+                             "direction comes from the task, not from the sign)")
+        if self.threshold is not None:
+            object.__setattr__(self, "threshold",
+                               _finite_number("gate threshold", self.threshold))
+        conditions = tuple(self.conditions)
+        for c in conditions:
+            if not isinstance(c, MetricThreshold):
+                raise ValueError(f"a gate condition must be a MetricThreshold, got {c!r}")
+        object.__setattr__(self, "conditions", conditions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,23 +273,28 @@ class RolloutPolicy:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """Every setting under its persisted key (flat: the nesting is this class's business)."""
-        out: dict[str, Any] = {}
-        for knob in KNOBS:
-            value = knob.get(self)
-            out[knob.name] = list(value) if isinstance(value, tuple) else value
-        return out
+        """Every setting under its persisted key (flat: the nesting is this class's business),
+        as JSON-ready values (lists, and a gate condition as an object)."""
+        return {knob.name: knob.dump(knob.get(self)) for knob in KNOBS}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RolloutPolicy:
-        """The policy ``to_dict`` wrote; absent keys take their defaults."""
-        unknown = set(d) - set(BY_NAME)
+        """The policy ``to_dict`` wrote; absent keys take their defaults. A setting's former
+        key (``Knob.aliases``: records saved before it was renamed) is read as the setting."""
+        sections: dict[str, dict[str, Any]] = {"rollout": {}, "analysis": {}, "gate": {}}
+        seen: dict[str, str] = {}
+        unknown = []
+        for key, value in d.items():
+            knob = BY_NAME.get(key) or BY_ALIAS.get(key)
+            if knob is None:
+                unknown.append(key)
+                continue
+            if knob.name in seen:
+                raise ValueError(f"{knob.name} is given twice (as {seen[knob.name]} and {key})")
+            seen[knob.name] = key
+            sections[knob.section][knob.field] = knob.load(value)
         if unknown:
             raise ValueError(f"unknown rollout policy fields {sorted(unknown)}")
-        sections: dict[str, dict[str, Any]] = {"rollout": {}, "analysis": {}, "gate": {}}
-        for name, value in d.items():
-            knob = BY_NAME[name]
-            sections[knob.section][knob.field] = tuple(value) if name == "steps" else value
         return cls(**sections["rollout"], analysis=AnalysisPolicy(**sections["analysis"]),
                    gate=GatePolicy(**sections["gate"]))
 
@@ -184,6 +310,12 @@ class Knob:
     section: Section
     help: str
     field: str = ""  # the dataclass field, when not ``name``
+    # Former persisted keys of a renamed setting: still read from saved records, and spelled
+    # as flags and CR keys by the same rules (``--max-accuracy-drop``, ``maxAccuracyDrop``).
+    aliases: tuple[str, ...] = ()
+    # A list given one item per flag (``--gate-condition A --gate-condition B``): the flag is
+    # the singular of the name.
+    repeated: bool = False
 
     def __post_init__(self) -> None:
         if not self.field:
@@ -192,16 +324,47 @@ class Knob:
     @property
     def flag(self) -> str:
         """``min_duration_s`` -> ``--min-duration``: the unit of seconds is the flag's default."""
-        return "--" + self.name.removesuffix("_s").replace("_", "-")
+        flag = _flag(self.name)
+        return flag.removesuffix("s") if self.repeated else flag
+
+    @property
+    def alias_flags(self) -> tuple[str, ...]:
+        return tuple(_flag(a) for a in self.aliases)
 
     @property
     def cr_key(self) -> str:
         """``min_duration_s`` -> ``minDurationSeconds`` (Kubernetes: camelCase, units spelled)."""
         return camel(self.name)
 
+    @property
+    def alias_cr_keys(self) -> tuple[str, ...]:
+        return tuple(camel(a) for a in self.aliases)
+
     def get(self, policy: RolloutPolicy) -> Any:
         owner: object = policy if self.section == "rollout" else getattr(policy, self.section)
         return getattr(owner, self.field)
+
+    @staticmethod
+    def dump(value: Any) -> Any:
+        """A setting's value as persisted: tuples as lists, a gate condition as an object."""
+        if isinstance(value, tuple):
+            return [v.to_dict() if isinstance(v, MetricThreshold) else v for v in value]
+        return value
+
+    def load(self, value: Any) -> Any:
+        """The persisted value back as the field's: lists as tuples, objects as conditions."""
+        if self.name == "steps" or self.repeated:
+            if not isinstance(value, list | tuple):
+                raise ValueError(f"{self.name} must be a list, got {value!r}")
+            if self.repeated:
+                return tuple(MetricThreshold.from_dict(v) if isinstance(v, Mapping) else v
+                             for v in value)
+            return tuple(value)
+        return value
+
+
+def _flag(name: str) -> str:
+    return "--" + name.removesuffix("_s").replace("_", "-")
 
 
 KNOBS: tuple[Knob, ...] = (
@@ -219,15 +382,26 @@ KNOBS: tuple[Knob, ...] = (
                                    "up, together with outage_tolerance_s"),
     Knob("outage_tolerance_s", "rollout", "seconds a streak of errors (server unreachable, "
                                           "failed writes) may last before giving up"),
-    Knob("max_accuracy_drop", "gate", "gate: accuracy the candidate may lose vs the champion"),
-    Knob("min_accuracy", "gate", "gate: absolute minimum accuracy"),
-    Knob("gate_metric", "gate", "gate: the manifest metric compared (higher is better)",
+    Knob("gate_metric", "gate", "gate: the metric judged, none meaning the task's primary "
+                                "metric (which way is better is always the task's)",
          field="metric"),
+    Knob("gate_tolerance", "gate", "gate: how much worse than the champion the candidate may "
+                                   "score, in the metric's units", field="tolerance",
+         aliases=("max_accuracy_drop",)),
+    Knob("gate_threshold", "gate", "gate: absolute floor (higher is better) or ceiling (lower) "
+                                   "on the metric, none meaning the task's declared one (0.5 "
+                                   "on accuracy for versions without a declaration)",
+         field="threshold", aliases=("min_accuracy",)),
+    Knob("gate_conditions", "gate", "gate: an extra condition METRIC:key=value[,key=value], "
+                                    "keys threshold, min_absolute_change, min_relative_change, "
+                                    "tolerance; repeat for several", field="conditions",
+         repeated=True),
     Knob("retire_after_s", "rollout", "seconds the old champion stays loaded after promotion"),
     Knob("ready_timeout_s", "rollout", "seconds the candidate may take to become ready after "
                                        "the gate"),
 )
 BY_NAME: Mapping[str, Knob] = {k.name: k for k in KNOBS}
+BY_ALIAS: Mapping[str, Knob] = {a: k for k in KNOBS for a in k.aliases}
 
 
 def camel(name: str) -> str:

@@ -11,8 +11,16 @@ import pytest
 import yaml
 
 from deploy.cluster import kube as k
-from deploy.cluster.cr_store import POLICY_KEYS, ROLLOUT, STATUS_KEYS
+from deploy.cluster.cr_store import (
+    CONDITION_KEYS,
+    LEGACY_POLICY_KEYS,
+    POLICY_KEYS,
+    ROLLOUT,
+    STATUS_KEYS,
+    policy_from_spec,
+)
 from deploy.cluster.kserve_manifests import render_kserve
+from deploy.rollout import GatePolicy, MetricThreshold
 from tests.support.crds import REPO
 
 K8S = REPO / "deploy" / "k8s"
@@ -96,6 +104,13 @@ def rollout(name: str, spec: dict) -> dict:
      "spec.backend.mode", "Unsupported value"),
     ({"model": "digits", "candidate": "2", "policy": {"maxErrorRate": 2}},
      "spec.policy.maxErrorRate", "less than or equal to 1"),
+    ({"model": "digits", "candidate": "2", "policy": {"gateTolerance": -1}},
+     "spec.policy.gateTolerance", "greater than or equal to 0"),
+    ({"model": "digits", "candidate": "2", "policy": {"gateConditions": [{"threshold": 1}]}},
+     "spec.policy.gateConditions.metric", "Required value"),
+    ({"model": "digits", "candidate": "2",
+      "policy": {"gateConditions": [{"metric": "f1", "minRelativeChange": -0.1}]}},
+     "spec.policy.gateConditions.minRelativeChange", "greater than or equal to 0"),
 ])
 def test_invalid_spec_is_rejected_with_a_clear_message(admin, namespace, spec, field, says):
     with pytest.raises(k.Invalid) as e:
@@ -120,8 +135,29 @@ def test_crd_schema_covers_every_rollout_field():
     to deploy.rollout without the CRD would vanish on every save."""
     (doc,) = [d for d in yaml.safe_load_all((K8S / "crds" / "kloop.dev_rollouts.yaml").read_text())]
     schema = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
-    assert set(POLICY_KEYS.values()) == set(schema["spec"]["properties"]["policy"]["properties"])
+    assert (set(POLICY_KEYS.values()) | set(LEGACY_POLICY_KEYS)
+            == set(schema["spec"]["properties"]["policy"]["properties"]))
+    conditions = schema["spec"]["properties"]["policy"]["properties"]["gateConditions"]
+    assert set(CONDITION_KEYS.values()) == set(conditions["items"]["properties"])
     assert set(STATUS_KEYS.values()) <= set(schema["status"]["properties"])
+
+
+def test_gate_settings_survive_the_api_server(admin, namespace):
+    """Not pruned on the way in: a condition's fields and the former gate keys read back."""
+    policy = {"gateMetric": "rmse", "gateTolerance": 0.5, "gateThreshold": 60,
+              "gateConditions": [{"metric": "mae", "threshold": 10, "minAbsoluteChange": 0.1},
+                                 {"metric": "r2", "minRelativeChange": 0.01, "tolerance": 0.02}]}
+    got = admin.create(rollout("gated", {"model": "digits", "candidate": "2",
+                                          "policy": policy}), namespace)
+    assert got["spec"]["policy"] == policy
+    assert policy_from_spec(got["spec"]["policy"]).gate == GatePolicy(
+        metric="rmse", tolerance=0.5, threshold=60, conditions=(
+            MetricThreshold("mae", threshold=10, min_absolute_change=0.1),
+            MetricThreshold("r2", min_relative_change=0.01, tolerance=0.02)))
+    old = admin.create(rollout("legacy", {"model": "digits", "candidate": "2", "policy": {
+        "maxAccuracyDrop": 0.02, "minAccuracy": 0.6}}), namespace)
+    assert policy_from_spec(old["spec"]["policy"]).gate == GatePolicy(tolerance=0.02,
+                                                                      threshold=0.6)
 
 
 def test_grafana_dashboard_is_valid_json():

@@ -1,44 +1,44 @@
-import dataclasses
 import math
 
 import pytest
 
 from deploy.rollout.analysis import AnalysisPolicy, GatePolicy, Verdict, VersionStats, analyse, gate
 from deploy.rollout.samples import VersionSample
+from kloop.artifact import Manifest
+from tests.unit.deploy.gate_support import manifest
 
 INF = math.inf
 
 
-@dataclasses.dataclass
-class M:
-    metrics: dict
-    data_fingerprint: str = "fp"
+def M(metrics: dict, fingerprint: str = "fp") -> Manifest:
+    """A manifest published before tasks declared their evaluation (legacy: accuracy)."""
+    return manifest(metrics, fingerprint=fingerprint)
 
 
-P = GatePolicy(max_accuracy_drop=0.01)
+P = GatePolicy(tolerance=0.01)
 
 
 @pytest.mark.parametrize(
     "cand, champ, policy, verdict, says",
     [
         (M({"accuracy": 0.95}), M({"accuracy": 0.95}), P, Verdict.SUCCESSFUL, "champion"),
-        (M({"accuracy": 0.94}), M({"accuracy": 0.95}), P, Verdict.SUCCESSFUL, "0.9400 >="),
-        (M({"accuracy": 0.93}), M({"accuracy": 0.95}), P, Verdict.FAILED, "0.9300 <"),
+        (M({"accuracy": 0.94}), M({"accuracy": 0.95}), P, Verdict.SUCCESSFUL, "0.94 >="),
+        (M({"accuracy": 0.93}), M({"accuracy": 0.95}), P, Verdict.FAILED, "0.93 <"),
         (M({"accuracy": 0.99}), M({"accuracy": 0.95}, "other"), P, Verdict.ERROR,
          "evaluated on different data; cannot compare"),
         (M({}), M({"accuracy": 0.95}), P, Verdict.ERROR, "candidate has no numeric"),
         (M({"accuracy": 0.9}), M({"loss": 1.0}), P, Verdict.ERROR, "champion has no numeric"),
         (M({"accuracy": "high"}), None, P, Verdict.ERROR, "candidate has no numeric"),
         # no champion: only the absolute floor applies (0.5 by default), and one is needed
-        (M({"accuracy": 0.5}), None, P, Verdict.SUCCESSFUL, ">= minimum 0.5000"),
-        (M({"accuracy": 0.1}), None, P, Verdict.FAILED, "< minimum 0.5000"),
-        (M({"accuracy": 0.9}), None, GatePolicy(min_accuracy=None), Verdict.ERROR,
-         "a first version needs an absolute floor"),
-        (M({"accuracy": 0.5}), None, GatePolicy(min_accuracy=0.8), Verdict.FAILED, "minimum"),
-        (M({"accuracy": 0.85}), None, GatePolicy(min_accuracy=0.8), Verdict.SUCCESSFUL, "minimum"),
+        (M({"accuracy": 0.5}), None, P, Verdict.SUCCESSFUL, ">= the default threshold 0.5"),
+        (M({"accuracy": 0.1}), None, P, Verdict.FAILED, "< the default threshold 0.5"),
+        (M({"loss": 0.1}), None, GatePolicy(metric="loss"), Verdict.ERROR,
+         "a first version needs an absolute threshold"),
+        (M({"accuracy": 0.5}), None, GatePolicy(threshold=0.8), Verdict.FAILED, "threshold 0.8"),
+        (M({"accuracy": 0.85}), None, GatePolicy(threshold=0.8), Verdict.SUCCESSFUL, "threshold"),
         # both checks apply with a champion
-        (M({"accuracy": 0.95}), M({"accuracy": 0.95}), GatePolicy(min_accuracy=0.97),
-         Verdict.FAILED, "minimum"),
+        (M({"accuracy": 0.95}), M({"accuracy": 0.95}), GatePolicy(threshold=0.97),
+         Verdict.FAILED, "threshold"),
     ],
 )
 def test_gate(cand, champ, policy, verdict, says):
@@ -49,9 +49,9 @@ def test_gate(cand, champ, policy, verdict, says):
 
 def test_gate_policy_rejects_out_of_range():
     with pytest.raises(ValueError):
-        GatePolicy(max_accuracy_drop=-0.1)
+        GatePolicy(tolerance=-0.1)
     with pytest.raises(ValueError):
-        GatePolicy(min_accuracy=1.5)
+        GatePolicy(threshold=math.nan)
 
 
 AP = AnalysisPolicy(min_requests=100, min_duration_s=60, max_error_rate=0.01,
@@ -126,12 +126,8 @@ def test_first_version_is_judged_on_absolute_limits_only():
 def test_gate_fails_a_candidate_whose_signature_differs() -> None:
     from kloop.artifact import TensorSpec
 
-    class M:
-        def __init__(self, name: str):
-            self.metrics = {"accuracy": 0.99}
-            self.data_fingerprint = "same"
-            self.inputs = (TensorSpec(name, "FP32", (-1, 1, 8, 8)),)
-            self.outputs = (TensorSpec("logits", "FP32", (-1, 10)),)
+    def M(name: str) -> Manifest:
+        return manifest({"accuracy": 0.99}, inputs=(TensorSpec(name, "FP32", (-1, 1, 8, 8)),))
 
     r = gate(M("pixels"), M("image"), GatePolicy())
     assert r.verdict is Verdict.FAILED

@@ -65,7 +65,10 @@ GOOD, CHAMP = sample(200), sample(2000)
         ({"error_limit": -1}, "error_limit"),
         ({"max_p99_ratio": 0.5}, "max_p99_ratio"),
         ({"step_timeout_s": 30, "min_duration_s": 60}, "step_timeout_s"),
-        ({"max_accuracy_drop": -0.1}, "max_accuracy_drop"),
+        ({"gate_tolerance": -0.1}, "gate tolerance"),
+        ({"max_accuracy_drop": -0.1}, "gate tolerance"),  # the former key of gate_tolerance
+        ({"gate_threshold": math.inf}, "gate threshold"),
+        ({"gate_conditions": [{"metric": "f1", "tolerance": -1}]}, "tolerance must be >= 0"),
         ({"p99_slack_ms": math.nan}, "p99_slack_ms"),
     ],
 )
