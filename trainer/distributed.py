@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import PrefixStore, Store, TCPStore  # re-exported by torch.distributed
 
 from trainer.launch import AGENT_PID_ENV, die_with_parent
 from trainer.spec import TrainSpec
@@ -96,7 +97,7 @@ def init_process_group(env: DistEnv, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     device_id = device if device.type == "cuda" else None
     if env.world_size == 1:
-        from torch._C._distributed_c10d import HashStore  # what torch.distributed re-exports
+        from torch._C._distributed_c10d import HashStore
 
         dist.init_process_group(backend=backend, store=HashStore(), rank=0, world_size=1,
                                 timeout=_TIMEOUT, device_id=device_id)
@@ -105,7 +106,7 @@ def init_process_group(env: DistEnv, device: torch.device) -> None:
                             world_size=env.world_size, timeout=_TIMEOUT, device_id=device_id)
 
 
-def _store(env: DistEnv, environ: Mapping[str, str] | None = None) -> dist.Store:
+def _store(env: DistEnv, environ: Mapping[str, str] | None = None) -> Store:
     """The rendezvous store, with a key prefix per torchrun restart.
 
     Why not ``init_method="env://"``: under torchrun the workers share the agent's store,
@@ -117,10 +118,10 @@ def _store(env: DistEnv, environ: Mapping[str, str] | None = None) -> dist.Store
     """
     e = os.environ if environ is None else environ
     agent = e.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
+    store = TCPStore(env.master_addr, env.master_port, env.world_size,
                           is_master=not agent and env.is_main, timeout=_TIMEOUT)
     attempt = e.get("TORCHELASTIC_RESTART_COUNT", "0") or "0"
-    return dist.PrefixStore(f"kloop/attempt_{attempt}", store)
+    return PrefixStore(f"kloop/attempt_{attempt}", store)
 
 
 def destroy_process_group() -> None:

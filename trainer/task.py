@@ -129,7 +129,7 @@ class Task(abc.ABC, Generic[ConfigT]):
     def __init__(self, config: ConfigT) -> None:
         self.config = config
 
-    def setup(self) -> None:  # noqa: B027 - optional, empty by default
+    def setup(self) -> None:
         """Per-process state; every process calls it once, before ``datasets``."""
 
     @abc.abstractmethod
@@ -280,4 +280,6 @@ def parse_set(items: Iterable[str], task_cls: type[Task[Any]]) -> dict[str, Any]
 
 
 def config_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    return {}

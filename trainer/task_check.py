@@ -250,6 +250,6 @@ def _check_train_step(name: str, task: Task[Any], graph: served.ServedGraph, dat
             raise TaskError(f"{name}: metric {m.name!r} failed on the served outputs "
                             f"({', '.join(out)}): {type(e).__name__}: {e}") from e
         if not isinstance(v, torch.Tensor) or tuple(v.shape) != (n,):
-            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            got = str(tuple(v.shape)) if isinstance(v, torch.Tensor) else type(v).__name__
             raise TaskError(f"{name}: metric {m.name!r} must give one value per example "
                             f"(shape ({n},)), got {got}")

@@ -68,7 +68,7 @@ def _metrics(cls: type) -> str:
 
 def _config(cls: type) -> str:
     cfg = cls.Config  # type: ignore[attr-defined]
-    if not dataclasses.is_dataclass(cfg):
+    if not (dataclasses.is_dataclass(cfg) and isinstance(cfg, type)):
         return "-"
     d = cfg()
     return ", ".join(f"{f.name}={getattr(d, f.name)!r}" for f in dataclasses.fields(cfg)) or "-"

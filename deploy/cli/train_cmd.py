@@ -15,8 +15,8 @@ import json
 import re
 import sys
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from deploy.cli import common
@@ -254,13 +254,13 @@ def _on_kubernetes(args: argparse.Namespace, spec: TrainSpec, run_id: str) -> in
 
     name = args.name or re.sub(r"[^a-z0-9-]", "-",
                                f"{spec.model_name}-{run_id}".lower())[:50].strip("-")
-    if args.dry_run:
-        render = (job_manifests.render_trainjob if args.kind == "trainjob"
-                  else job_manifests.render_pytorchjob)
-        ns = args.namespace or "default"
-        print(job_manifests.to_yaml(render(spec, name=name, namespace=ns, run_id=run_id)), end="")
-        return 0
     from deploy.cluster import training_jobs
+
+    if args.dry_run:  # the code ConfigMap (with --code) and the job, as submit creates them
+        objects = training_jobs.render_objects(spec, name=name, run_id=run_id, kind=args.kind,
+                                               namespace=args.namespace or "default")
+        print(job_manifests.to_yaml(objects), end="")
+        return 0
     from deploy.cluster.kube import KubeError
 
     try:

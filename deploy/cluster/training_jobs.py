@@ -18,6 +18,15 @@ Phases use the PyTorchJob vocabulary for both kinds, so the CLI prints one langu
 A TrainJob's ``Complete`` is reported as ``Succeeded``; it has no Running condition, so a
 TrainJob is ``Running`` once one of its child Jobs is active.
 
+A spec with ``code`` (a packed directory, ``trainer.code``) is submitted as two objects: the
+ConfigMap ``<job>-code`` holding the archive, created first (a pod never waits for a missing
+volume), then the job; the archive is packed again here and must have the spec's sha256, else
+nothing is applied (the directory changed since the spec was made). Once the job exists the
+ConfigMap gets the job as its ownerReference, so the garbage collector deletes it with the job
+(``ttlSecondsAfterFinished`` included) even when this process is gone. ``run_on_kubernetes``
+deletes it itself when the job ends; ``cancel`` deletes it with the job. A lost connection while
+following does not: the job may still be running, and its restarted pods need the ConfigMap.
+
 Errors::
 
     TrainingError                 any failure of a job kloop follows
@@ -33,6 +42,7 @@ pass through unchanged.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import re
 import threading
@@ -41,8 +51,19 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from deploy.cluster.kube import KINDS, Kind, Kube, KubeError, NotFound, Obj
+from deploy.cluster.kube import (
+    KINDS,
+    Conflict,
+    Forbidden,
+    Kind,
+    Kube,
+    KubeError,
+    NotFound,
+    Obj,
+    kind_of,
+)
 from kloop.artifact import ArtifactError, Manifest, Registry, registry_path
+from trainer import code as packed
 from trainer import job_manifests as render
 from trainer.spec import TrainSpec
 
@@ -58,6 +79,8 @@ PENDING = "Pending"
 # 11 characters), and a Service name is a DNS-1035 label of at most 63: 50 leaves room.
 _JOB_NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,48}[a-z0-9])?$")
 _LABEL_VALUE_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+
+CONFIGMAP = KINDS["ConfigMap"]
 
 _POD_POLL_S = 1.0  # how often the log streamer looks for the master pod (a thread, not follow)
 
@@ -144,14 +167,118 @@ def render_job(spec: TrainSpec, *, name: str, run_id: str, kind: str, namespace:
     return render.render_pytorchjob(spec, name=name, namespace=namespace, run_id=run_id)
 
 
+def code_archive(spec: TrainSpec) -> bytes | None:
+    """``spec.code``'s directory packed (``trainer.code.pack``), or None without code. Raises
+    ``UnsupportedSpec`` when it cannot be packed or its digest is not the spec's."""
+    if spec.code is None:
+        return None
+    try:
+        archive = packed.pack(Path(spec.code.path))
+    except (packed.CodeError, OSError) as e:
+        raise UnsupportedSpec(f"code {spec.code.path}: {e}") from e
+    actual = hashlib.sha256(archive).hexdigest()
+    if actual != spec.code.sha256:
+        raise UnsupportedSpec(f"code {spec.code.path} changed since the spec was made: it packs to sha256 "
+                              f"{actual}, the spec says {spec.code.sha256}; make the spec again to run "
+                              "what is there now")
+    return archive
+
+
+def render_objects(spec: TrainSpec, *, name: str, run_id: str, kind: str, namespace: str) -> list[Obj]:
+    """Everything ``submit`` would create, in order: the code ConfigMap (when ``spec.code`` is
+    set) and the job; for ``--dry-run`` output (``render.to_yaml`` of the list)."""
+    job = render_job(spec, name=name, run_id=run_id, kind=kind, namespace=namespace)
+    archive = code_archive(spec)
+    if archive is None:
+        return [job]
+    cm = render.render_code_configmap(spec, name=name, namespace=namespace, run_id=run_id, archive=archive)
+    return [cm, job]
+
+
 def submit(kube: Kube, spec: TrainSpec, *, name: str, run_id: str, kind: JobKind = "pytorchjob",
            namespace: str | None = None) -> Obj:
-    """Create the job; returns the object the server stored. Raises ``UnsupportedSpec`` before
-    anything is applied, ``kube.Invalid`` (the server's 422 message) when the server rejects
-    it, ``kube.Conflict`` when a job of that name exists (run ids are never reused)."""
+    """Create the job (after its code ConfigMap, when the spec has code); returns the job the
+    server stored. Raises ``UnsupportedSpec`` before anything is applied, ``kube.Invalid`` (the
+    server's 422 message) when the server rejects it, ``kube.Conflict`` when a job (or code
+    ConfigMap) of that name exists (run ids are never reused). A job the server refuses leaves
+    no ConfigMap behind."""
     ns = namespace or kube.namespace
-    job = render_job(spec, name=name, run_id=run_id, kind=kind, namespace=ns)
-    return kube.create(job, ns)
+    objs = render_objects(spec, name=name, run_id=run_id, kind=kind, namespace=ns)
+    if len(objs) == 1:
+        return kube.create(objs[0], ns)
+    cm, job = objs
+    try:
+        kube.create(cm, ns)
+    except Conflict as e:
+        raise Conflict(f"ConfigMap {ns}/{cm['metadata']['name']} exists: job name {name} is in use, or "
+                       f"it is left from an earlier job of that name (kloop train cancel {name} "
+                       "removes it)", e.status) from e
+    try:
+        created = kube.create(job, ns)
+    except Conflict:
+        _delete_code_quietly(kube, name, ns)  # the name was taken before: not this run's job
+        raise
+    except BaseException:
+        _after_failed_create(kube, job, run_id, ns)
+        raise
+    _owned_by(kube, cm["metadata"]["name"], created, ns)
+    return created
+
+
+def _after_failed_create(kube: Kube, job: Obj, run_id: str, namespace: str) -> None:
+    """The job's create failed or was interrupted: keep the code ConfigMap only if the job was
+    created all the same (the answer was lost), making it the owner; otherwise delete it."""
+    name = job["metadata"]["name"]
+    try:
+        found = kube.get(kind_of(job), name, namespace)
+    except NotFound:
+        found = None
+    except KubeError as e:
+        log.warning("cannot tell whether %s %s exists (%s); its code ConfigMap is kept", job["kind"], name, e)
+        return
+    if found is not None and (found["metadata"].get("labels") or {}).get("kloop.dev/run-id") == run_id:
+        _owned_by(kube, render.code_configmap_name(name), found, namespace)
+    else:
+        _delete_code_quietly(kube, name, namespace)
+
+
+def _owned_by(kube: Kube, cm_name: str, job: Obj, namespace: str) -> None:
+    """Make the job the ConfigMap's owner: the garbage collector deletes it with the job. Best
+    effort: without it the ConfigMap is still deleted when kloop sees the job end."""
+    ref = {"apiVersion": job["apiVersion"], "kind": job["kind"], "name": job["metadata"]["name"],
+           "uid": job["metadata"]["uid"]}
+    try:
+        kube.patch(CONFIGMAP, cm_name, {"metadata": {"ownerReferences": [ref]}}, namespace)
+    except KubeError as e:
+        log.warning("could not make %s %s the owner of ConfigMap %s: %s", job["kind"],
+                    job["metadata"]["name"], cm_name, e)
+
+
+def delete_code(kube: Kube, name: str, namespace: str | None = None) -> bool:
+    """Delete job ``name``'s code ConfigMap when it is kloop's (labelled for that job); True
+    when one was deleted. Idempotent; a ConfigMap of that name that is not kloop's is kept."""
+    cm_name = render.code_configmap_name(name)
+    try:
+        cm = kube.get(CONFIGMAP, cm_name, namespace)
+    except NotFound:
+        return False
+    found = cm["metadata"].get("labels") or {}
+    if found.get("app.kubernetes.io/managed-by") != "kloop" or found.get("app.kubernetes.io/instance") != name:
+        log.warning("ConfigMap %s is not kloop's code for job %s; leaving it", cm_name, name)
+        return False
+    # Background: nothing depends on it, and a Foreground delete waits for a garbage collector.
+    kube.delete(CONFIGMAP, cm_name, namespace, propagation="Background")
+    return True
+
+
+def _delete_code_quietly(kube: Kube, name: str, namespace: str | None) -> None:
+    try:
+        delete_code(kube, name, namespace)
+    except Forbidden as e:  # RBAC without configmaps: fine for jobs without code, which is most
+        log.debug("cannot look for a code ConfigMap of %s: %s", name, e)
+    except KubeError as e:
+        log.warning("could not delete the code ConfigMap of %s (the garbage collector removes it "
+                    "with the job): %s", name, e)
 
 
 # ---- phase ---------------------------------------------------------------------------------
@@ -317,14 +444,17 @@ def follow(kube: Kube, name: str, namespace: str | None = None, kind: JobKind = 
 
 
 def cancel(kube: Kube, name: str, namespace: str | None = None, kind: JobKind = "pytorchjob") -> bool:
-    """Delete the job with Foreground propagation (its pods go first, then the job). Idempotent:
-    returns False when there was no such job (or it is already being deleted)."""
+    """Delete the job with Foreground propagation (its pods go first, then the job), and its
+    code ConfigMap, best effort (also one left without a job). Idempotent: returns False when
+    there was no such job (or it is already being deleted)."""
     api_kind = job_kind(kind)
     try:
         job = kube.get(api_kind, name, namespace)
     except NotFound:
+        _delete_code_quietly(kube, name, namespace)
         return False
     kube.delete(api_kind, name, namespace, propagation="Foreground")
+    _delete_code_quietly(kube, name, namespace)
     return not job["metadata"].get("deletionTimestamp")
 
 
@@ -359,7 +489,8 @@ def run_on_kubernetes(kube: Kube, spec: TrainSpec, *, name: str, run_id: str, ki
                       registry: Registry | None = None,
                       clock: Callable[[], float] = time.monotonic) -> Manifest | None:
     """Submit, follow to the end, and return the version the pods published: what
-    ``kloop train --target kubernetes`` does. Ctrl-C cancels the job and re-raises.
+    ``kloop train --target kubernetes`` does. Ctrl-C cancels the job and re-raises. When the
+    job has ended (succeeded, failed, deleted, past the deadline) its code ConfigMap is deleted.
 
     ``registry``: where the pods' registry is readable from here (default: the spec's
     ``registry_uri`` when that path exists here); None when it is not, with a note to ``out``.
@@ -378,6 +509,12 @@ def run_on_kubernetes(kube: Kube, spec: TrainSpec, *, name: str, run_id: str, ki
         out(f"interrupted: cancelling {job['kind']} {ns}/{name}")
         cancel(kube, name, ns, kind)
         raise
+    except TrainingError:
+        if spec.code is not None:  # the job is over; nothing will mount its code again
+            _delete_code_quietly(kube, name, ns)
+        raise
+    if spec.code is not None:
+        _delete_code_quietly(kube, name, ns)
     reg = registry or local_registry(spec)
     if reg is None:
         out(f"the registry {spec.storage.registry_uri} is not readable from here; the published "

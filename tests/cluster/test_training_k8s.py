@@ -1,9 +1,12 @@
 """Training on Kubernetes against the real kube-apiserver, with the test playing what does not
-run here: the training operator (it writes the job's status through /status) and the master pod
-(it runs the rendered container command on this machine, publishing to a tmp registry)."""
+run here: the training operator (it writes the job's status through /status), the kubelet (it
+mounts the code ConfigMap: the test reads it back from the server into a file) and the master
+pod (it runs the rendered container command on this machine, publishing to a tmp registry)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import socket
 import subprocess
@@ -11,19 +14,21 @@ import sys
 import threading
 import time
 import uuid
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from deploy.cluster import training_jobs as kt
-from deploy.cluster.kube import KINDS, Kube, NotFound
+from deploy.cluster.kube import KINDS, Conflict, Kube, NotFound
 from kloop.artifact import Registry
+from trainer import code as packed
 from trainer import job_manifests as render
-from trainer.spec import Elastic, Storage, TrainSpec
+from trainer.spec import Code, Elastic, Storage, TrainSpec
 
 PTJ = KINDS["PyTorchJob"]
 TJ = KINDS["TrainJob"]
-
+CM = KINDS["ConfigMap"]
 
 
 def make_spec(root: Path, **changes) -> TrainSpec:
@@ -61,19 +66,25 @@ class Phases:
             assert self._cv.wait_for(lambda: any(p == phase for p, _ in self.seen), timeout), self.seen
 
 
-def play_pod(job: dict) -> subprocess.CompletedProcess:
+def play_pod(job: dict, mounts: dict[str, Path] | None = None) -> subprocess.CompletedProcess:
     """Run the master container's command here, as the operator would start it: torchrun
-    configured through PET_* variables (one node, one process, a private port)."""
+    configured through PET_* variables (one node, one process, a private port). ``mounts``:
+    where the pod's mount paths are on this machine (the code ConfigMap's), rewritten in the
+    command; the storage volume needs none (the spec's mount_path is a local dir already).
+    pip may not reach an index (PIP_NO_INDEX): nothing downloads."""
     container = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
     cmd = list(container["command"])
-    assert cmd[:5] == ["python", "-m", "torch.distributed.run", "-m", "trainer.main"]
-    cmd[0] = sys.executable
+    for pod_path, here in (mounts or {}).items():
+        cmd = [str(here) + a[len(pod_path):] if a.startswith(pod_path + "/") else a for a in cmd]
+    entry = cmd.index("--") + 1 if cmd[2] == "trainer.code" else 0
+    assert cmd[entry:entry + 5] == ["python", "-m", "torch.distributed.run", "-m", "trainer.main"]
+    cmd[0] = cmd[entry] = sys.executable
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, **{e["name"]: e["value"] for e in container["env"]},
            "PET_NNODES": "1", "PET_NODE_RANK": "0", "PET_NPROC_PER_NODE": job["spec"]["nprocPerNode"],
-           "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port)}
+           "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port), "PIP_NO_INDEX": "1"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
 
 
@@ -265,3 +276,180 @@ def _assert_deleted(kube: Kube, name: str, kind=PTJ) -> None:
     except NotFound:
         return
     assert meta.get("deletionTimestamp") and "foregroundDeletion" in meta.get("finalizers", [])
+
+
+# ---- the task's code as a ConfigMap ---------------------------------------------------------
+
+TASK_MODULE = '''\
+"""A user's task, shipped with kloop train --code: a linear classifier on generated points."""
+
+import dataclasses
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+
+import kloop_blobs_helper  # from the vendored wheel in requirements.txt (installed in the pod)
+from trainer.task import Datasets, Metric, Task
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    lr: float = 0.1
+
+
+def correct(served, target):
+    return (served["label"] == target).float()
+
+
+class Blobs(Task[Config]):
+    Config = Config
+    metrics = (Metric("accuracy", "higher", correct),)
+    primary_metric = "accuracy"
+
+    def datasets(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(256, kloop_blobs_helper.FEATURES, generator=g)
+        y = (x[:, 0] + x[:, 1] > 0).long()
+        return Datasets(TensorDataset(x[:192], y[:192]), TensorDataset(x[192:], y[192:]),
+                        {"source": "generated", "seed": 0, "rows": 256})
+
+    def model(self):
+        return nn.Linear(kloop_blobs_helper.FEATURES, 2)
+
+    def loss(self, outputs, target):
+        return F.cross_entropy(outputs, target)
+
+    def serve(self, outputs):
+        return {"logits": outputs, "label": outputs.argmax(dim=1)}
+
+    def example_input(self):
+        return {"features": torch.zeros(2, kloop_blobs_helper.FEATURES)}
+'''
+
+
+def vendored_wheel(directory: Path) -> str:
+    """A one-module wheel built here (a wheel is a zip with metadata): a requirement pip
+    installs with no index, so the pod's requirements step runs without a network."""
+    name, version = "kloop_blobs_helper", "1.0"
+    dist = f"{name}-{version}.dist-info"
+    files = {f"{name}.py": b"FEATURES = 4\n",
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+             f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: kloop-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{p},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b'=').decode()},{len(d)}\n"
+                     for p, d in files.items()) + f"{dist}/RECORD,,\n"
+    wheel = directory / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for p, d in {**files, f"{dist}/RECORD": record.encode()}.items():
+            z.writestr(p, d)
+    return wheel.name
+
+
+def code_dir(root: Path) -> Path:
+    root.mkdir(parents=True)
+    (root / "kloop_blobs_task.py").write_text(TASK_MODULE)
+    (root / "wheels").mkdir()
+    (root / "requirements.txt").write_text(f"./wheels/{vendored_wheel(root / 'wheels')}\n")
+    return root
+
+
+def code_spec(tmp_path: Path, **changes) -> TrainSpec:
+    src = code_dir(tmp_path / "user-code")
+    return make_spec(tmp_path / "volume", task="kloop_blobs_task:Blobs", model_name="blobs",
+                     code=Code(path=str(src), sha256=packed.digest(src)), **changes)
+
+
+def wait_for(predicate, timeout: float = 30, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_code_task_runs_from_its_configmap_publishes_and_the_configmap_goes(kube, tmp_path):
+    spec, rid, name = code_spec(tmp_path), run_id(), "blobs-train"
+    lines: list[str] = []
+    outcome: dict = {}
+
+    def submitter() -> None:
+        try:
+            outcome["manifest"] = kt.run_on_kubernetes(kube, spec, name=name, run_id=rid, out=lines.append,
+                                                       deadline_s=200, logs=False)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            outcome["error"] = e
+
+    t = threading.Thread(target=submitter, daemon=True)
+    t.start()
+    wait_for(lambda: any(x.startswith("submitted") for x in lines) or outcome, what="the submission")
+    assert "error" not in outcome, outcome
+    job = kube.get(PTJ, name)
+
+    # the kubelet's part: the ConfigMap the server stored, its archive as the mounted file
+    cm = kube.get(CM, render.code_configmap_name(name))
+    assert cm["immutable"] is True and cm["metadata"]["labels"]["kloop.dev/run-id"] == rid
+    assert cm["metadata"]["ownerReferences"] == [{"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
+                                                  "name": name, "uid": job["metadata"]["uid"]}]
+    archive = base64.b64decode(cm["binaryData"][render.CODE_KEY])
+    assert hashlib.sha256(archive).hexdigest() == spec.code.sha256
+    mount = tmp_path / "kubelet" / "code"
+    mount.mkdir(parents=True)
+    (mount / render.CODE_KEY).write_bytes(archive)
+    pod_spec = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert {"name": render.CODE_VOLUME, "mountPath": render.CODE_MOUNT, "readOnly": True} in \
+        pod_spec["containers"][0]["volumeMounts"]
+
+    set_conditions(kube, name, ("Created", "True", ""), ("Running", "True", ""))
+    pod = play_pod(job, mounts={render.CODE_MOUNT: mount})
+    assert pod.returncode == 0, pod.stdout[-3000:] + pod.stderr[-3000:]
+    set_conditions(kube, name, ("Created", "True", ""), ("Running", "False", ""),
+                   ("Succeeded", "True", f"PyTorchJob {name} successfully completed."))
+    t.join(30)
+    assert "error" not in outcome, outcome
+    manifest = outcome["manifest"]
+    assert manifest is not None and manifest.name == "blobs" and manifest.run_id == rid
+    assert manifest.lineage["code"]["sha256"] == spec.code.sha256  # what ran, by digest
+    with pytest.raises(NotFound):
+        kube.get(CM, render.code_configmap_name(name))
+
+    # what ran is on the volume, by digest: the archive, the code, its requirements
+    code_root = tmp_path / "volume" / "runs" / rid / "code"
+    assert (code_root / f"{spec.code.sha256}.tar.gz").read_bytes() == archive
+    assert (code_root / spec.code.sha256 / "kloop_blobs_task.py").is_file()
+    assert (code_root / spec.code.sha256 / ".deps" / "kloop_blobs_helper.py").is_file()
+
+
+def test_trainjob_with_code_is_accepted_and_cancel_deletes_its_configmap(kube, tmp_path):
+    spec = code_spec(tmp_path, active_deadline_seconds=600)
+    job = kt.submit(kube, spec, name="tj", run_id=run_id(), kind="trainjob")
+    stored = kube.get(TJ, "tj")
+    assert stored["spec"]["activeDeadlineSeconds"] == 600
+    assert stored["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+        "template"]["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"] == "tj-code"
+    cm = kube.get(CM, "tj-code")
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+    assert kt.cancel(kube, "tj", kind="trainjob") is True
+    with pytest.raises(NotFound):
+        kube.get(CM, "tj-code")
+
+
+def test_pytorchjob_run_policy_is_accepted(kube, tmp_path):
+    spec = make_spec(tmp_path, ttl_seconds_after_finished=120, active_deadline_seconds=3600)
+    kt.submit(kube, spec, name="j", run_id=run_id())
+    policy = kube.get(PTJ, "j")["spec"]["runPolicy"]
+    assert policy["ttlSecondsAfterFinished"] == 120 and policy["activeDeadlineSeconds"] == 3600
+
+
+def test_changed_code_is_refused_before_anything_is_applied(kube, tmp_path):
+    spec = code_spec(tmp_path)
+    (Path(spec.code.path) / "kloop_blobs_task.py").write_text("# edited after the spec was made\n")
+    with pytest.raises(kt.UnsupportedSpec, match="changed since the spec was made"):
+        kt.submit(kube, spec, name="j", run_id=run_id())
+    assert kube.list(PTJ)["items"] == [] and kube.list(CM)["items"] == []
+
+
+def test_a_refused_job_leaves_no_code_configmap(kube, tmp_path):
+    kt.submit(kube, make_spec(tmp_path / "first"), name="j", run_id=run_id())  # the name is taken
+    with pytest.raises(Conflict):
+        kt.submit(kube, code_spec(tmp_path), name="j", run_id=run_id())
+    assert [c["metadata"]["name"] for c in kube.list(CM)["items"] if c["metadata"]["name"] == "j-code"] == []

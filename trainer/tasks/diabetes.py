@@ -61,6 +61,9 @@ class StandardizeBoth(nn.Module):
 
 
 class Regressor(nn.Module):
+    y_mean: torch.Tensor
+    y_std: torch.Tensor
+
     """Both standardized inputs -> progression, in the target's units: the network predicts
     the standardized target and the last step (buffers from the training split) undoes it."""
 
@@ -73,7 +76,7 @@ class Regressor(nn.Module):
         self.register_buffer("y_std", torch.tensor(y_std, dtype=torch.float32))
 
     def forward(self, demographics: torch.Tensor, serum: torch.Tensor) -> torch.Tensor:
-        z = self.net(torch.cat([demographics, serum], dim=1)).squeeze(1)
+        z: torch.Tensor = self.net(torch.cat([demographics, serum], dim=1)).squeeze(1)
         return z * self.y_std + self.y_mean
 
 

@@ -53,6 +53,9 @@ class Standardize(nn.Module):
     def fit(cls, x: torch.Tensor) -> Standardize:
         return cls(x.mean(dim=0), x.std(dim=0))
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from torch.utils.data import TensorDataset
 
 from trainer import checkpoint
