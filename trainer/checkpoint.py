@@ -26,6 +26,7 @@ import torch
 from kloop.fsutil import atomic_path
 from trainer.spec import TrainSpec
 
+
 class CheckpointMismatch(ValueError):
     """The checkpoint was written by a run with a different training identity."""
 

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from deploy.cli import main as kloop
 from trainer.task import Datasets, Metric, Task, TaskError, installed, make_config, parse_set
