@@ -27,8 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from deploy.cli.train_cmd import task_path
     from trainer.task import TaskError, installed, load_class
 
-    console = Console()
     if args.task:
+        console = Console()
         from trainer.task_check import resolve
 
         try:
@@ -47,23 +47,27 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"metrics: {_metrics(rt.cls)}")
         console.print(f"config: {_config(rt.cls)}")
         return 0
-    t = Table(title="installed tasks (kloop train --task NAME)")
-    for c in ("name", "class", "metrics (gate's first)", "config (defaults)", "about"):
-        t.add_column(c, overflow="fold")
-    for name, target in sorted(installed().items()):
+    tasks = installed()
+    if not tasks:
+        print("no tasks installed (packages declare them as kloop.tasks entry points)")
+    for name, target in sorted(tasks.items()):  # one block per task, like `pip show`
+        print(f"{name}  ({target})")
         try:
             cls = load_class(name)
         except TaskError as e:
-            t.add_row(name, target, "-", "-", f"[red]cannot load: {e}[/red]")
+            print(f"  cannot load: {e}\n")
             continue
-        t.add_row(name, target, _metrics(cls), _config(cls), cls.description)
-    console.print(t)
+        if cls.description:
+            print(f"  {cls.description}")
+        print(f"  metrics: {_metrics(cls)}\n  config:  {_config(cls)}\n")
+    print("train one: kloop train --task NAME [--set key=value]; your own: --task module:Class")
     return 0
 
 
 def _metrics(cls: type) -> str:
     metrics = sorted(cls.metrics, key=lambda m: m.name != cls.primary_metric)  # type: ignore[attr-defined]
-    return ", ".join(f"{m.name} ({m.direction})" for m in metrics)
+    return ", ".join(f"{m.name} ({m.direction} is better{', the gate' * (m.name == cls.primary_metric)})"  # type: ignore[attr-defined]
+                     for m in metrics)
 
 
 def _config(cls: type) -> str:

@@ -189,3 +189,24 @@ def test_kloop_train_refuses_a_bad_task_before_any_process_starts(
     assert not (home / "runs").exists()  # nothing was started, not even a run directory
     rc = kloop(["--home", str(home), "train", "--task", "digits", "--set", "lr=fast"])
     assert rc == 2 and "--set lr=fast: could not convert" in capsys.readouterr().err
+
+
+def test_a_users_package_registers_its_task_by_entry_point(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """What ``pip install`` of a package declaring ``[project.entry-points."kloop.tasks"]``
+    leaves on the path: a dist-info with entry_points.txt. ``kloop tasks`` lists the task and
+    ``--task NAME`` resolves it."""
+    pkg = tmp_path / "churnpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "task.py").write_text("from tests.unit.trainer.test_task_check import Good as Churn\n")
+    info = tmp_path / "churnpkg-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: churnpkg\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[kloop.tasks]\nchurn = churnpkg.task:Churn\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert installed()["churn"] == "churnpkg.task:Churn"
+    rt, sig = resolve("churn", {})
+    assert rt.target == "churnpkg.task:Churn" and sig.input_names == ("a", "b")
+    assert kloop(["tasks"]) == 0
+    assert "churn  (churnpkg.task:Churn)" in capsys.readouterr().out
