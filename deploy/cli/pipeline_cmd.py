@@ -1,11 +1,16 @@
 """``kloop pipeline run`` (train → evaluate → publish → gate → canary → decide, with a run
 record), ``kloop pipeline resume RUN`` (continue an interrupted or failed run) and ``kloop runs``
-(the run history: list, show, compare; reading it marks runs whose process died)."""
+(the run history: list, show, compare; reading it marks runs whose process died).
+
+``kloop pipeline run`` takes ``kloop train``'s task and spec flags (``--task``, ``--set``,
+``--config``, ``--code``, ...) and checks the task in this process before anything starts
+(``train_cmd.check_task``): a task that cannot work is refused with one line, exit 2."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from deploy.cli import common, train_cmd
 
@@ -15,8 +20,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        help="train → evaluate → publish → gate → canary → promote/roll back")
     psub = p.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
     pr = psub.add_parser("run", help="run the pipeline once",
-                         description="Run train → evaluate → publish → gate → canary → decide, "
-                                     "with a run record (see `kloop runs`).")
+                         description="Run train → evaluate → publish → gate → canary → decide "
+                                     "for a task (as `kloop train` takes it), with a run record "
+                                     "(see `kloop runs`).")
     train_cmd.add_spec_args(pr)
     common.add_policy_args(pr)
     pr.add_argument("--interval", type=float, default=1.0, help="seconds between rollout ticks")
@@ -49,12 +55,21 @@ def run_pipeline(args: argparse.Namespace) -> int:
     from deploy.pipeline import report
     from deploy.pipeline.runner import Pipeline
     from kloop.faults import Fault
+    from trainer.task import TaskError
 
     h = common.home(args)
     fault = Fault(error_rate=args.inject_fault) if args.inject_fault else None
+    try:
+        spec = train_cmd.spec_from_args(args)
+        code = Path(spec.code.path) if spec.code is not None else args.code
+        train_cmd.check_task(spec, code)
+    except TaskError as e:
+        print(f"kloop pipeline run: {e}", file=sys.stderr)
+        return 2
     pipe = Pipeline(h, server=common.server(args, h), policy=common.policy(args),
-                    tick_interval_s=args.interval, log=print)
-    run = pipe.run(train_cmd.spec_from_args(args), fault=fault, label=args.label)
+                    tick_interval_s=args.interval, log=print,
+                    pythonpath=[str((code or Path.cwd()).expanduser().resolve())])
+    run = pipe.run(spec, fault=fault, label=args.label)
     report.print_run(run)
     return 0 if run.status == "succeeded" else 1
 

@@ -41,6 +41,7 @@ from deploy.rollout import Phase, Rollout, Verdict
 STEPS = ("train", "evaluate", "publish", "gate", "canary", "decide")
 RESUMABLE = ("interrupted", "failed")  # run statuses ``kloop pipeline resume`` continues
 _DONE = ("succeeded", "failed", "skipped")  # a step's final statuses
+_LEGACY_DIRECTIONS = {"accuracy": "higher", "loss": "lower"}  # the digits CNN's, before tasks
 
 _SCHEMA = (
     """
@@ -95,6 +96,10 @@ class Run:
     rollout_id: str | None = None
     run_dir: str = ""
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # evaluation metrics
+    # How the task judges them (``ResolvedTask.evaluation``: the primary metric, each metric's
+    # direction and threshold), as the manifest has it. Empty in records written before runs
+    # trained tasks: those were the digits CNN's (``primary_metric`` answers "accuracy").
+    evaluation: dict[str, Any] = dataclasses.field(default_factory=dict)
     finished: float | None = None
     # Who runs it: the pipeline process, and its identity (``process_token``) against pid
     # reuse. None in records written before runs named their process: those are never judged.
@@ -115,6 +120,19 @@ class Run:
     @property
     def duration_s(self) -> float:
         return (self.finished or time.time()) - self.created
+
+    @property
+    def primary_metric(self) -> str:
+        """The metric the run is judged by (its task's), "accuracy" in older records."""
+        return str(self.evaluation.get("primary") or "accuracy")
+
+    def direction(self, metric: str) -> str | None:
+        """"higher" or "lower" (which is better) for ``metric``, None when not declared."""
+        declared = self.evaluation.get("metrics", {}).get(metric)
+        if isinstance(declared, Mapping):
+            d = declared.get("direction")
+            return d if d in ("higher", "lower") else None
+        return None if self.evaluation else _LEGACY_DIRECTIONS.get(metric)
 
     def step(self, name: str) -> Step:
         for s in self.steps:

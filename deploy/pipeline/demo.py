@@ -4,10 +4,15 @@
 2. serve it over gRPC and HTTP (a real ``kloop serve`` child process) under live traffic from
    the built-in client (``deploy.local.traffic``);
 3. train v2 (longer) → gate vs the champion → canary 10 → 50 → 100 % with live analysis → promote;
-4. train a bad candidate (shuffled labels) → the evaluation gate rolls it back before any traffic;
+4. train a bad candidate (the task's config ``shuffle_labels=True``) → the evaluation gate rolls
+   it back before any traffic;
 5. retrain v2's spec and inject a serving fault into it → the live analysis rolls it back;
-6. print a summary (versions, metrics, decisions, requests served, errors), stop the traffic and
-   the server (SIGTERM), and check that no child process is left.
+6. print a summary (versions, the task's primary metric held-out and live, decisions, requests
+   served, errors), stop the traffic and the server (SIGTERM), and check that no child process
+   is left.
+
+The demo trains the digits task (``trainer.tasks.digits``); the traffic and the summary are the
+generic ones, judged by the task's primary metric (here accuracy).
 
 Everything lives in its own state directory (``<KLOOP_HOME>/demo`` unless ``--dir``), which is
 wiped at the start of each demo, so the demo never touches a user's registry.
@@ -28,7 +33,8 @@ from rich.table import Table
 from deploy.local.home import Home
 from deploy.local.runs import Run
 from deploy.local.server_process import ServerProcess
-from deploy.local.traffic import TrafficConfig, TrafficGenerator
+from deploy.local.traffic import LiveData, TrafficConfig, TrafficGenerator
+from deploy.pipeline.report import metric_label, metric_text
 from deploy.pipeline.runner import Pipeline
 from deploy.rollout import AnalysisPolicy, GatePolicy, RolloutPolicy, parse
 from kloop.faults import Fault
@@ -65,7 +71,6 @@ def _fresh(d: Path) -> None:
 
 
 def main(args: DemoConfig) -> int:
-    from trainer.data import load_split
     from trainer.spec import TrainSpec
 
     started = time.monotonic()
@@ -79,7 +84,7 @@ def main(args: DemoConfig) -> int:
             min_requests=args.min_requests, min_duration_s=args.step_seconds, max_error_rate=0.01,
             max_p99_ratio=2.0, p99_slack_ms=25.0,  # 2 shared cores: noisy p99
         ),
-        gate=GatePolicy(max_accuracy_drop=0.01),
+        gate=GatePolicy(tolerance=0.01),
     )
     console.print(Rule("kloop demo: train → publish → serve → canary → promote / roll back"))
     console.print(f"state: {root}   policy: steps {list(policy.steps)}, "
@@ -96,24 +101,27 @@ def main(args: DemoConfig) -> int:
         return _fail(runs, "training v1 failed")
 
     console.print(Rule("2. serve v1 over gRPC + HTTP with live traffic"))
-    split = load_split()
+    live_data = LiveData.for_task(base.task, base.config)
     server = ServerProcess(home.registry.root, root)
     handle = server.start()
     console.print(f"server pid {handle.pid}: HTTP {handle.http_url}, gRPC {handle.grpc_target}")
     traffic = TrafficGenerator(
         TrafficConfig(model=base.model_name, http_url=handle.http_url, grpc_target=handle.grpc_target,
                       rate_per_s=args.rate),
-        split.test_images, split.test_labels,
+        live_data,
     ).start()
     try:
         _wait_for_traffic(traffic, 100)
-        console.print(f"live traffic: {args.rate:.0f} req/s of held-out digits, half gRPC, half HTTP")
+        console.print(f"live traffic: {args.rate:.0f} req/s of {len(live_data.items)} held-out "
+                      f"{base.task} items, half gRPC, half HTTP, judged by live "
+                      f"{live_data.metric.name}")
         online = Pipeline(home, server=handle, policy=policy, log=_log)
 
         console.print(Rule("3. train v2 (longer) → gate → canary 10→50→100% → promote"))
         runs.append(online.run(base, label="v2: full run"))
         console.print(Rule("4. a bad candidate (shuffled labels) → the evaluation gate rolls it back"))
-        runs.append(online.run(dataclasses.replace(base, shuffle_labels=True), label="bad: shuffled labels"))
+        bad = dataclasses.replace(base, config={**base.config, "shuffle_labels": True})
+        runs.append(online.run(bad, label="bad: shuffled labels"))
         console.print(Rule(f"5. v2's spec again with a serving fault ({args.fault_rate:.0%} errors) "
                            "→ live analysis rolls it back"))
         runs.append(online.run(base, fault=Fault(error_rate=args.fault_rate), label="faulty: injected errors"))
@@ -163,23 +171,27 @@ def _summary(home: Home, runs: list[Run], metrics_text: str, traffic: TrafficGen
     served = {v: s for (m, v), s in parse(metrics_text, time.time()).items() if m == model}
     live = traffic.by_version()
     aliases = {v: a for a, v in home.registry.aliases(model).items()}
+    primary = runs[-1].primary_metric if runs else traffic.metric.name
+    direction = runs[-1].direction(primary) if runs else traffic.metric.direction
     t = Table(title=f"model {model}: versions and decisions")
-    for c in ("version", "run", "trained", "held-out acc", "gate", "decision", "requests served",
-              "5xx errors", "live acc", "now"):
+    for c in ("version", "run", "trained", metric_label(primary, direction, "held-out"), "gate",
+              "decision", "requests served", "5xx errors",
+              metric_label(traffic.metric.name, traffic.metric.direction, "live"), "now"):
         t.add_column(c, overflow="fold")
     for r in runs:
         v = str(r.version) if r.version is not None else "-"
         spec = r.params["spec"]
-        trained = f"{spec['epochs']} ep{', shuffled labels' if spec['shuffle_labels'] else ''}"
+        changed = ", ".join(f"{k}={val}" for k, val in (spec.get("config") or {}).items())
+        trained = f"{spec['epochs']} ep{f', {changed}' if changed else ''}"
         if r.params.get("fault"):
             trained += f", fault {r.params['fault']['error_rate']:.0%}"
         s = served.get(r.version) if r.version is not None else None
         la = live.get(v)  # the client counts by the answer's model_version (text)
         gate = r.step("gate")
-        t.add_row(v, r.id[-6:], trained, f"{r.metrics.get('accuracy', float('nan')):.4f}",
+        t.add_row(v, r.id[-6:], trained, metric_text(r.metrics.get(primary)),
                   gate.status, r.outcome, str(int(s.requests)) if s else "0",
                   str(int(s.server_errors)) if s else "0",
-                  f"{la.accuracy:.4f}" if la and la.accuracy is not None else "-",
+                  metric_text(la.value) if la is not None and la.value is not None else "-",
                   aliases.get(r.version or -1, ""))
     console.print(t)
     total = sum(s.requests for s in live.values())

@@ -1,6 +1,10 @@
 """Tables people compare: runs, a run's steps, run-vs-run, and the status of models.
 
 Rendering only (rich); the data comes from the stores, the registry and the server.
+
+Metrics are the task's: a table shows the primary metric its runs or versions are judged by,
+named with its direction in the header ("held-out rmse ↓"), never a fixed "accuracy". Rows that
+disagree on it (a model name reused for another task) name their own metric in the cell.
 """
 
 from __future__ import annotations
@@ -15,7 +19,11 @@ from rich.table import Table
 from deploy.local.runs import RESUMABLE, Run
 from deploy.local.server_process import ServerHandle
 from deploy.ports import RolloutStore
-from kloop.artifact import ArtifactError, Registry
+from kloop.artifact import ArtifactError, Manifest, Registry
+
+ARROWS = {"higher": "↑", "lower": "↓"}
+# Keys of a run's or version's metrics that are bookkeeping, not metrics.
+_NOT_METRICS = ("num_examples", "data_fingerprint")
 
 # Wide enough for tables in files and CI logs (rich assumes 80 columns off a terminal).
 console = Console(width=None if Console().is_terminal else 160)
@@ -26,18 +34,48 @@ def _t(ts: float | None) -> str:
 
 
 def _num(x: Any, digits: int = 4) -> str:
-    return f"{x:.{digits}f}" if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x if x is not None else "-")
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x if x is not None else "-")  # ints (versions, counts) as they are
+
+
+def metric_text(x: Any) -> str:
+    """A metric's value: 4 decimals below 10 (accuracy 0.9722), 4 significant digits up to
+    1000 (rmse 55.43), one decimal above; "-" for none."""
+    if not isinstance(x, int | float) or isinstance(x, bool):
+        return "-" if x is None else str(x)
+    a = abs(x)
+    return f"{x:.4f}" if a < 10 else f"{x:.4g}" if a < 1000 else f"{x:.1f}"
+
+
+def metric_label(name: str, direction: str | None, prefix: str = "") -> str:
+    """``name`` with its direction's arrow: "held-out rmse ↓"."""
+    return " ".join(p for p in (prefix, name, ARROWS.get(direction or "", "")) if p)
+
+
+def primary_column(rows: Sequence[tuple[str, str | None, Any]],
+                   prefix: str = "held-out") -> tuple[str, list[str]]:
+    """The header and cells of one column of primary metrics, from (metric, direction,
+    value) per row: the metric in the header when every row shares it, else in each cell."""
+    kinds = {(name, direction) for name, direction, _ in rows}
+    if len(kinds) == 1:
+        (name, direction), = kinds
+        return metric_label(name, direction, prefix), [metric_text(v) for _, _, v in rows]
+    return f"{prefix} metric", [metric_label(n, d, metric_text(v)) if v is not None else "-"
+                                for n, d, v in rows]
 
 
 def print_runs(runs: Sequence[Run]) -> None:
     t = Table(title="pipeline runs (newest first)")
-    for c in ("run", "model", "started", "seconds", "status", "version", "accuracy", "outcome",
+    header, primary = primary_column([(r.primary_metric, r.direction(r.primary_metric),
+                                       r.metrics.get(r.primary_metric)) for r in runs])
+    for c in ("run", "model", "started", "seconds", "status", "version", header, "outcome",
               "steps"):
         t.add_column(c)
-    for r in runs:
+    for r, value in zip(runs, primary, strict=True):
         steps = " ".join(f"{s.name}:{s.status[:4]}" for s in r.steps)
         t.add_row(r.id, r.model, _t(r.created), _num(r.duration_s, 0), r.status, _num(r.version),
-                  _num(r.metrics.get("accuracy")), r.outcome, steps)
+                  value, r.outcome, steps)
     console.print(t)
     stopped = [r.id for r in runs if r.status in RESUMABLE]
     if stopped:
@@ -70,12 +108,32 @@ def print_comparison(runs: Sequence[Run]) -> None:
         values = [s.get(k) for s in specs]
         if len({repr(v) for v in values}) > 1:
             t.add_row(f"spec.{k}", *(_num(v) for v in values))
-    t.add_row("accuracy", *(_num(r.metrics.get("accuracy")) for r in runs))
-    t.add_row("loss", *(_num(r.metrics.get("loss")) for r in runs))
+    configs = [s.get("config") or {} for s in specs]
+    for k in sorted({k for c in configs for k in c}):
+        values = [c.get(k) for c in configs]
+        if len({repr(v) for v in values}) > 1:
+            t.add_row(f"config.{k}", *(_num(v) for v in values))
+    for name in _metric_names(runs):
+        direction = next((d for r in runs if (d := r.direction(name)) is not None), None)
+        t.add_row(metric_label(name, direction), *(metric_text(r.metrics.get(name)) for r in runs))
     t.add_row("train seconds", *(_num(r.step("train").duration_s, 1) for r in runs))
     t.add_row("version", *(_num(r.version) for r in runs))
     t.add_row("outcome", *(r.outcome for r in runs))
     console.print(t)
+
+
+def _metric_names(runs: Sequence[Run]) -> list[str]:
+    """Every metric the runs measured, their primary metrics first, in first-seen order."""
+    names = [r.primary_metric for r in runs]
+    names += [k for r in runs for k, v in r.metrics.items()
+              if k not in _NOT_METRICS and isinstance(v, int | float) and not isinstance(v, bool)]
+    return list(dict.fromkeys(names))
+
+
+def _other_metrics(m: Manifest) -> str:
+    return ", ".join(f"{k} {metric_text(v)}" for k, v in m.metrics.items()
+                     if k != m.primary_metric and k not in _NOT_METRICS
+                     and isinstance(v, int | float) and not isinstance(v, bool))
 
 
 def print_status(registry: Registry, server: ServerHandle | None, rollouts: RolloutStore,
@@ -94,17 +152,29 @@ def print_status(registry: Registry, server: ServerHandle | None, rollouts: Roll
         by_version = {v: a for a, v in aliases.items()}
         live = weights.get(name, {})
         t = Table(title=f"model {name} — registry {registry.root}")
-        for c in ("version", "alias", "created", "accuracy", "loss", "run", "loaded", "weight"):
-            t.add_column(c)
+        manifests: dict[int, Manifest | ArtifactError] = {}
         for v in registry.versions(name):
             try:
-                m = registry.manifest(name, v)
-                acc, loss, run_id, created = m.metrics.get("accuracy"), m.metrics.get("loss"), m.run_id, m.created
+                manifests[v] = registry.manifest(name, v)
             except ArtifactError as e:
-                acc, loss, run_id, created = None, None, f"corrupt: {e}", None
+                manifests[v] = e
+        rows = [(m.primary_metric, m.direction(m.primary_metric),
+                 m.metrics.get(m.primary_metric)) if isinstance(m, Manifest) else None
+                for m in manifests.values()]
+        known = [r for r in rows if r is not None]
+        header, cells = primary_column(known) if known else ("held-out metric", [])
+        values = iter(cells)
+        for c in ("version", "alias", "created", header, "other metrics", "run", "loaded",
+                  "weight"):
+            t.add_column(c)
+        for v, m in manifests.items():
             loaded = str(v) in live.get("versions", [])
             weight = live.get("weights", {}).get(str(v))
-            t.add_row(str(v), by_version.get(v, ""), _t(created), _num(acc), _num(loss), run_id,
+            if isinstance(m, Manifest):
+                cols = (_t(m.created), next(values), _other_metrics(m), m.run_id)
+            else:
+                cols = ("-", "-", "", f"corrupt: {m}")
+            t.add_row(str(v), by_version.get(v, ""), *cols,
                       "yes" if loaded else "", "" if weight is None else f"{weight}%")
         console.print(t)
         history = rollouts.list(model=name)

@@ -7,9 +7,15 @@ as they change, so ``kloop runs`` in another terminal shows a live run and histo
 Where the steps come from:
 
 * train: ``trainer.launch.run_local`` (real torchrun, DDP); its progress events are shown live.
-* evaluate: the exported program is loaded back *in this process* and evaluated on the held-out
-  split; it must reproduce what the training run measured, or the run fails. What is published
-  is what was measured.
+* evaluate: the exported program is loaded back *in this process* and measured with the task's
+  own metrics on the task's held-out split (``trainer.task_check.load``, ``metric_sums``); every
+  metric must reproduce what the training run measured, on the same split (its fingerprint),
+  or the run fails. What is published is what was measured. The step says the primary metric
+  and its direction ("rmse 55.4 (lower is better) on 111 held-out items").
+
+The task's module is imported in the training workers and here: from the spec's code directory
+(``spec.code``), else from ``pythonpath`` (the CLI passes ``--code`` or the current directory),
+which the run keeps in its record so that a resume in another directory finds it again.
 * publish: ``trainer.publish`` (immutable, checksummed version in the registry).
 * gate + canary: one rollout (``deploy.rollout``) ticked by ``deploy.controller`` against the
   running server. The rollout runs the evaluation gate first, then the traffic steps with live
@@ -26,10 +32,13 @@ its outcome recorded if it ended meanwhile (``kloop rollout`` resumed it, someon
 from __future__ import annotations
 
 import contextlib
+import math
+import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from deploy.controller import RealClock, run_until_done
 from deploy.local.home import Home
@@ -44,19 +53,22 @@ from deploy.local.runs import (
 )
 from deploy.local.server_backend import LocalBackend
 from deploy.local.server_process import ServerHandle
+from deploy.pipeline.report import metric_text
 from deploy.ports import Clock, NotFound
 from deploy.rollout import Event, Rollout, RolloutPolicy, Verdict, champion_for, gate, new_rollout
 from kloop.artifact import ArtifactError, Manifest
 from kloop.faults import Fault
 from kloop.model_version import Version
-from trainer.data import load_split
-from trainer.evaluate import evaluate
-from trainer.export import load_exported
+from kloop.modelfile import load_exported
+from trainer.data import fingerprint, length
+from trainer.evaluate import finalize, metric_sums
 from trainer.launch import TrainResult, load_result, run_local
 from trainer.publish import publish
 from trainer.spec import TrainSpec
+from trainer.task_check import load
 
-# The exported program and the eager model differ only by float summation order.
+# What training measured on the exported program, measured again here: only the order of
+# float sums may differ (relative, as trainer.loop checks the export against the eager model).
 _EVAL_TOLERANCE = 1e-4
 
 
@@ -75,6 +87,7 @@ class Pipeline:
         clock: Clock | None = None,
         tick_interval_s: float = 1.0,
         progress: bool = True,
+        pythonpath: Sequence[str] = (),
     ):
         self.home = home
         self.registry = home.registry
@@ -86,6 +99,7 @@ class Pipeline:
         self.clock = clock or RealClock()
         self.tick_interval_s = tick_interval_s
         self.progress = progress
+        self.pythonpath = tuple(pythonpath)
 
     def run(self, spec: TrainSpec, *, fault: Fault | None = None, label: str = "") -> Run:
         """Run every step; returns the finished record (status ``failed`` on a step error)."""
@@ -94,7 +108,8 @@ class Pipeline:
                 self._log(f"run {stale.id} was interrupted ({stale.outcome}); continue it with "
                           f"`kloop pipeline resume {stale.id}`")
         params = {"spec": spec.to_dict(), "policy": self.policy.to_dict(),
-                  "fault": fault.to_dict() if fault else None, "label": label}
+                  "fault": fault.to_dict() if fault else None, "label": label,
+                  "pythonpath": list(self.pythonpath)}
         run = Run.new(spec.model_name, params, self.home.runs_dir)
         Path(run.run_dir).mkdir(parents=True, exist_ok=True)
         self.runs.save(run)
@@ -109,6 +124,8 @@ class Pipeline:
         run = self.runs.claim(run_id)
         spec = TrainSpec.from_dict(run.params["spec"])
         fault = Fault.from_dict(run.params["fault"]) if run.params.get("fault") else None
+        saved = tuple(run.params.get("pythonpath", ()))  # where the run found its task
+        self.pythonpath = (*saved, *(p for p in self.pythonpath if p not in saved))
         for s in run.steps:
             if s.status != "succeeded" or s.name == "evaluate":
                 s.reset()
@@ -147,7 +164,7 @@ class Pipeline:
 
     def _steps(self, run: Run, spec: TrainSpec, fault: Fault | None, *, resumed: bool) -> None:
         result = self._train(run, spec, resumed=resumed)
-        self._evaluate(run, result, resumed=resumed)
+        self._evaluate(run, spec, result, resumed=resumed)
         manifest = self._publish(run, spec, resumed=resumed)
         existing = self._existing_rollout(run) if resumed else None
         if existing is not None:
@@ -164,7 +181,8 @@ class Pipeline:
         if run.step("train").status == "succeeded":  # resumed after training had finished
             return load_result(train_dir)
         with self._step(run, "train") as st:
-            result = run_local(spec, train_dir, resume=resumed, progress=self.progress)
+            result = run_local(spec, train_dir, resume=resumed, progress=self.progress,
+                               pythonpath=self.pythonpath)
             summary = {k: v for k, v in result.result.items() if isinstance(v, (int, float))}
             st.metrics = {"duration_s": round(result.duration_s, 2), **summary}
             epochs = [e for e in result.events if e.get("event") == "epoch"]
@@ -179,21 +197,43 @@ class Pipeline:
                                else " (resumed; no checkpoint yet, so trained from the start)")
         return result
 
-    def _evaluate(self, run: Run, result: TrainResult, *, resumed: bool) -> None:
+    def _evaluate(self, run: Run, spec: TrainSpec, result: TrainResult, *,
+                  resumed: bool) -> None:
+        """The exported program measured here with the task's metrics on the task's held-out
+        split: every metric, and the split's fingerprint, must be what training recorded."""
         with self._step(run, "evaluate") as st:
-            split = load_split()
+            with importable(self._task_path(spec)):
+                rt = load(spec.task, spec.config)
+                data = rt.instance().datasets()
+            signature = result.result.get("signature", {})
+            inputs = [t["name"] for t in signature.get("inputs", ())]
+            outputs = [t["name"] for t in signature.get("outputs", ())]
+            if not inputs or not outputs:
+                raise PipelineError(f"{result.run_dir} records no signature: not a task run")
+            n = length(data.held_out, "held_out")
             module = load_exported(result.model_path)
-            metrics = evaluate(module, split)
-            trained = result.metrics
-            if abs(metrics["accuracy"] - trained["accuracy"]) > _EVAL_TOLERANCE:
-                raise PipelineError(f"the exported model scores {metrics['accuracy']:.4f} on the held-out "
-                                    f"split, training reported {trained['accuracy']:.4f}")
-            run.metrics = {k: metrics[k] for k in ("accuracy", "loss", "per_class_accuracy") if k in metrics}
-            st.metrics = {"accuracy": metrics["accuracy"], "loss": metrics["loss"],
-                          "num_examples": metrics.get("num_examples")}
-            st.message = f"accuracy {metrics['accuracy']:.4f} on {metrics.get('num_examples')} held-out digits"
+            metrics = finalize(rt.metrics, metric_sums(module, data.held_out, range(n), inputs,
+                                                       outputs, rt.metrics))
+            _check_reproduced(metrics, result.metrics)
+            fp = fingerprint(data.definition, data.held_out)
+            if fp != result.metrics.get("data_fingerprint"):
+                raise PipelineError(
+                    f"the held-out split is not the one training measured (fingerprint "
+                    f"{fp[:12]}, training recorded {str(result.metrics.get('data_fingerprint'))[:12]})")
+            evaluation = rt.evaluation()
+            primary = rt.primary_metric
+            direction = evaluation["metrics"][primary]["direction"]
+            run.metrics = {**metrics, "num_examples": n}
+            run.evaluation = evaluation
+            st.metrics = {**metrics, "num_examples": n}
+            st.message = (f"{primary} {metric_text(metrics[primary])} ({direction} is better) on {n} "
+                          "held-out items")
             if resumed:
                 st.message += " (rerun on resume)"
+
+    def _task_path(self, spec: TrainSpec) -> list[str]:
+        """Where the task's module is imported from: its code directory, then ``pythonpath``."""
+        return ([spec.code.path] if spec.code is not None else []) + list(self.pythonpath)
 
     def _publish(self, run: Run, spec: TrainSpec, *, resumed: bool) -> Manifest:
         version = run.version if run.version is not None else (
@@ -355,3 +395,32 @@ class Pipeline:
 
 def _rollout_id(run: Run) -> str:
     return f"{run.id}-rollout"
+
+
+@contextlib.contextmanager
+def importable(paths: Sequence[str]) -> Iterator[None]:
+    """``paths`` first on ``sys.path`` while the task is imported (as the CLI's ``task_path``)."""
+    added = [p for p in (str(Path(p).expanduser().resolve()) for p in paths) if p not in sys.path]
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for p in added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(p)
+
+
+def _check_reproduced(measured: Mapping[str, float], trained: Mapping[str, Any]) -> None:
+    """Each metric within ``_EVAL_TOLERANCE`` (relative, at least absolute) of training's."""
+    off = []
+    for name, value in measured.items():
+        then = trained.get(name)
+        if not isinstance(then, int | float) or isinstance(then, bool):
+            off.append(f"{name}: training recorded none")
+        elif not (abs(value - then) <= _EVAL_TOLERANCE * max(1.0, abs(then))
+                  or (math.isnan(value) and math.isnan(then))):
+            off.append(f"{name} {metric_text(value)}, training reported {metric_text(then)}")
+    if off:
+        raise PipelineError("the exported model does not reproduce training's held-out metrics: "
+                            + "; ".join(off))
+

@@ -23,7 +23,7 @@ def test_every_command_has_help(command: list[str]) -> None:
     assert out.returncode == 0 and "usage: kloop" in out.stdout
 
 
-@pytest.mark.parametrize("extra", [[], ["--gpus", "2", "--num-nodes", "4", "--pvc", "runs"], ["--elastic", "1:4", "--num-nodes", "2", "--batch-size", "96", "--pvc", "runs"],
+@pytest.mark.parametrize("extra", [["--pvc", "runs"], ["--gpus", "2", "--num-nodes", "4", "--pvc", "runs"], ["--elastic", "1:4", "--num-nodes", "2", "--batch-size", "96", "--pvc", "runs"],
                                    ["--kind", "trainjob", "--gpus", "1", "--nproc", "1"]])
 def test_train_kubernetes_dry_run_is_a_valid_job(extra: list[str]) -> None:
     out = kloop("train", "--target", "kubernetes", "--dry-run", "--run-id", "r1", *extra)
@@ -45,7 +45,7 @@ def test_train_kubernetes_dry_run_is_a_valid_job(extra: list[str]) -> None:
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--batch-size", "63"], "not divisible"),
-    (["--num-nodes", "2"], "shared volume"),
+    (["--num-nodes", "2"], "storage.pvc_claim is not set"),  # a PyTorchJob publishes to a PVC
 ])
 def test_bad_spec_is_a_clear_error_not_a_traceback(args: list[str], message: str) -> None:
     out = kloop("train", "--target", "kubernetes", "--dry-run", *args)

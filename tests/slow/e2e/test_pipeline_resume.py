@@ -25,12 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from deploy.local.rollout_store import SQLiteRolloutStore
 from deploy.local.runs import Run, RunStore
 from deploy.local.server_process import ServerHandle, discover
-from deploy.local.traffic import TrafficConfig, TrafficGenerator
+from deploy.local.traffic import LiveData, TrafficConfig, TrafficGenerator
 from deploy.rollout import Phase
 from kloop.artifact import Registry
 from tests.slow.trainer.test_process_lifetime import (
@@ -39,12 +38,8 @@ from tests.slow.trainer.test_process_lifetime import (
     training_processes,
     wait_for,
 )
-from tests.support.artifacts import publish_exported
+from tests.support.artifacts import digits_fingerprint, publish_exported
 from tests.support.processes import Processes
-from trainer.data import load_split
-from trainer.export import export_model
-from trainer.models import build_model
-from trainer.publish import FORMAT, INPUTS, OUTPUTS
 
 TRAIN = ["--epochs", "1", "--nproc", "1"]
 CANARY = ["--steps", "10,50,100", "--min-requests", "15", "--min-duration", "1",
@@ -152,7 +147,7 @@ def killed_in_canary(tmp_path: Path, processes: Processes) -> Iterator[KilledInC
     cfg = TrafficConfig(model="digits", http_url=handle.http_url, grpc_target=handle.grpc_target,
                         rate_per_s=120)
     rollouts = SQLiteRolloutStore(home / "kloop.db")
-    with TrafficGenerator(cfg, images, [0] * 32):
+    with TrafficGenerator(cfg, LiveData.labelled(images, [0] * 32)):
         pipeline = processes.spawn([*kloop(home), "pipeline", "run", *TRAIN, *CANARY,
                                     "--interval", "0.3"], log=tmp_path / "pipeline.log")
         wait_for(lambda: (r := rollouts.active("digits")) is not None and r.step >= 1
@@ -230,10 +225,6 @@ def test_status_shows_what_is_loaded_and_its_weight(tmp_path: Path, processes: P
 def _publish_champion(reg: Registry, tmp: Path) -> None:
     """v1: an untrained digits CNN with a low recorded accuracy, evaluated on the pipeline's
     own held-out split (the gate compares only versions measured on the same data)."""
-    torch.manual_seed(1)
-    model_path = export_model(build_model("digits_cnn"), tmp / "champion")
-    reg.publish("digits", model_path.parent, model_file=model_path.name, format=FORMAT,
-                torch_version=torch.__version__, inputs=INPUTS, outputs=OUTPUTS,
-                metrics={"accuracy": 0.1, "loss": 2.3}, params={},
-                data_fingerprint=load_split().fingerprint, run_id="champion")
+    publish_exported(reg.root, "digits", seed=1, accuracy=0.1, tmp=tmp / "champion",
+                     data_fingerprint=digits_fingerprint())
     reg.set_alias("digits", "champion", 1)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from deploy.local.server_process import discover
-from deploy.local.traffic import TrafficConfig, TrafficGenerator
+from deploy.local.traffic import LiveData, TrafficConfig, TrafficGenerator
 from kloop.artifact import Registry
 from tests.support.artifacts import publish_exported
 from tests.support.processes import Processes
@@ -44,7 +44,7 @@ def test_serve_then_rollout_promotes_under_traffic(tmp_path: Path, processes: Pr
     images = np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32)
     cfg = TrafficConfig(model="digits", http_url=handle.http_url, grpc_target=handle.grpc_target,
                         rate_per_s=120)
-    with TrafficGenerator(cfg, images, [0] * 32) as traffic:
+    with TrafficGenerator(cfg, LiveData.labelled(images, [0] * 32)) as traffic:
         out = subprocess.run(
             [*kloop, "rollout", "digits", "--candidate", "2", "--steps", "50,100",
              "--min-requests", "20", "--min-duration", "1", "--interval", "0.3",
@@ -87,7 +87,7 @@ def test_rollout_killed_mid_way_resumes_where_it_was(tmp_path: Path, processes: 
     cfg = TrafficConfig(model="digits", http_url=handle.http_url, grpc_target=handle.grpc_target,
                         rate_per_s=120)
     store = SQLiteRolloutStore(home / "kloop.db")
-    with TrafficGenerator(cfg, images, [0] * 32):
+    with TrafficGenerator(cfg, LiveData.labelled(images, [0] * 32)):
         first = processes.spawn(rollout_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_for(lambda: (r := store.active("digits")) is not None and r.step >= 1, 120,
                   "the rollout did not reach its second step")

@@ -31,7 +31,7 @@ import numpy as np
 
 from deploy.local.rollout_store import SQLiteRolloutStore
 from deploy.local.server_process import SERVER_FILE, ServerHandle, discover
-from deploy.local.traffic import TrafficConfig, TrafficGenerator
+from deploy.local.traffic import LiveData, TrafficConfig, TrafficGenerator
 from deploy.rollout import Phase, Rollout
 from kloop.artifact import Registry
 from tests.support.artifacts import publish_exported
@@ -119,7 +119,7 @@ def _traffic(handle: ServerHandle, rate: float = 40) -> Iterator[TrafficGenerato
     images = np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32)
     cfg = TrafficConfig(model=MODEL, http_url=handle.http_url, grpc_target=handle.grpc_target,
                         rate_per_s=rate)
-    with TrafficGenerator(cfg, images, [0] * 32) as traffic:
+    with TrafficGenerator(cfg, LiveData.labelled(images, [0] * 32)) as traffic:
         _wait_for(lambda: _served(traffic, "1", "2", "3") >= 4, 30, "no traffic was answered")
         yield traffic
     assert traffic.error is None, traffic.error
