@@ -189,9 +189,10 @@ def check_task(spec: TrainSpec, code: Path | None) -> None:
         rt, sig = resolve(spec.task, spec.config)
     io = (", ".join(f"{t.name} {t.datatype} {list(t.shape)}" for t in sig.inputs) + " -> "
           + ", ".join(f"{t.name} {t.datatype} {list(t.shape)}" for t in sig.outputs))
+    # stderr: stdout may be a manifest for kubectl (--dry-run)
     print(f"task {rt.target}: {io}; gate metric {rt.primary_metric} "
           f"({next(m.direction for m in rt.metrics if m.name == rt.primary_metric)} is better)",
-          flush=True)
+          file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
