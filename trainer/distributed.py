@@ -17,7 +17,11 @@ from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import PrefixStore, Store, TCPStore  # re-exported by torch.distributed
+from torch._C._distributed_c10d import (  # re-exported by torch.distributed
+    PrefixStore,
+    Store,
+    TCPStore,
+)
 
 from trainer.launch import AGENT_PID_ENV, die_with_parent
 from trainer.spec import TrainSpec
