@@ -9,10 +9,18 @@ record), ``kloop pipeline resume RUN`` (continue an interrupted or failed run) a
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from deploy.cli import common, train_cmd
+
+if TYPE_CHECKING:
+    from deploy.local.server_process import ServerHandle
+    from deploy.local.traffic import TrafficGenerator
+    from trainer.spec import TrainSpec
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -31,6 +39,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="fail this fraction of the candidate's requests while canaried "
                          "(chaos test)")
     pr.add_argument("--label", default="", help="a note kept with the run")
+    pr.add_argument("--traffic", type=float, default=0.0, metavar="REQ_PER_S",
+                    help="while the run lasts, send the server live traffic from the task's "
+                         "held-out inputs (half gRPC, half HTTP), judged by its metric: for a "
+                         "canary where no clients call the model yet (default: none)")
     pr.set_defaults(func=run_pipeline)
     rs = psub.add_parser("resume", help="continue an interrupted or failed run",
                          description="Continue RUN from its last finished step, under the same "
@@ -66,12 +78,44 @@ def run_pipeline(args: argparse.Namespace) -> int:
     except TaskError as e:
         print(f"kloop pipeline run: {e}", file=sys.stderr)
         return 2
-    pipe = Pipeline(h, server=common.server(args, h), policy=common.policy(args),
+    if not (args.traffic >= 0 and math.isfinite(args.traffic)):
+        raise ValueError(f"--traffic {args.traffic}: a rate in requests per second, >= 0")
+    server = common.server(args, h)
+    if args.traffic and server is None:
+        raise ValueError("--traffic needs a running server (`kloop serve`, or --server)")
+    pipe = Pipeline(h, server=server, policy=common.policy(args),
                     tick_interval_s=args.interval, log=print,
                     pythonpath=[str((code or Path.cwd()).expanduser().resolve())])
-    run = pipe.run(spec, fault=fault, label=args.label)
+    with contextlib.ExitStack() as stack:
+        traffic = None
+        if args.traffic and server is not None:
+            traffic = stack.enter_context(_traffic(spec, code, server, args.traffic))
+        run = pipe.run(spec, fault=fault, label=args.label)
     report.print_run(run)
+    if traffic is not None:
+        print(f"live traffic: {_live(traffic) or 'none answered'}")
     return 0 if run.status == "succeeded" else 1
+
+
+def _live(traffic: TrafficGenerator) -> str:
+    parts = []
+    for v, st in sorted(traffic.by_version().items()):
+        if v == "?":  # answered by no version: sent before the model was served
+            parts.append(f"{st.requests} before the model was served (refused)")
+        else:
+            live = f", live {st.value:.4g}" if st.value is not None else ""
+            parts.append(f"v{v}: {st.requests} requests, {st.errors} errors{live}")
+    return "; ".join(parts)
+
+
+def _traffic(spec: TrainSpec, code: Path | None, server: ServerHandle,
+             rate: float) -> TrafficGenerator:
+    from deploy.local.traffic import LiveData, TrafficConfig, TrafficGenerator
+
+    with train_cmd.task_path(code):
+        data = LiveData.for_task(spec.task, spec.config)
+    return TrafficGenerator(TrafficConfig(model=spec.model_name, http_url=server.http_url,
+                                          grpc_target=server.grpc_target, rate_per_s=rate), data)
 
 
 def resume_pipeline(args: argparse.Namespace) -> int:

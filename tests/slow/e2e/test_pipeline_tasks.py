@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from deploy.pipeline import report
 from deploy.pipeline.runner import Pipeline, PipelineError
 from deploy.rollout import RolloutPolicy
 from tests.support.paths import REPO
+from tests.support.processes import Processes
 from trainer.launch import load_result
 from trainer.spec import TrainSpec
 
@@ -127,7 +129,7 @@ def test_a_users_regression_through_kloop_pipeline_run(tmp_path: Path) -> None:
     out = kloop(home, "pipeline", "run", "--task", "usertask:Progression", "--code", str(code),
                 "--epochs", "30", "--nproc", "2", "--set", "hidden=8", cwd=elsewhere)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "gate metric rmse (lower is better)" in out.stdout  # checked before it started
+    assert "gate metric rmse (lower is better)" in out.stderr  # checked before it started
     [run] = RunStore(home / "kloop.db").list()
     assert run.model == "progression" and run.status == "succeeded"
     assert run.primary_metric == "rmse" and run.direction("rmse") == "lower"
@@ -155,3 +157,28 @@ def test_a_task_that_cannot_work_is_refused_before_anything_starts(
     assert message in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert not (home / "runs").exists() or not any((home / "runs").iterdir())
+
+
+def test_pipeline_run_with_traffic_canaries_on_the_tasks_own_inputs(
+        tmp_path: Path, processes: Processes) -> None:
+    """``--traffic``: while the run lasts, the server gets the task's held-out inputs (no
+    clients needed for a first try), and the live primary metric per version is reported."""
+    from deploy.local.server_process import discover
+
+    home = tmp_path / "home"
+    assert "needs a running server" in kloop(
+        home, "pipeline", "run", "--task", "breast-cancer", "--traffic", "10", cwd=tmp_path).stderr
+    processes.spawn([sys.executable, "-m", "deploy.cli", "--home", str(home), "serve",
+                     "--http-port", "0", "--grpc-port", "0"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while discover(home) is None:
+        assert time.monotonic() < deadline, "kloop serve did not record server.json"
+        time.sleep(0.05)
+    out = kloop(home, "pipeline", "run", "--task", "breast-cancer", "--epochs", "3",
+                "--traffic", "60", "--steps", "100", "--min-requests", "20", "--min-duration", "1",
+                "--retire-after", "0", "--interval", "0.3", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "champion (first version)" in out.stdout
+    [line] = [ln for ln in out.stdout.splitlines() if ln.startswith("live traffic:")]
+    assert "v1: " in line and ", 0 errors, live 0." in line, line  # live accuracy of v1
