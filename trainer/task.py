@@ -237,7 +237,10 @@ def check_value(task: str, name: str, default: Any, value: Any) -> Any:
     if default is None or isinstance(value, want) and not (isinstance(value, bool) and want is not bool):
         return value
     if want is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        return float(value)  # JSON has one number type: 1 is a fine learning rate
+    if want is tuple and isinstance(value, list):
+        return tuple(value)  # JSON has no tuples
+
     raise TaskError(f"{task} config field {name!r}: expected {want.__name__} (like its default "
                     f"{default!r}), got {type(value).__name__} {value!r}")
 

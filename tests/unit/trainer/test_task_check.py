@@ -26,6 +26,7 @@ class Config:
     hidden: int = 4
     name: str = "x"
     flag: bool = False
+    sizes: tuple[int, ...] = (8, 4)
 
 
 def _sq(served: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
@@ -145,10 +146,11 @@ def test_a_good_task_resolves_to_its_signature() -> None:
     (f"{HERE}:Missing", {}, "has no 'Missing'"),
     ("no_such_module_xyz:Task", {}, "cannot import 'no_such_module_xyz'"),
     ("nonsense", {}, "not a registered task"),
-    (f"{HERE}:Good", {"layers": 3}, "Good config has no field layers; fields: lr, hidden, name, flag"),
+    (f"{HERE}:Good", {"layers": 3}, "Good config has no field layers; fields: lr, hidden, name, flag, sizes"),
     (f"{HERE}:Good", {"hidden": "4"}, "config field 'hidden': expected int (like its default 4), got str '4'"),
     (f"{HERE}:Good", {"flag": 1}, "config field 'flag': expected bool"),
     (f"{HERE}:Good", {"hidden": True}, "config field 'hidden': expected int"),
+    (f"{HERE}:Good", {"sizes": "8,4"}, "config field 'sizes': expected tuple"),
 ])
 def test_a_task_that_cannot_work_is_refused_with_one_message(ref: str, config: dict[str, Any], message: str) -> None:
     with pytest.raises(TaskError) as e:
@@ -165,6 +167,7 @@ def test_set_values_are_typed_by_the_fields_default() -> None:
         with pytest.raises(TaskError, match=message):
             parse_set([bad], Good)
     assert make_config(Good, parse_set(["hidden=8"], Good)) == Config(hidden=8)
+    assert make_config(Good, parse_set(["sizes=[16, 8, 4]"], Good)) == Config(sizes=(16, 8, 4))
 
 
 def test_the_built_in_tasks_are_registered_and_resolve() -> None:
