@@ -12,8 +12,7 @@ In the pod, the container command is wrapped (``trainer.job_manifests``)::
         --run-dir <run dir> -- python -m torch.distributed.run -m trainer.main ...
 
 which keeps the archive in the run's directory on the shared volume
-(``<run-dir>/code/<sha256>.tar.gz``, the record of what ran, and what a restarted pod unpacks when
-the ConfigMap is already gone), unpacks it to ``<run-dir>/code/<sha256>/``, installs its
+(``<run-dir>/code/<sha256>.tar.gz``, the record of what ran), unpacks it to ``<run-dir>/code/<sha256>/``, installs its
 ``requirements.txt`` (if any) into ``<run-dir>/code/<sha256>/.deps``, puts both on PYTHONPATH and
 execs the command. Every step is idempotent and safe when the job's pods do it at once on the
 same volume: each result appears by one ``rename`` and a later pod finds it complete.

@@ -31,8 +31,13 @@ def fingerprint(definition: Mapping[str, Any], held_out: Dataset[Any]) -> str:
         raise TaskError(f"the held-out split's definition must be plain JSON data: {e}") from e
     for i in range(_length(held_out, "held_out")):
         for t in _tensors(held_out[i]):
-            a = np.ascontiguousarray(t.detach().cpu().numpy())
-            h.update(f"|{a.dtype.str}|{a.shape}|".encode())
+            t = t.detach().cpu()
+            if t.dtype is torch.bfloat16:  # numpy has no bfloat16: its bits, named as such
+                a, tag = np.ascontiguousarray(t.view(torch.int16).numpy()), "bf16"
+            else:
+                a = np.ascontiguousarray(t.numpy())
+                tag = a.dtype.str
+            h.update(f"|{tag}|{a.shape}|".encode())
             h.update(a.tobytes())
     return h.hexdigest()
 

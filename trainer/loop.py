@@ -188,6 +188,7 @@ class _Run:
                            self.signature.output_names, self.rt.metrics, device)
         total = all_reduce_sum(sums, self.device)
         self.graph.train()
+        self.graph.preprocess.eval()  # outside DDP and never trained: always in eval mode
         return finalize(self.rt.metrics, total)
 
     def _finish(self, started: float, last: dict[str, Any], fp: str) -> dict[str, Any] | None:

@@ -234,7 +234,9 @@ _LEGACY_CONFIG = ("lr", "momentum", "shuffle_labels")
 
 def _legacy(d: dict[str, Any]) -> dict[str, Any]:
     """Specs saved before tasks (``arch`` and the digits CNN's hyperparameters at the top
-    level) read as the digits task with those values in its config, so old runs resume."""
+    level) read as the digits task with those values in its config, so old records load
+    (``kloop runs``, a pipeline's params). Their checkpoints predate the task identity and do not
+    resume: ``CheckpointMismatch`` says so."""
     if "arch" not in d:
         return d
     arch = d.pop("arch")

@@ -26,7 +26,8 @@ from torch.utils.data import Dataset, default_collate
 
 from kloop.artifact import TensorSpec
 from trainer import served
-from trainer.data import length, positional
+from trainer.data import fingerprint, length, positional
+from trainer.evaluate import metric_sums
 from trainer.task import (
     DIRECTIONS,
     Datasets,
@@ -119,6 +120,7 @@ def resolve(ref: str, config: Mapping[str, Any]) -> tuple[ResolvedTask, Signatur
     graph = build_graph(task, data.train, example, what=name)
     signature = signature_of(graph, example, name)
     _check_train_step(name, task, graph, data, signature)
+    _check_held_out(name, rt, graph, data, signature)
     try:
         served.export(graph, example)
     except Exception as e:  # torch.export's errors are many and long; the first line says why
@@ -199,6 +201,25 @@ def _check_datasets(name: str, data: Any) -> None:
     if not isinstance(data.definition, Mapping) or not data.definition:
         raise TaskError(f"{name}: datasets().definition must say how the held-out split is made "
                         "(a non-empty dict: source, seed, fraction, ...)")
+
+
+def _check_held_out(name: str, rt: ResolvedTask, graph: served.ServedGraph, data: Datasets,
+                    signature: Signature) -> None:
+    """The held-out split as rank 0 will meet it: its fingerprint (the definition as JSON, every
+    item's tensors), and two of its items through the graph and every metric."""
+    try:
+        fingerprint(data.definition, data.held_out)
+    except TaskError as e:
+        raise TaskError(f"{name}: held-out split: {e}") from e
+    except Exception as e:
+        raise TaskError(f"{name}: reading the held-out split failed: {type(e).__name__}: {e}") from e
+    n = min(2, length(data.held_out, "held_out"))
+    try:
+        metric_sums(graph, data.held_out, range(n), signature.input_names,
+                    signature.output_names, rt.metrics)
+    except Exception as e:
+        raise TaskError(f"{name}: two held-out items do not run through the model and its "
+                        f"metrics: {type(e).__name__}: {e}") from e
 
 
 def _example(name: str, task: Task[Any]) -> dict[str, torch.Tensor]:

@@ -127,6 +127,43 @@ class NotATask:
     pass
 
 
+class _Named(torch.utils.data.Dataset[Any]):
+    """Held-out items that carry a name: a str the fingerprint cannot hash."""
+
+    def __init__(self, inner: _Pairs) -> None:
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int) -> tuple[dict[str, Any], torch.Tensor]:
+        x, y = self.inner[i]
+        return {**x, "id": f"row-{i}"}, y
+
+
+class HeldOutWithStrings(Good):
+    def datasets(self) -> Datasets:
+        d = Good.datasets(self)
+        assert isinstance(d.train, _Pairs)
+        return Datasets(train=d.train, held_out=_Named(d.train), definition=d.definition)
+
+
+class PathInDefinition(Good):
+    def datasets(self) -> Datasets:
+        d = Good.datasets(self)
+        return Datasets(train=d.train, held_out=d.held_out, definition={"source": Path("/data")})
+
+
+class HeldOutOtherWidth(Good):
+    """Trains on 3 features of a, is held out on 4: only the held-out items show it."""
+
+    def datasets(self) -> Datasets:
+        d = Good.datasets(self)
+        assert isinstance(d.train, _Pairs)
+        wide = _Pairs(torch.zeros(40, 4), d.train.b, d.train.y)
+        return Datasets(train=d.train, held_out=wide, definition=d.definition)
+
+
 def test_a_good_task_resolves_to_its_signature() -> None:
     rt, sig = resolve(f"{HERE}:Good", {"lr": 1})  # an int is a fine float
     assert rt.config == Config(lr=1.0)
@@ -143,6 +180,9 @@ def test_a_good_task_resolves_to_its_signature() -> None:
     (f"{HERE}:PrimaryMissing", {}, "primary_metric 'accuracy' is not among its metrics (rmse)"),
     (f"{HERE}:WrongShapes", {}, "the model does not run on the example input"),
     (f"{HERE}:NotATask", {}, "is not a trainer.task.Task subclass"),
+    (f"{HERE}:HeldOutWithStrings", {}, "held-out split: a dataset item holds a str"),
+    (f"{HERE}:PathInDefinition", {}, "held-out split: the held-out split's definition must be plain JSON data"),
+    (f"{HERE}:HeldOutOtherWidth", {}, "two held-out items do not run through the model and its metrics"),
     (f"{HERE}:Missing", {}, "has no 'Missing'"),
     ("no_such_module_xyz:Task", {}, "cannot import 'no_such_module_xyz'"),
     ("nonsense", {}, "not a registered task"),

@@ -112,3 +112,17 @@ def test_progress_log_and_partial_lines(tmp_path: Path, capsys: pytest.CaptureFi
     more, _ = read_events(log.path, offset)
     assert more == [{"event": "epoch", "epoch": 2}]
     assert json.loads(log.path.read_text().splitlines()[0])["event"] == "epoch"
+
+
+def test_the_fingerprint_hashes_bfloat16_items_by_their_bits() -> None:
+    from trainer.data import fingerprint
+
+    x = torch.linspace(0, 1, 12).reshape(3, 4)
+    as_bf16 = [(x[i].to(torch.bfloat16), torch.tensor(i)) for i in range(3)]
+    as_f32 = [(x[i], torch.tensor(i)) for i in range(3)]
+    definition = {"source": "generated"}
+    fp = fingerprint(definition, as_bf16)  # type: ignore[arg-type]  # a list is a Dataset here
+    assert fp == fingerprint(definition, list(as_bf16))  # type: ignore[arg-type]
+    assert fp != fingerprint(definition, as_f32)  # type: ignore[arg-type]
+    changed = [(as_bf16[0][0] + 1, as_bf16[0][1]), *as_bf16[1:]]
+    assert fp != fingerprint(definition, changed)  # type: ignore[arg-type]
