@@ -9,12 +9,19 @@ tick sees those weights in the world and adopts the step instead of stepping aga
 Written against ``deploy.ports`` only (store, backend, clock), so the same tick runs a local
 rollout (SQLite, the local server) and an in-cluster one (Rollout CRs, KServe). Time comes from
 a ``Clock`` so tests tick through a 30-minute rollout in milliseconds.
+
+A user's request (pause, resume, promote, abort: ``deploy.rollout.request_*``) is saved by
+``user_request`` with the same optimistic-concurrency check, so it and the controller's ticks
+never overwrite each other: whoever saves second re-reads. An undo rollout
+(``deploy.rollout.new_undo_rollout``) skips the gate only if ``former_champions`` confirms its
+candidate was champion before.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Final
 
 from deploy.ports import BackendError, Clock, Conflict, Refused, RolloutBackend, RolloutStore
 from deploy.rollout import (
@@ -62,7 +69,13 @@ def tick(
     world = backend.read(r.model)
     now = clock.now()
     d = decide(r, world, r.policy, now)
-    applied = apply(d, r, backend, registry)
+    if d.action is Action.RUN_GATE and r.undo and r.candidate not in former_champions(store,
+                                                                                      r.model):
+        applied = Applied(gate=GateResult(Verdict.ERROR, (
+            f"undo refused: no stored rollout shows v{r.candidate} as a champion of "
+            f"{r.model}; roll it out normally, through the gate",)))
+    else:
+        applied = apply(d, r, backend, registry)
     new = transition(r, d, world, applied, now)
     if new is r:
         return r
@@ -158,13 +171,78 @@ def restore_champion(registry: Registry, model: str, champion: Version | None,
 
 def run_gate(r: Rollout, registry: Registry) -> GateResult:
     """The offline gate on the registry's manifests. A missing or corrupt manifest is a gate
-    error (abort, nothing to compare), not a failure of the candidate."""
+    error (abort, nothing to compare), not a failure of the candidate. An undo rollout's
+    candidate passed as champion before: its gate is not re-run (its files are still
+    re-verified before promotion)."""
+    if r.undo:
+        return GateResult(Verdict.SUCCESSFUL, (f"v{r.candidate} was champion before: undo "
+                                               "does not re-run the gate",))
     try:
         cand = registry.manifest(r.model, r.candidate)
         champ = registry.manifest(r.model, r.champion) if r.champion is not None else None
     except ArtifactError as e:
         return GateResult(Verdict.ERROR, (f"cannot read manifests: {e}",))
     return gate(cand, champ, r.policy.gate)
+
+
+def former_champions(store: RolloutStore, model: str) -> set[Version]:
+    """Versions that were ``model``'s champion before, as the stored rollouts show: the
+    champion of every rollout of the model, and the candidate of every one that succeeded.
+    The current champion is among them; a caller offering undo targets leaves it out."""
+    out: set[Version] = set()
+    for r in store.list(model):
+        if r.champion is not None:
+            out.add(r.champion)
+        if r.phase is Phase.SUCCEEDED:
+            out.add(r.candidate)
+    return out
+
+
+USER_REQUEST_ATTEMPTS: Final = 10
+"""How often ``user_request`` re-reads after losing a race to another writer (ticks save once
+per interval, so one retry nearly always wins)."""
+_RETRY_WAIT_S: Final = 0.05
+
+
+def user_request(
+    store: RolloutStore,
+    rollout_id: str,
+    op: Callable[[Rollout], Rollout],
+    clock: Clock,
+    expected_generation: int | str | None = None,
+) -> Rollout:
+    """Apply a user's request ``op`` (e.g. ``lambda r: request_pause(r, reason, now)``) to the
+    stored rollout and save it; returns the rollout as stored.
+
+    With ``expected_generation`` (the generation the user last read), the request holds only
+    for that state: ``deploy.ports.Conflict`` at once when the stored rollout is at another
+    generation, or when another writer saves first (of two users racing from the same read,
+    one wins, the other must re-read). Generations compare as text, so an API may pass a
+    SQLite counter as a string. Without it, the request is re-applied to a fresh read when a
+    tick saves in between, up to ``USER_REQUEST_ATTEMPTS`` times (``clock`` waits a moment
+    between), then ``Conflict``. An ``op`` that leaves the rollout as it is (returns it
+    unchanged: already paused, already promoting) saves nothing. ``ValueError`` from ``op``
+    (a request that makes no sense now) and ``deploy.ports.NotFound`` propagate.
+    """
+    last: Conflict | None = None
+    for attempt in range(USER_REQUEST_ATTEMPTS):
+        if attempt:
+            clock.sleep(_RETRY_WAIT_S)
+        r = store.get(rollout_id)
+        if expected_generation is not None and str(r.generation) != str(expected_generation):
+            raise Conflict(f"rollout {rollout_id} is at generation {r.generation}, not "
+                           f"{expected_generation}: it moved since it was read; read it again")
+        new = op(r)
+        if new is r:
+            return r
+        try:
+            return store.save(new, expected_generation=r.generation)
+        except Conflict as e:
+            if expected_generation is not None:
+                raise
+            last = e
+    raise Conflict(f"rollout {rollout_id}: another writer saved first "
+                   f"{USER_REQUEST_ATTEMPTS} times in a row; try again") from last
 
 
 def run_until_done(
@@ -193,5 +271,5 @@ def run_until_done(
         clock.sleep(interval_s)
 
 
-__all__ = ["RealClock", "apply", "move_champion", "restore_champion", "reverify", "run_gate",
-           "run_until_done", "tick"]
+__all__ = ["USER_REQUEST_ATTEMPTS", "RealClock", "apply", "former_champions", "move_champion",
+           "restore_champion", "reverify", "run_gate", "run_until_done", "tick", "user_request"]

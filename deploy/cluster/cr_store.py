@@ -4,13 +4,15 @@
 unchanged against it. The mapping:
 
 * CR ``metadata.name`` is the rollout id; the CR's namespace is the store's.
-* CR ``spec`` is the USER's: model, candidate, champion, policy (camelCase), backend, metrics.
-  The controller never writes it. ``model``/``candidate``/``champion`` are copied into status
-  when the rollout starts, so a later edit of the spec cannot retarget a running rollout (there
-  are no CEL immutability rules on 1.20; the copy is the guard). The policy is read from the
-  spec on every tick, so tightening it takes effect at once (level-triggered).
+* CR ``spec`` is the USER's: model, candidate, champion, undo, policy (camelCase), backend,
+  metrics. The controller never writes it. ``model``/``candidate``/``champion``/``undo`` are
+  copied into status when the rollout starts, so a later edit of the spec cannot retarget a
+  running rollout (there are no CEL immutability rules on 1.20; the copy is the guard). The
+  policy is read from the spec on every tick, so tightening it takes effect at once
+  (level-triggered).
 * CR ``status`` is the rollout's status document, in camelCase, written with ONE ``PUT
-  .../status`` per tick.
+  .../status`` per tick, or per user request (pause, resume, promote, abort): those are
+  status, not spec, because they are saved with the same resourceVersion check as a tick.
 * ``Rollout.generation`` is the CR's ``metadata.resourceVersion``: ``save`` sends it back, the
   API server answers 409 when anybody wrote the object since it was read, and that becomes
   ``deploy.ports.Conflict``, which ``tick``/``run_until_done`` already handle by re-reading.
@@ -109,6 +111,8 @@ def cr_from_rollout(r: Rollout, namespace: str, *, backend: Mapping[str, Any] | 
     spec: dict[str, Any] = {"model": r.model, "candidate": str(r.candidate)}
     if r.champion is not None:
         spec["champion"] = str(r.champion)
+    if r.undo:
+        spec["undo"] = True
     policy = policy_to_spec(r.policy)
     if policy:
         spec["policy"] = policy
@@ -152,6 +156,7 @@ def rollout_from_cr(obj: Mapping[str, Any],
         status = {"phase": Phase.PENDING.value, "model": spec["model"],
                   "candidate": str(spec["candidate"]),
                   "champion": None if champion is None else str(champion),
+                  "undo": bool(spec.get("undo", False)),
                   "createdAt": created, "updated": created}
     d: dict[str, Any] = {f: None for f in STATUS_KEYS}
     for key, value in status.items():

@@ -38,18 +38,29 @@ from deploy.rollout.state import (
     EventKind,
     Phase,
     Rollout,
+    UserRequest,
     champion_for,
     new_rollout,
+    new_undo_rollout,
 )
-from deploy.rollout.transition import Applied, request_abort, restored_weights, transition
+from deploy.rollout.transition import (
+    Applied,
+    request_abort,
+    request_pause,
+    request_promote,
+    request_resume,
+    restored_weights,
+    transition,
+)
 from deploy.rollout.world import World, normalized
 
 __all__ = [
     "KNOBS", "WRITE_FAILED", "Action", "Analysis", "AnalysisPolicy", "Applied", "CounterReset",
     "Decision", "Event", "EventKind", "GatePolicy", "GateResult", "Knob", "MetricThreshold",
     "MetricsError", "Phase",
-    "Rollout", "RolloutPolicy", "Verdict", "VersionDelta", "VersionSample", "VersionStats",
-    "World", "analyse", "champion_for", "decide", "delta", "gate", "new_rollout", "next_weight",
-    "normalized", "outage_over", "parse", "quantile", "request_abort", "restored_weights",
+    "Rollout", "RolloutPolicy", "UserRequest", "Verdict", "VersionDelta", "VersionSample",
+    "VersionStats", "World", "analyse", "champion_for", "decide", "delta", "gate", "new_rollout",
+    "new_undo_rollout", "next_weight", "normalized", "outage_over", "parse", "quantile",
+    "request_abort", "request_pause", "request_promote", "request_resume", "restored_weights",
     "samples_for", "step_weights", "transition",
 ]

@@ -10,6 +10,12 @@ but it takes traffic only once the backend reports it READY (``World.loaded``); 
 is the next tick, on KServe whenever the InferenceService says so. Until then the rollout
 WAITs in Gating, and gives up (blaming the candidate) when the backend reports it failed or
 ``ready_timeout_s`` passes.
+
+The user's requests (``deploy.rollout.state``'s docstring): a promotion request, or an undo
+rollout, takes a ready candidate straight to PROMOTE, from Gating without any traffic step. A
+paused rollout WAITs where it would have advanced, and no deadline (step or readiness) runs
+out while it is paused; its analysis still runs, each passed window starting a fresh one, so a
+canary that turns bad during a long pause is judged on recent traffic, fails, and rolls back.
 """
 
 from __future__ import annotations
@@ -109,11 +115,21 @@ def _after_gate(r: Rollout, world: World, policy: RolloutPolicy, now: float) -> 
         return Decision(Action.ROLLBACK, f"gate failed before any traffic: {msg}", verdict=g.verdict)
     if world.error is not None or world.samples is None:
         return _could_not_measure(r, policy, now, f"cannot read the world: {world.error}")
-    if r.candidate in world.loaded:
-        return Decision(Action.SET_WEIGHTS, f"gate passed ({msg}); v{r.candidate} ready; "
-                                            "first step",
-                        weights=step_weights(r, 0), step=0, verdict=g.verdict)
-    return _awaiting_ready(r, world, policy, now)
+    if r.candidate not in world.loaded:
+        return _awaiting_ready(r, world, policy, now)
+    if r.paused:
+        return Decision(Action.WAIT, f"paused: gate passed ({msg}); v{r.candidate} ready; "
+                                     "no traffic until resumed", verdict=g.verdict)
+    if r.undo:
+        return Decision(Action.PROMOTE, f"undo: v{r.candidate} ready; straight to 100% "
+                                        "(it was champion before)", verdict=g.verdict)
+    if r.promote_requested:
+        return Decision(Action.PROMOTE, f"promotion requested: gate passed ({msg}); "
+                                        f"v{r.candidate} ready; skipping the traffic steps",
+                        verdict=g.verdict)
+    return Decision(Action.SET_WEIGHTS, f"gate passed ({msg}); v{r.candidate} ready; "
+                                        "first step",
+                    weights=step_weights(r, 0), step=0, verdict=g.verdict)
 
 
 def _awaiting_ready(r: Rollout, world: World, policy: RolloutPolicy, now: float) -> Decision:
@@ -125,14 +141,14 @@ def _awaiting_ready(r: Rollout, world: World, policy: RolloutPolicy, now: float)
     if r.preparing_since is None:
         return Decision(Action.PREPARE, f"loading v{v} before it takes traffic")
     waited = now - r.preparing_since
-    if waited >= policy.ready_timeout_s:
+    if waited >= policy.ready_timeout_s and not r.paused:
         return Decision(Action.ROLLBACK, f"candidate never became ready: v{v} not ready "
                                          f"{waited:g}s after it was deployed (ready_timeout_s "
                                          f"{policy.ready_timeout_s:g})", verdict=Verdict.FAILED)
     # PREPARE again (idempotent) rather than only wait: a server that restarted meanwhile has
     # forgotten the load, and would otherwise make a good candidate time out.
-    return Decision(Action.PREPARE, f"waiting for v{v} to become ready "
-                                    f"({waited:g}s of {policy.ready_timeout_s:g}s)")
+    deadline = "paused: no deadline" if r.paused else f"{waited:g}s of {policy.ready_timeout_s:g}s"
+    return Decision(Action.PREPARE, f"waiting for v{v} to become ready ({deadline})")
 
 
 def _promoting(r: Rollout, policy: RolloutPolicy, now: float) -> Decision:
@@ -147,6 +163,10 @@ def _promoting(r: Rollout, policy: RolloutPolicy, now: float) -> Decision:
 
 
 def _progressing(r: Rollout, world: World, policy: RolloutPolicy, now: float) -> Decision:
+    where = f"step {r.step + 1}/{len(r.steps)} ({r.steps[r.step]}%)"
+    if r.promote_requested and world.error is None and r.candidate in world.loaded:
+        return Decision(Action.PROMOTE, f"promotion requested at {where}: skipping the "
+                                        "remaining steps")
     if world.error is not None or world.samples is None:
         return _could_not_measure(r, policy, now, f"cannot read the world: {world.error}")
     actual, expected = normalized(world.weights), normalized(r.weights)
@@ -159,7 +179,10 @@ def _progressing(r: Rollout, world: World, policy: RolloutPolicy, now: float) ->
         base.get(r.champion) if r.champion is not None else None,
         policy.analysis, _elapsed(r.window_started_at, now), r.champion_reference,
     )
-    where = f"step {r.step + 1}/{len(r.steps)} ({r.steps[r.step]}%)"
+    if a.verdict is Verdict.SUCCESSFUL and r.paused:
+        return Decision(Action.WAIT, f"paused at {where}; passed, judging a fresh window: "
+                                     f"{a.message}", verdict=a.verdict, analysis=a,
+                        rebaseline=True)
     if a.verdict is Verdict.SUCCESSFUL:
         if r.step + 1 >= len(r.steps):
             return Decision(Action.PROMOTE, f"{where} passed: {a.message}",
@@ -201,7 +224,10 @@ def _elapsed(since: float | None, now: float) -> float:
 
 
 def _timed_out(r: Rollout, policy: RolloutPolicy, now: float) -> bool:
-    return r.step_started_at is not None and now - r.step_started_at >= policy.step_timeout_s
+    """A paused step never times out (a resume restarts its timer)."""
+    if r.paused or r.step_started_at is None:
+        return False
+    return now - r.step_started_at >= policy.step_timeout_s
 
 
 def _reconcile_weights(r: Rollout, actual: Mapping[Version, int]) -> Decision:

@@ -12,10 +12,28 @@ A rollout is a persisted state machine (see ``Phase``)::
     Progressing --outage | step timeout | user abort--> RollingBack --> Aborted
     RollingBack --writes refused, or failing for the outage bound--> NeedsAttention
 
+    user promote (gate passed):  Gating --candidate ready--> Promoting   (no traffic steps)
+                                 Progressing (any step) --> Promoting     (remaining steps skipped)
+    undo (``undo``: the candidate was champion before):
+                                 Pending --gate not re-run--> Gating --candidate ready-->
+                                 Promoting --> Succeeded
+                                 (no stored rollout shows it as champion: gate error, Aborted)
+    user pause / resume (Pending, Gating, Progressing): ``paused`` holds the rollout where it is
+
+A pause (``paused``) stops the rollout from *advancing*: no first traffic step, no next step,
+no promotion, and no step timeout. It hides nothing: the gate still runs, the candidate is
+still loaded, each step's live analysis keeps running in fresh windows, and a failed one still
+counts toward ``failure_limit`` and rolls back; "could not measure" still ends the rollout at
+the outage bound. A resume restarts the step timer. A promotion request (``promote_requested``)
+lifts a pause and promotes on the next tick, once the candidate is ready. The user's requests
+(``deploy.rollout.transition.request_*``) are recorded in the history as ``UserRequest``
+events.
+
 Every phase is bounded: Pending and Promoting by the outage bound (``error_limit`` errors
 lasting ``outage_tolerance_s``), Gating by ``ready_timeout_s``, each step by
 ``step_timeout_s``, RollingBack by the outage bound, after which it ends NeedsAttention
-instead of retrying forever. A load or write the server *refuses* (a hash mismatch, management
+instead of retrying forever. The one exception is a user's pause: it holds for as long as
+the user wants (bounded only by failures and the outage bound). A load or write the server *refuses* (a hash mismatch, management
 disabled) is not retried at all.
 
 ``RollingBack`` is where a decided rollback/abort waits while its write has not succeeded;
@@ -73,9 +91,19 @@ class Action(enum.Enum):
     NOTHING = "nothing"  # terminal phase (never recorded)
 
 
+class UserRequest(enum.Enum):
+    """What a user asked of a running rollout, as its history records it (an abort is recorded
+    as the ``Action.ABORT`` it decides). Values differ from every ``Action`` value, so an
+    event's kind reads back unambiguously."""
+
+    PAUSE = "paused"
+    RESUME = "resumed"
+    PROMOTE = "promote_requested"
+
+
 WRITE_FAILED: Literal["error"] = "error"
-EventKind = Action | Literal["error"]
-"""An event records an action, or ``"error"``: the action's write failed."""
+EventKind = Action | UserRequest | Literal["error"]
+"""An event records an action, a user's request, or ``"error"``: the action's write failed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,18 +127,22 @@ class Event:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Event:
-        kind: EventKind = WRITE_FAILED if d["kind"] == WRITE_FAILED else Action(d["kind"])
         verdict = d.get("verdict")
-        return cls(at=d["at"], kind=kind, message=d["message"],
+        return cls(at=d["at"], kind=_kind(d["kind"]), message=d["message"],
                    verdict=Verdict(verdict) if verdict is not None else None,
                    weights=_weights_in(d.get("weights") or {}), count=d.get("count", 1))
 
 
 @dataclasses.dataclass(frozen=True)
 class Rollout:
-    """Spec (id .. created) and status (the rest). ``generation`` belongs to the store: its
+    """Spec (id .. undo) and status (the rest). ``generation`` belongs to the store: its
     optimistic-concurrency token, opaque to everyone else (SQLite: a counter; a Rollout custom
-    resource: the object's resourceVersion, a string)."""
+    resource: the object's resourceVersion, a string).
+
+    ``undo``: the candidate was this model's champion before (``new_undo_rollout``); its gate
+    is not re-run and it goes to 100% without traffic steps, as soon as it is ready.
+    ``paused`` and ``promote_requested`` are the user's requests (see the module docstring).
+    """
 
     id: str
     model: str
@@ -118,6 +150,7 @@ class Rollout:
     champion: Version | None
     policy: RolloutPolicy
     created: float
+    undo: bool = False
     phase: Phase = Phase.PENDING
     step: int = -1  # index into the effective steps; -1 before any traffic
     weights: Mapping[Version, int] = dataclasses.field(default_factory=dict)
@@ -132,6 +165,8 @@ class Rollout:
     promoted_at: float | None = None
     preparing_since: float | None = None  # candidate asked to load; ready_timeout_s runs from here
     outcome: Phase | None = None  # where RollingBack ends: RolledBack or Aborted
+    paused: bool = False  # a user's pause: hold, keep judging, never time out
+    promote_requested: bool = False  # a user's "promote": skip the remaining steps
     reason: str = ""
     updated: float = 0.0
     history: tuple[Event, ...] = ()
@@ -146,7 +181,7 @@ class Rollout:
         return {
             "id": self.id, "model": self.model, "candidate": str(self.candidate),
             "champion": None if self.champion is None else str(self.champion),
-            "policy": self.policy.to_dict(), "created": self.created,
+            "policy": self.policy.to_dict(), "created": self.created, "undo": self.undo,
             "phase": self.phase.value, "step": self.step, "weights": _weights_out(self.weights),
             "step_started_at": self.step_started_at, "window_started_at": self.window_started_at,
             "baseline": {str(v): s.to_dict() for v, s in self.baseline.items()},
@@ -157,16 +192,20 @@ class Rollout:
             ),
             "promoted_at": self.promoted_at, "preparing_since": self.preparing_since,
             "outcome": self.outcome.value if self.outcome else None,
+            "paused": self.paused, "promote_requested": self.promote_requested,
             "reason": self.reason, "updated": self.updated,
             "history": [e.to_dict() for e in self.history],
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], generation: int | str = 0) -> Rollout:
+        """The rollout ``to_dict`` wrote; fields added since (``undo``, ``paused``,
+        ``promote_requested``) read as their defaults from older documents (absent or null)."""
         return cls(
             id=d["id"], model=d["model"], candidate=parse_version(d["candidate"]),
             champion=None if d["champion"] is None else parse_version(d["champion"]),
             policy=RolloutPolicy.from_dict(d["policy"]), created=d["created"],
+            undo=bool(d.get("undo")),
             phase=Phase(d["phase"]), step=d["step"], weights=_weights_in(d["weights"]),
             step_started_at=d["step_started_at"], window_started_at=d["window_started_at"],
             baseline={parse_version(v): VersionSample.from_dict(s)
@@ -178,6 +217,7 @@ class Rollout:
             ),
             promoted_at=d["promoted_at"], preparing_since=d.get("preparing_since"),
             outcome=Phase(d["outcome"]) if d["outcome"] else None,
+            paused=bool(d.get("paused")), promote_requested=bool(d.get("promote_requested")),
             reason=d["reason"], updated=d["updated"],
             history=tuple(Event.from_dict(e) for e in d["history"]),
             generation=generation,
@@ -212,6 +252,30 @@ def new_rollout(
         raise ValueError(f"candidate {candidate} is already the champion of {model}")
     return Rollout(id=id, model=model, candidate=candidate, champion=champion, policy=policy,
                    created=now, updated=now)
+
+
+def new_undo_rollout(
+    id: str, model: str, to_version: Version, champion: Version | None, policy: RolloutPolicy,
+    now: float,
+) -> Rollout:
+    """A rollout back to ``to_version``, a version that was ``model``'s champion before
+    (``kubectl argo rollouts undo --to-revision``): it passed its gate and its traffic steps
+    once, so the gate is not re-run and it goes to 100% as soon as it is ready. The caller
+    checks that it was champion (``deploy.controller.former_champions``); the controller checks
+    again before skipping the gate."""
+    if to_version == champion:
+        raise ValueError(f"v{to_version} is already the champion of {model}: nothing to undo")
+    return dataclasses.replace(new_rollout(id, model, to_version, champion, policy, now),
+                               undo=True)
+
+
+def _kind(name: str) -> EventKind:
+    if name == WRITE_FAILED:
+        return WRITE_FAILED
+    try:
+        return Action(name)
+    except ValueError:
+        return UserRequest(name)
 
 
 def _weights_out(weights: Mapping[Version, int]) -> dict[str, int]:

@@ -1,4 +1,13 @@
-"""The rollout after a decision was applied (or failed to apply): the pure ``transition``."""
+"""The rollout after a decision was applied (or failed to apply): the pure ``transition``; and
+after a user's request: ``request_abort``, ``request_promote``, ``request_pause``,
+``request_resume``.
+
+A request only records the user's wish (a phase, or a flag the next ``decide`` reads) and an
+event in the history; the controller's next tick performs it, with the same reads and writes
+as every other decision. Each raises ``ValueError`` where it makes no sense (the message says
+why) and returns the rollout unchanged (``is``) where it is already in force, so a retried
+request is harmless.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +16,15 @@ import dataclasses
 from deploy.rollout.analysis import Analysis, GateResult, Verdict, VersionStats
 from deploy.rollout.decide import Decision
 from deploy.rollout.samples import VersionSample
-from deploy.rollout.state import WRITE_FAILED, Action, Event, EventKind, Phase, Rollout
+from deploy.rollout.state import (
+    WRITE_FAILED,
+    Action,
+    Event,
+    EventKind,
+    Phase,
+    Rollout,
+    UserRequest,
+)
 from deploy.rollout.world import World
 from kloop.model_version import Version
 
@@ -31,7 +48,7 @@ def transition(r: Rollout, d: Decision, world: World, applied: Applied, now: flo
     """The rollout after ``d`` was applied (or failed to apply) at ``now``. Pure."""
     if d.action is Action.NOTHING:
         return r
-    return _streak(r, _transition(r, d, world, applied, now), now)
+    return _streak(r, _unpaused_once_decided(_transition(r, d, world, applied, now)), now)
 
 
 def request_abort(r: Rollout, reason: str, now: float) -> Rollout:
@@ -46,8 +63,93 @@ def request_abort(r: Rollout, reason: str, now: float) -> Rollout:
     if r.phase is Phase.ROLLING_BACK:
         return r
     r = dataclasses.replace(r, phase=Phase.ROLLING_BACK, outcome=Phase.ABORTED, reason=reason,
-                            errors=0, errors_since=None, updated=now)
+                            errors=0, errors_since=None, paused=False, updated=now)
     return _log(r, now, Action.ABORT, reason, None)
+
+
+_PAUSABLE = (Phase.PENDING, Phase.GATING, Phase.PROGRESSING)
+_GATE_PASSED = (Verdict.SUCCESSFUL, Verdict.INCONCLUSIVE)
+
+
+def request_promote(r: Rollout, reason: str, now: float) -> Rollout:
+    """A user's "promote" (``kubectl argo rollouts promote --full``): skip the remaining
+    steps. The next tick promotes once the candidate is ready: from Progressing at once, from
+    Gating when the backend reports it loaded (no traffic step at all). Lifts a pause. Allowed
+    in Progressing, and in Gating once the gate passed (successful or inconclusive); the live
+    analysis of the current step is not waited for. Raises ``ValueError`` elsewhere."""
+    if r.phase is Phase.PENDING or (r.phase is Phase.GATING and r.gate is None):
+        raise ValueError(f"rollout {r.id} cannot be promoted: the gate has not passed yet")
+    if r.phase is Phase.GATING and r.gate is not None and r.gate.verdict not in _GATE_PASSED:
+        raise ValueError(f"rollout {r.id} cannot be promoted: the gate has not passed yet "
+                         f"(it was {r.gate.verdict.value}: {'; '.join(r.gate.reasons)})")
+    _refuse_unless_running(r, "promoted")
+    if r.promote_requested:
+        return r
+    r = dataclasses.replace(r, promote_requested=True, paused=False, updated=now)
+    return _log(r, now, UserRequest.PROMOTE,
+                _said(f"promote v{r.candidate} {_where(r)}, skipping the remaining steps",
+                      reason), None)
+
+
+def request_pause(r: Rollout, reason: str, now: float) -> Rollout:
+    """A user's pause: the rollout stays where it is (no first traffic step, no next step, no
+    promotion; no step or readiness deadline runs out) until ``request_resume``. The gate,
+    loading the candidate and the live analysis go on: a failed analysis still counts toward
+    ``failure_limit`` and rolls back, and "could not measure" still aborts at the outage bound.
+    Allowed in Pending, Gating and Progressing, unless a promotion was requested (abort
+    instead); a no-op on a paused rollout."""
+    _refuse_unless_running(r, "paused")
+    if r.paused:
+        return r
+    if r.promote_requested:
+        raise ValueError(f"rollout {r.id} cannot be paused: promoting v{r.candidate} was "
+                         "already requested; abort it instead")
+    r = dataclasses.replace(r, paused=True, updated=now)
+    return _log(r, now, UserRequest.PAUSE, _said(f"paused {_where(r)}", reason), None)
+
+
+def request_resume(r: Rollout, reason: str, now: float) -> Rollout:
+    """Lift a pause. The step's (and the readiness) timer restarts at ``now``: the paused time
+    does not count toward ``step_timeout_s``. A no-op on a rollout that is not paused;
+    ``ValueError`` on one that ended, is rolling back or is promoting."""
+    _refuse_unless_running(r, "resumed")
+    if not r.paused:
+        return r
+    r = dataclasses.replace(
+        r, paused=False, updated=now,
+        step_started_at=None if r.step_started_at is None else now,
+        preparing_since=None if r.preparing_since is None else now,
+    )
+    return _log(r, now, UserRequest.RESUME, _said(f"resumed {_where(r)}", reason), None)
+
+
+def _refuse_unless_running(r: Rollout, what: str) -> None:
+    """``ValueError`` unless ``r`` is Pending, Gating or Progressing."""
+    if r.phase.terminal:
+        raise ValueError(f"rollout {r.id} cannot be {what}: it already ended: "
+                         f"{r.phase.value} {r.reason}".rstrip())
+    if r.phase is Phase.ROLLING_BACK:
+        raise ValueError(f"rollout {r.id} cannot be {what}: it is rolling back: {r.reason}")
+    if r.phase is Phase.PROMOTING:
+        raise ValueError(f"rollout {r.id} cannot be {what}: it is already promoting "
+                         f"v{r.candidate}")
+
+
+def _where(r: Rollout) -> str:
+    if r.phase is Phase.PROGRESSING and 0 <= r.step < len(r.steps):
+        return f"at step {r.step + 1}/{len(r.steps)} ({r.steps[r.step]}%)"
+    return "before the gate" if r.phase is Phase.PENDING else "before the first step"
+
+
+def _said(what: str, reason: str) -> str:
+    return f"{what}: {reason}" if reason else what
+
+
+def _unpaused_once_decided(r: Rollout) -> Rollout:
+    """A pause holds a running rollout; one that rolls back or ends is no longer paused."""
+    if r.paused and r.phase not in _PAUSABLE:
+        return dataclasses.replace(r, paused=False)
+    return r
 
 
 def _streak(before: Rollout, after: Rollout, now: float) -> Rollout:
@@ -196,8 +298,22 @@ def _log(r: Rollout, now: float, kind: EventKind, message: str,
          verdict: Verdict | None) -> Rollout:
     event = Event(at=now, kind=kind, message=message, verdict=verdict, weights=dict(r.weights))
     last = r.history[-1] if r.history else None
-    if (kind in (Action.WAIT, Action.PREPARE) and last is not None and last.kind is kind
-            and last.verdict is verdict):
+    if last is not None and (_repeated(kind, verdict, last) or _held(r, kind, verdict, last)):
         event = dataclasses.replace(event, count=last.count + 1)
         return dataclasses.replace(r, history=r.history[:-1] + (event,))
     return dataclasses.replace(r, history=r.history + (event,))
+
+
+def _repeated(kind: EventKind, verdict: Verdict | None, last: Event) -> bool:
+    return kind in (Action.WAIT, Action.PREPARE) and last.kind is kind and last.verdict is verdict
+
+
+_HOLDING = (Verdict.SUCCESSFUL, Verdict.INCONCLUSIVE)
+
+
+def _held(r: Rollout, kind: EventKind, verdict: Verdict | None, last: Event) -> bool:
+    """A paused rollout's waits alternate between a passed window and the fresh one it opens;
+    they are one event (the latest, with a count), so a long pause does not grow the history
+    (a custom resource's status has a size limit). A failure or an error still stands out."""
+    return (r.paused and kind is Action.WAIT and last.kind is Action.WAIT
+            and verdict in _HOLDING and last.verdict in _HOLDING)
