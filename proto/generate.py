@@ -1,4 +1,5 @@
-"""Generate kloop's Python stubs for the Open Inference Protocol from ``proto/inference.proto``.
+"""Generate kloop's Python stubs for the Open Inference Protocol (``proto/inference.proto``) and
+the control plane's API (``proto/control.proto``).
 
 Why a script and not a plain ``protoc`` call:
 
@@ -25,7 +26,7 @@ protobuf and grpcio. The ``.pyi`` type stubs are written by mypy-protobuf (``pro
 
 Usage::
 
-    python proto/generate.py          # write kloop/pb/inference_pb2{.py,.pyi,_grpc.py,_grpc.pyi}
+    python proto/generate.py          # write kloop/pb/{inference,control}_pb2{.py,.pyi,_grpc.py,_grpc.pyi}
     python proto/generate.py --check  # exit 1 if kloop/pb is not what this script would write
 
 Either needs pip to reach a package index the first time (to build the generator environment);
@@ -50,8 +51,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / "proto" / "inference.proto"
 OUT_DIR = REPO / "kloop" / "pb"
-GENERATED = ("inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py",
-             "inference_pb2_grpc.pyi")
+# The control plane's API has no peers' stubs to clash with: compiled as written (its package,
+# kloop.control.v1, is its name on the wire).
+CONTROL = REPO / "proto" / "control.proto"
+GENERATED = tuple(f"{stem}{suffix}" for stem in ("inference", "control")
+                  for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi"))
 
 WIRE_PACKAGE = "inference"
 KLOOP_PACKAGE = "kloop.inference"
@@ -170,6 +174,7 @@ def generate(out_dir: Path) -> None:
         # The proto's path under the include root becomes its name in the descriptor pool:
         # "kloop/pb/inference.proto" cannot collide with kserve's or Triton's file names.
         (root / "kloop" / "pb" / "inference.proto").write_text(_rewrite_package(SOURCE.read_text()))
+        (root / "kloop" / "pb" / "control.proto").write_text(CONTROL.read_text())
         # ``python -m grpc_tools.protoc`` adds grpcio-tools' well-known protos to the include path.
         cmd = [
             str(python), "-m", "grpc_tools.protoc",
@@ -181,6 +186,7 @@ def generate(out_dir: Path) -> None:
             f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
             f"--mypy_grpc_out={gen}",
             "kloop/pb/inference.proto",
+            "kloop/pb/control.proto",
         ]
         done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
@@ -191,6 +197,9 @@ def generate(out_dir: Path) -> None:
             text = (produced / name).read_text()
             if name == "inference_pb2_grpc.py":
                 text = _fix_grpc_module(text)
+            elif name == "control_pb2_grpc.py" and "from kloop.pb import control_pb2 as" not in text:
+                raise SystemExit("generated control gRPC module does not import "
+                                 "'from kloop.pb import control_pb2'")
             (out_dir / name).write_text(text)
 
 
@@ -214,7 +223,8 @@ def check() -> int:
     if stale:
         print(
             f"kloop/pb is stale ({', '.join(stale)}): proto/inference.proto or the generator "
-            "changed since the stubs were written. Run: python proto/generate.py",
+            "(or proto/control.proto) changed since the stubs were written. Run: "
+            "python proto/generate.py",
             file=sys.stderr,
         )
         return 1

@@ -59,6 +59,10 @@ class TrainingFailed(RuntimeError):
         self.run_dir = run_dir
 
 
+class TrainingStopped(RuntimeError):
+    """``should_stop`` asked the run to stop: torchrun and its workers were stopped."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
     """What a finished local run produced."""
@@ -91,10 +95,12 @@ def torchrun_command(spec: TrainSpec, run_dir: Path, *, resume: bool, port: int)
 
 def run_local(
     spec: TrainSpec, run_dir: Path, resume: bool = False, *, progress: bool = True,
-    pythonpath: Sequence[str] = (),
+    pythonpath: Sequence[str] = (), should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Train ``spec`` with torchrun on this machine; block until done. Raises ``TrainingFailed``.
-    The workers import the task from ``spec.code``'s directory, ``pythonpath`` and kloop's."""
+    """Train ``spec`` with torchrun on this machine; block until done. Raises ``TrainingFailed``,
+    or ``TrainingStopped`` once ``should_stop()`` (polled while it runs) says so; the checkpoints
+    written so far stay for a resume. The workers import the task from ``spec.code``'s
+    directory, ``pythonpath`` and kloop's."""
     if spec.num_nodes != 1:
         raise ValueError(f"a local run has one node; spec asks for num_nodes={spec.num_nodes}")
     run_dir = Path(run_dir).resolve()
@@ -117,6 +123,9 @@ def run_local(
                     show(ev)
                 if done:
                     break
+                if should_stop is not None and should_stop():
+                    _stop(proc)
+                    raise TrainingStopped(f"training in {run_dir} was stopped")
                 time.sleep(_POLL_S)
         except BaseException:
             _stop(proc)

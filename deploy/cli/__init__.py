@@ -10,6 +10,7 @@ State lives under ``$KLOOP_HOME`` (default ``~/.kloop``; ``deploy.local.home``).
 ``serve_cmd``      ``kloop serve`` (the model server on the home's registry)
 ``rollout_cmd``    ``kloop rollout`` (local canary, or a Rollout resource for KServe)
 ``pipeline_cmd``   ``kloop pipeline run``, ``kloop runs``
+``up_cmd``         ``kloop up`` (the control plane: API, web UI, runs, rollouts)
 ``status_cmd``     ``kloop status``
 ``cluster_cmd``    ``kloop controller``, ``kloop get``, ``kloop describe``
 ``demo_cmd``       ``kloop demo`` (the main job)
@@ -32,11 +33,13 @@ from deploy.cli import (
     status_cmd,
     tasks_cmd,
     train_cmd,
+    up_cmd,
 )
 from deploy.cluster.kube import KubeError
 from kloop.artifact import ArtifactError
 
-_COMMANDS = (tasks_cmd, train_cmd, serve_cmd, rollout_cmd, pipeline_cmd, status_cmd, cluster_cmd, demo_cmd)
+_COMMANDS = (tasks_cmd, train_cmd, serve_cmd, rollout_cmd, pipeline_cmd, up_cmd, status_cmd, cluster_cmd,
+             demo_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""``kloop demo``: the whole loop, locally, on embedded defaults (``deploy.pipeline.demo``)."""
+"""``kloop demo``: the whole loop, locally, on embedded defaults (``deploy.control.demo``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from deploy.cli import common
-from deploy.pipeline.demo import DemoConfig
+from deploy.control.demo import DemoConfig
 
 _FLAGS = [f for f in dataclasses.fields(DemoConfig) if "help" in f.metadata]
 
@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deploy.pipeline import demo
+    from deploy.control import demo
 
     directory = args.dir if args.dir is not None else common.home(args).root / "demo"
     return demo.main(DemoConfig(dir=directory, **{f.name: getattr(args, f.name) for f in _FLAGS}))

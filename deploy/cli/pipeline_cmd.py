@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from deploy.cli import common, train_cmd
 
 if TYPE_CHECKING:
+    from deploy.control.client import ControlClient
     from deploy.local.server_process import ServerHandle
     from deploy.local.traffic import TrafficGenerator
     from trainer.spec import TrainSpec
@@ -43,6 +44,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="while the run lasts, send the server live traffic from the task's "
                          "held-out inputs (half gRPC, half HTTP), judged by its metric: for a "
                          "canary where no clients call the model yet (default: none)")
+    pr.add_argument("--follow", action="store_true",
+                    help="with a control plane running (`kloop up`): stream the run's log and "
+                         "progress until it ends (without: print its id and return at once)")
+    pr.add_argument("--standalone", action="store_true",
+                    help="run the pipeline in this process even when a control plane runs")
     pr.set_defaults(func=run_pipeline)
     rs = psub.add_parser("resume", help="continue an interrupted or failed run",
                          description="Continue RUN from its last finished step, under the same "
@@ -55,11 +61,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     common.add_server_args(rs)
     rs.set_defaults(func=resume_pipeline)
 
-    p = sub.add_parser("runs", help="pipeline run history: list, show, compare")
-    p.add_argument("action", nargs="?", choices=("list", "show", "compare"), default="list")
-    p.add_argument("ids", nargs="*", help="run ids (or their unique suffixes) for show/compare")
+    p = sub.add_parser("runs", help="pipeline runs: list, show, compare, cancel, retry")
+    p.add_argument("action", nargs="?", choices=("list", "show", "compare", "cancel", "retry"),
+                   default="list")
+    p.add_argument("ids", nargs="*", help="run ids (or their unique suffixes) for show/compare/"
+                                          "cancel/retry")
     p.add_argument("--model")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--status", help="only runs with this status (running, succeeded, failed, "
+                                    "interrupted, cancelled)")
+    p.add_argument("--limit", type=int, default=20, help="runs per page (default: %(default)s)")
+    p.add_argument("--page-token", default="", help="the next page (as the previous one printed)")
     p.set_defaults(func=runs)
 
 
@@ -80,6 +91,12 @@ def run_pipeline(args: argparse.Namespace) -> int:
         return 2
     if not (args.traffic >= 0 and math.isfinite(args.traffic)):
         raise ValueError(f"--traffic {args.traffic}: a rate in requests per second, >= 0")
+    if not args.standalone:
+        from deploy.control.client import discover
+
+        control = discover(h.root)
+        if control is not None:
+            return _through_control(args, control, spec, code)
     server = common.server(args, h)
     if args.traffic and server is None:
         raise ValueError("--traffic needs a running server (`kloop serve`, or --server)")
@@ -95,6 +112,42 @@ def run_pipeline(args: argparse.Namespace) -> int:
     if traffic is not None:
         print(f"live traffic: {_live(traffic) or 'none answered'}")
     return 0 if run.status == "succeeded" else 1
+
+
+def _through_control(args: argparse.Namespace, control: ControlClient, spec: TrainSpec,
+                     code: Path | None) -> int:
+    """Create the run in the control plane; follow it when asked (or while sending traffic)."""
+    from deploy.control.client import ControlError
+    from deploy.local.runs import RunStore
+    from deploy.pipeline import report
+
+    h = common.home(args)
+    try:
+        run = control.create_run(spec.to_dict(), policy=common.policy(args).to_dict(),
+                                 label=args.label, inject_fault=args.inject_fault or 0.0,
+                                 pythonpath=[str((code or Path.cwd()).expanduser().resolve())])
+    except ControlError as e:
+        print(f"kloop pipeline run: {e.message}", file=sys.stderr)
+        return 2
+    print(f"run {run['id']} created in the control plane ({control.url}); "
+          f"`kloop runs show {run['id']}`, or its page {control.url}/runs/{run['id']}")
+    if not (args.follow or args.traffic):
+        return 0
+    with contextlib.ExitStack() as stack:
+        server = common.server(args, h)
+        if args.traffic and server is not None:
+            stack.enter_context(_traffic(spec, code, server, args.traffic))
+        try:
+            for kind, data in control.watch_run(run["id"]):
+                if kind == "log":
+                    print(data["line"], flush=True)
+        except KeyboardInterrupt:
+            print(f"\nstopped following; run {run['id']} goes on in the control plane",
+                  file=sys.stderr)
+            return 130
+    final = RunStore(h.db).get(run["id"])
+    report.print_run(final)
+    return 0 if final.status == "succeeded" else 1
 
 
 def _live(traffic: TrafficGenerator) -> str:
@@ -143,15 +196,45 @@ def resume_pipeline(args: argparse.Namespace) -> int:
 
 
 def runs(args: argparse.Namespace) -> int:
+    from deploy.control.client import discover
     from deploy.local.runs import RunStore
     from deploy.pipeline import report
 
-    store = RunStore(common.home(args).db)
+    h = common.home(args)
+    store = RunStore(h.db)
+    control = discover(h.root)
+    if args.action in ("cancel", "retry"):
+        if len(args.ids) != 1:
+            raise ValueError(f"`kloop runs {args.action} RUN`: one run id")
+        if control is None:
+            if args.action == "retry":
+                raise ValueError("no control plane runs on this home (`kloop up`); continue the "
+                                 f"run here with `kloop pipeline resume {args.ids[0]}`")
+            raise ValueError("no control plane runs on this home: a run started with `kloop "
+                             "pipeline run --standalone` stops with Ctrl-C in its terminal")
+        rid = store.get(args.ids[0]).id
+        done = control.cancel_run(rid) if args.action == "cancel" else control.retry_run(rid)
+        print(f"run {done['id']}: {args.action} requested (status {done['status']})")
+        return 0
     if args.action == "show":
         for rid in args.ids:
             report.print_run(store.get(rid))
     elif args.action == "compare":
         report.print_comparison([store.get(r) for r in args.ids])
     else:
-        report.print_runs(store.list(model=args.model, limit=args.limit))
+        from deploy.control.views import page_token, parse_page_token
+
+        if control is not None:  # the service's paging; the records themselves are the home's
+            page = control.list_runs(model=args.model, status=args.status, page_size=args.limit,
+                                     page_token=args.page_token or None)
+            listed = [store.get(r["id"]) for r in page["runs"]]
+            token = page["next_page_token"]
+        else:
+            local = store.page(model=args.model, status=args.status, limit=args.limit,
+                               after=parse_page_token(args.page_token))
+            listed, token = local.runs, page_token(local.next)
+        report.print_runs(listed)
+        if token:
+            print(f"more: kloop runs --page-token {token}"
+                  + (f" --limit {args.limit}" if args.limit != 20 else ""))
     return 0

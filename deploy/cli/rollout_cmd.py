@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -31,6 +32,9 @@ from deploy.ports import Clock, RolloutStore
 from deploy.rollout import KNOBS, Event, MetricThreshold, Phase, Rollout, RolloutPolicy
 from kloop.model_version import Version
 
+if TYPE_CHECKING:
+    from deploy.control.client import ControlClient
+
 KNOB_FLAGS = {k.name: k.flag for k in KNOBS}
 
 
@@ -40,13 +44,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        description="Roll MODEL's candidate out step by step with live analysis "
                                    "(local server), or print the KServe objects (--target "
                                    "kserve).")
-    p.add_argument("model", metavar="MODEL | abort MODEL | status [MODEL]",
-                   help="the model to roll out; or `abort MODEL` (end its active rollout, the "
-                        "champion restored); or `status [MODEL]`")
+    p.add_argument("model", metavar="MODEL | ACTION MODEL | status [MODEL]",
+                   help="the model to roll out; or an action on its active rollout: `promote "
+                        "MODEL` (skip the remaining steps), `abort MODEL` (the champion "
+                        "restored), `pause MODEL`, `resume MODEL`; `undo MODEL --to-revision N` "
+                        "(back to version N in one call); or `status [MODEL]`")
     p.add_argument("target_model", nargs="?", help=argparse.SUPPRESS)
     p.add_argument("--candidate", help="version number, 'latest' or an alias (required to start "
                                        "or resume a rollout)")
     common.add_policy_args(p)
+    p.add_argument("--to-revision", type=int, metavar="N",
+                   help="with `undo`: the version to go back to (default: the champion before "
+                        "the current one)")
+    p.add_argument("--reason", default="", help="with an action: why (kept in the history)")
     p.add_argument("--interval", type=_positive, default=2.0,
                    help="seconds between ticks (default: %(default)s)")
     common.add_server_args(p)
@@ -83,12 +93,23 @@ def _percent(text: str) -> int:
     return value
 
 
-_ACTIONS = ("abort", "status")
+_ACTIONS = ("abort", "status", "promote", "pause", "resume", "undo")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.model in _ACTIONS and args.candidate is None:
-        return abort(args) if args.model == "abort" else status(args)
+        if args.model == "status":
+            return status(args)
+        if args.target_model is None:
+            raise ValueError(f"which model? `kloop rollout {args.model} MODEL`")
+        control = _control(args)
+        if control is not None:
+            return _through_control(args, control)
+        if args.model == "abort":
+            return abort(args)
+        if args.model == "undo":
+            return _undo_here(args)
+        return _user_op_here(args)
     if args.target_model is not None:
         raise ValueError(f"unexpected argument {args.target_model!r}: `kloop rollout MODEL "
                          "--candidate V`, `kloop rollout abort MODEL` or `kloop rollout status "
@@ -108,7 +129,47 @@ def run(args: argparse.Namespace) -> int:
         if not args.dry_run:
             return _in_cluster(args, candidate, champion, policy)
         return _print_kserve(args, candidate, champion)
+    control = _control(args)
+    if control is not None:
+        return _start_through_control(args, control, candidate)
     return _local(args, candidate, policy)
+
+
+def _start_through_control(args: argparse.Namespace, control: ControlClient,
+                           candidate: Version) -> int:
+    """The control plane ticks it; this process follows it (Ctrl-C stops following only)."""
+    from deploy.control.client import ControlError
+
+    active = control.active_rollout(args.model)
+    if active is not None and active["candidate"] == candidate:
+        print(f"following rollout {active['id']} (phase {active['phase']}), ticked by the "
+              "control plane")
+        r = active
+    else:
+        try:
+            r = control.create_rollout(args.model, str(candidate), common.given_policy(args))
+        except ControlError as e:
+            print(f"kloop rollout: {e.message}", file=sys.stderr)
+            return 2
+        print(f"rollout {r['id']}: {args.model} v{candidate} vs champion "
+              f"{'v' + str(r['champion']) if r['champion'] else '(none: first version)'}, "
+              f"steps {r['steps']}; ticked by the control plane")
+    seen = len(r.get("history", ()))
+    try:
+        for kind, data in control.watch_rollout(r["id"]):
+            if kind == "rollout":
+                for ev in data["history"][seen:]:
+                    print(f"{time.strftime('%H:%M:%S', time.localtime(ev['at']))} "
+                          f"{ev['kind']}: {ev['message']}", flush=True)
+                seen = len(data["history"])
+                r = data
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the control plane keeps ticking rollout {r['id']}",
+              file=sys.stderr)
+        return 130
+    final = control.get_rollout(r["id"])
+    print(f"rollout {final['id']}: {final['phase']} {final['reason']}")
+    return 0 if final["phase"] == Phase.SUCCEEDED.value else 1
 
 
 def _local(args: argparse.Namespace, candidate: Version, policy: RolloutPolicy) -> int:
@@ -237,6 +298,97 @@ def abort(args: argparse.Namespace) -> int:
     server = _server(args, h)
     if server is None:
         return 2
+    return _follow(args, store, LocalBackend(server.admin()), r.id, clock)
+
+
+def _control(args: argparse.Namespace) -> ControlClient | None:
+    from deploy.control.client import discover
+
+    return discover(common.home(args).root)
+
+
+def _through_control(args: argparse.Namespace, control: ControlClient) -> int:
+    """The action through the running control plane (it ticks the rollout)."""
+    model, op = args.target_model, args.model
+    if op == "undo":
+        to = args.to_revision or _previous_champion(args, model)
+        r = control.undo(model, to, common.given_policy(args))
+        how = ("a former champion: no gate, no steps" if r["undo"] else
+               "never champion before: gate and steps as a candidate")
+        print(f"rollout {r['id']}: {model} back to v{to} ({how}); follow it in the UI or with "
+              f"`kloop rollout status {model}`")
+        return 0
+    active = control.active_rollout(model)
+    if active is None:
+        raise LookupError(f"{model} has no active rollout (see `kloop rollout status {model}`)")
+    r = control.rollout_op(active["id"], op, reason=args.reason or
+                           f"{op} requested with kloop rollout {op}")
+    print(f"rollout {r['id']}: {op} recorded (phase {r['phase']}"
+          f"{', paused' if r['paused'] else ''}); the control plane applies it at its next tick")
+    return 0
+
+
+def _previous_champion(args: argparse.Namespace, model: str) -> int:
+    """The version that was champion before the current one: the champion the last
+    succeeded rollout replaced."""
+    from deploy.local.rollout_store import SQLiteRolloutStore
+
+    h = common.home(args)
+    current = h.registry.alias(model, "champion")
+    for r in reversed(SQLiteRolloutStore(h.db).list(model=model)):
+        if r.phase is Phase.SUCCEEDED and r.candidate == current and r.champion is not None:
+            return int(r.champion)
+    raise LookupError(f"no earlier champion of {model} is recorded; name the version with "
+                      "--to-revision N")
+
+
+def _user_op_here(args: argparse.Namespace) -> int:
+    """promote | pause | resume without a control plane: recorded in the store, where the
+    process ticking the rollout (`kloop rollout MODEL --candidate V`) finds it at its next tick."""
+    from deploy.controller import RealClock, user_request
+    from deploy.local.rollout_store import SQLiteRolloutStore
+    from deploy.rollout import request_pause, request_promote, request_resume
+
+    ops = {"promote": request_promote, "pause": request_pause, "resume": request_resume}
+    op = ops[args.model]
+    model = args.target_model
+    store = SQLiteRolloutStore(common.home(args).db)
+    clock = RealClock()
+    r = store.active(model)
+    if r is None:
+        raise LookupError(f"{model} has no active rollout (see `kloop rollout status {model}`)")
+    why = args.reason or f"{args.model} requested with kloop rollout {args.model}"
+    r = user_request(store, r.id, lambda ro: op(ro, why, clock.now()), clock)
+    print(f"rollout {r.id}: {args.model} recorded (phase {r.phase.value}"
+          f"{', paused' if r.paused else ''}); the process ticking it applies it at its next "
+          f"tick (resume it with `kloop rollout {model} --candidate {r.candidate}` if none does)")
+    return 0
+
+
+def _undo_here(args: argparse.Namespace) -> int:
+    """``undo`` without a control plane: create the rollout and tick it here."""
+    from deploy.controller import RealClock, former_champions
+    from deploy.local.rollout_store import SQLiteRolloutStore
+    from deploy.rollout import new_rollout, new_undo_rollout
+
+    model = args.target_model
+    h = common.home(args)
+    server = _server(args, h)
+    if server is None:
+        return 2
+    to = args.to_revision or _previous_champion(args, model)
+    if to not in h.registry.versions(model):
+        raise LookupError(f"{model} has no version {to}")
+    store = SQLiteRolloutStore(h.db)
+    clock = RealClock()
+    champion = h.registry.alias(model, "champion")
+    rid = time.strftime(f"{model}-undo-v{to}-%Y%m%d-%H%M%S")
+    if to in former_champions(store, model):
+        r = store.create(new_undo_rollout(rid, model, to, champion, common.policy(args), clock.now()))
+        print(f"rollout {r.id}: {model} back to v{to}, a former champion: no gate, no steps")
+    else:
+        r = store.create(new_rollout(rid, model, to, champion, common.policy(args), clock.now()))
+        print(f"rollout {r.id}: v{to} was never champion: gate and steps as a candidate")
     return _follow(args, store, LocalBackend(server.admin()), r.id, clock)
 
 

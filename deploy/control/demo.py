@@ -1,5 +1,10 @@
 """``kloop demo``: the whole loop, locally, on embedded defaults — the project's main job.
 
+Everything runs through the control plane (``kloop up``, a child process): the demo creates
+each pipeline run through its HTTP API and follows it there (its log streams here); the control
+plane runs the pipeline and ticks the rollouts.
+
+0. start the control plane on the demo's home (its UI and API on a free port, printed);
 1. train v1 (DDP, 2 torchrun processes, a short run) → evaluate → publish → champion;
 2. serve it over gRPC and HTTP (a real ``kloop serve`` child process) under live traffic from
    the built-in client (``deploy.local.traffic``);
@@ -8,8 +13,8 @@
    it back before any traffic;
 5. retrain v2's spec and inject a serving fault into it → the live analysis rolls it back;
 6. print a summary (versions, the task's primary metric held-out and live, decisions, requests
-   served, errors), stop the traffic and the server (SIGTERM), and check that no child process
-   is left.
+   served, errors), stop the traffic, the server and the control plane (SIGTERM), and check
+   that no child process is left.
 
 The demo trains the digits task (``trainer.tasks.digits``); the traffic and the summary are the
 generic ones, judged by the task's primary metric (here accuracy).
@@ -30,14 +35,14 @@ from rich.console import Console
 from rich.rule import Rule
 from rich.table import Table
 
+from deploy.control.client import ControlClient
+from deploy.control.process import ControlProcess
 from deploy.local.home import Home
-from deploy.local.runs import Run
+from deploy.local.runs import Run, RunStore
 from deploy.local.server_process import ServerProcess
 from deploy.local.traffic import LiveData, TrafficConfig, TrafficGenerator
 from deploy.pipeline.report import metric_label, metric_text
-from deploy.pipeline.runner import Pipeline
 from deploy.rollout import AnalysisPolicy, GatePolicy, RolloutPolicy, parse
-from kloop.faults import Fault
 
 MARKER = ".kloop-demo"
 # Wide enough for the summary table when the output is a file or a CI log (rich assumes 80).
@@ -94,9 +99,38 @@ def main(args: DemoConfig) -> int:
     base = TrainSpec(epochs=args.epochs)
     runs: list[Run] = []
 
+    console.print(Rule("0. the control plane (kloop up): API, web UI, runs, rollouts"))
+    control = ControlProcess(root)
+    client = control.start()
+    console.print(f"control plane pid {control.proc.pid if control.proc else '?'}: UI and API at "
+                  f"{client.url} (API /api/v1, gRPC {control.grpc_target}); every run below is "
+                  "created and followed through it")
+    try:
+        rc = _through(args, root, home, client, policy, base, runs, started)
+    finally:
+        code = control.stop()
+    alive = control.proc is not None and control.proc.poll() is None
+    console.print(f"control plane stopped with exit code {code} (SIGTERM)"
+                  + ("; it is STILL running" if alive else ""))
+    return 1 if alive or code != 0 else rc
+
+
+def _through(args: DemoConfig, root: Path, home: Home, client: ControlClient,
+             policy: RolloutPolicy, base: Any, runs: list[Run], started: float) -> int:
+    store = RunStore(home.db)
+
+    def run(spec: Any, label: str, fault: float = 0.0) -> Run:
+        created = client.create_run(spec.to_dict(), policy=policy.to_dict(), label=label,
+                                    inject_fault=fault)
+        _log(f"run {created['id']} created through the control plane ({client.url}/runs/"
+             f"{created['id']})")
+        for kind, data in client.watch_run(created["id"]):
+            if kind == "log":
+                _log(str(data["line"]))
+        return store.get(created["id"])
+
     console.print(Rule("1. train v1 (2 processes, DDP) → evaluate → publish → champion"))
-    offline = Pipeline(home, server=None, policy=policy, log=_log)
-    runs.append(offline.run(dataclasses.replace(base, epochs=args.v1_epochs), label="v1: short run"))
+    runs.append(run(dataclasses.replace(base, epochs=args.v1_epochs), "v1: short run"))
     if runs[-1].status != "succeeded":
         return _fail(runs, "training v1 failed")
 
@@ -115,16 +149,14 @@ def main(args: DemoConfig) -> int:
         console.print(f"live traffic: {args.rate:.0f} req/s of {len(live_data.items)} held-out "
                       f"{base.task} items, half gRPC, half HTTP, judged by live "
                       f"{live_data.metric.name}")
-        online = Pipeline(home, server=handle, policy=policy, log=_log)
-
         console.print(Rule("3. train v2 (longer) → gate → canary 10→50→100% → promote"))
-        runs.append(online.run(base, label="v2: full run"))
+        runs.append(run(base, "v2: full run"))
         console.print(Rule("4. a bad candidate (shuffled labels) → the evaluation gate rolls it back"))
         bad = dataclasses.replace(base, config={**base.config, "shuffle_labels": True})
-        runs.append(online.run(bad, label="bad: shuffled labels"))
+        runs.append(run(bad, "bad: shuffled labels"))
         console.print(Rule(f"5. v2's spec again with a serving fault ({args.fault_rate:.0%} errors) "
                            "→ live analysis rolls it back"))
-        runs.append(online.run(base, fault=Fault(error_rate=args.fault_rate), label="faulty: injected errors"))
+        runs.append(run(base, "faulty: injected errors", fault=args.fault_rate))
         time.sleep(1.0)  # one more second of traffic on the final champion before the summary
         metrics_text = handle.admin().metrics_text()
     finally:
@@ -136,7 +168,8 @@ def main(args: DemoConfig) -> int:
     console.print(f"server stopped with exit code {code} (SIGTERM, graceful); "
                   f"{'a server process is STILL running' if leftover else 'no kloop process left running'}. "
                   f"Total {time.monotonic() - started:.0f}s.")
-    console.print(f"explore: kloop --home {root} status | kloop --home {root} runs | "
+    console.print(f"explore: kloop --home {root} up (then the UI at http://127.0.0.1:8700) | "
+                  f"kloop --home {root} status | kloop --home {root} runs | "
                   f"kloop --home {root} runs compare {runs[1].id} {runs[-1].id}")
     expected = ["champion (first version)", "promoted", "rolled back by the gate",
                 "rolled back by live analysis"]

@@ -13,6 +13,7 @@ by a check-then-insert race (``deploy.ports.ActiveRolloutExists``).
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import json
 import os
@@ -40,6 +41,10 @@ _ROLLOUT_SCHEMA = (
     );
     CREATE UNIQUE INDEX rollouts_one_active_per_model ON rollouts (model) WHERE active = 1;
     CREATE INDEX rollouts_by_model ON rollouts (model, created)
+    """,
+    # Keyset paging, newest first (``page``).
+    """
+    CREATE INDEX rollouts_created_id ON rollouts (created, id)
     """,
 )
 
@@ -122,6 +127,37 @@ class SQLiteRolloutStore:
                     (model,),
                 )
             return [_load(r) for r in rows.fetchall()]
+
+    def all_active(self) -> builtins.list[Rollout]:
+        """Every active (non-terminal) rollout, oldest first."""
+        with connect(self.path) as conn:
+            rows = conn.execute("SELECT doc, generation FROM rollouts WHERE active = 1"
+                                " ORDER BY created, id").fetchall()
+        return [_load(r) for r in rows]
+
+    def page(self, *, model: str | None = None, active_only: bool = False, limit: int = 50,
+             after: tuple[float, str] | None = None,
+             ) -> tuple[builtins.list[Rollout], tuple[float, str] | None]:
+        """Newest first, keyset-paged like ``RunStore.page``: the rollouts and the key to pass
+        as ``after`` for the next page (None on the last)."""
+        if not 1 <= limit <= 1000:
+            raise ValueError(f"limit must be in 1..1000, got {limit}")
+        where: list[str] = []
+        args: list[object] = []
+        if model:
+            where.append("model = ?")
+            args.append(model)
+        if active_only:
+            where.append("active = 1")
+        if after is not None:
+            where.append("(created, id) < (?, ?)")
+            args.extend(after)
+        q = ("SELECT doc, generation FROM rollouts" + (" WHERE " + " AND ".join(where) if where else "")
+             + " ORDER BY created DESC, id DESC LIMIT ?")
+        with connect(self.path) as conn:
+            rows = conn.execute(q, (*args, limit + 1)).fetchall()
+        out: builtins.list[Rollout] = [_load(r) for r in rows[:limit]]
+        return out, ((out[-1].created, out[-1].id) if len(rows) > limit and out else None)
 
     def active(self, model: str) -> Rollout | None:
         with connect(self.path) as conn:

@@ -4,8 +4,9 @@ A run is one JSON document in the ``runs`` table of the same SQLite file as the 
 (``<home>/kloop.db``), rewritten whole on every step change: a reader (``kloop runs``, another
 process) sees a consistent record, and history survives restarts. Steps are fixed by the
 pipeline (``STEPS``); each is pending → running → succeeded | failed | skipped. A run is
-running → succeeded | failed | interrupted; ``interrupted`` and ``failed`` runs can be resumed
-(``kloop pipeline resume``), which makes them running again under the same id.
+running → succeeded | failed | interrupted | cancelled; ``interrupted``, ``failed`` and
+``cancelled`` runs can be resumed (``kloop pipeline resume``, the control plane's retry), which
+makes them running again under the same id, from the step that did not finish.
 
 Why a record names its process: a pipeline killed by SIGKILL (or a reboot) cannot write its
 end. The record carries the pid of the process that runs it and that process's identity (the
@@ -39,7 +40,8 @@ from deploy.ports import NotFound
 from deploy.rollout import Phase, Rollout, Verdict
 
 STEPS = ("train", "evaluate", "publish", "gate", "canary", "decide")
-RESUMABLE = ("interrupted", "failed")  # run statuses ``kloop pipeline resume`` continues
+RESUMABLE = ("interrupted", "failed", "cancelled")  # what ``kloop pipeline resume`` continues
+STATUSES = ("running", "succeeded", "failed", "interrupted", "cancelled")
 _DONE = ("succeeded", "failed", "skipped")  # a step's final statuses
 _LEGACY_DIRECTIONS = {"accuracy": "higher", "loss": "lower"}  # the digits CNN's, before tasks
 
@@ -54,6 +56,12 @@ _SCHEMA = (
         doc TEXT NOT NULL
     );
     CREATE INDEX runs_created ON runs (created)
+    """,
+    # Keyset paging (``RunStore.page``): newest first, by model or status, without a scan.
+    """
+    CREATE INDEX runs_created_id ON runs (created, id);
+    CREATE INDEX runs_model_created ON runs (model, created, id);
+    CREATE INDEX runs_status_created ON runs (status, created, id)
     """,
 )
 
@@ -70,6 +78,7 @@ class Step:
     finished: float | None = None
     message: str = ""
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    attempts: int = 0  # times the step started in this run (a retried step shows several)
 
     @property
     def duration_s(self) -> float | None:
@@ -286,6 +295,12 @@ def reconcile(run: Run, rollout: Rollout | None, *, alive: bool | None) -> bool:
 # ---- the store ------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class RunPage:
+    runs: list[Run]
+    next: tuple[float, str] | None  # pass as ``after`` for the next page; None on the last
+
+
 class RunStore:
     """Runs in SQLite. One short transaction per write; safe to share the file across processes.
 
@@ -306,6 +321,14 @@ class RunStore:
         run.updated = time.time()
         with connect(self.path) as db:
             _write(db, run)
+
+    def save_all(self, runs: builtins.list[Run]) -> None:
+        """Several records in one transaction (an import, a benchmark's fixture)."""
+        now = time.time()
+        with connect(self.path) as db, transaction(db):
+            for run in runs:
+                run.updated = run.updated or now
+                _write(db, run)
 
     def get(self, run_id: str) -> Run:
         """The run with this id, or the only run whose id ends with it (a short id)."""
@@ -331,6 +354,52 @@ class RunStore:
         with connect(self.path) as db:
             rows = db.execute(q, (*args, limit)).fetchall()
         return [self._reconciled(_load(r)) for r in rows]
+
+    def page(self, *, model: str | None = None, status: str | None = None,
+             since: float | None = None, until: float | None = None, newest_first: bool = True,
+             limit: int = 50, after: tuple[float, str] | None = None) -> RunPage:
+        """One page of runs in creation order (newest first unless ``newest_first=False``),
+        filtered by model, status and creation time (``since <= created < until``).
+
+        Keyset paging: ``after`` is the (created, id) of the previous page's last run
+        (``RunPage.next``), so page 200 costs what page 1 does, with any number of runs.
+        The status filter is on the stored status; a run whose process died reads as
+        ``interrupted`` once reconciled (``reconcile`` is the way to bring those up to date)."""
+        if not 1 <= limit <= 1000:
+            raise ValueError(f"limit must be in 1..1000, got {limit}")
+        where: builtins.list[str] = []
+        args: builtins.list[object] = []
+        if model:
+            where.append("model = ?")
+            args.append(model)
+        if status:
+            if status not in STATUSES:
+                raise ValueError(f"status {status!r} is not one of {', '.join(STATUSES)}")
+            where.append("status = ?")
+            args.append(status)
+        if since is not None:
+            where.append("created >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("created < ?")
+            args.append(until)
+        if after is not None:
+            where.append("(created, id) < (?, ?)" if newest_first else "(created, id) > (?, ?)")
+            args.extend(after)
+        order = "DESC" if newest_first else "ASC"
+        q = ("SELECT doc, updated FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
+             + f" ORDER BY created {order}, id {order} LIMIT ?")
+        with connect(self.path) as db:
+            rows = db.execute(q, (*args, limit + 1)).fetchall()
+        runs = [self._reconciled(_load(r)) for r in rows[:limit]]
+        more = len(rows) > limit
+        return RunPage(runs, (runs[-1].created, runs[-1].id) if more and runs else None)
+
+    def counts(self) -> dict[str, int]:
+        """How many runs have each stored status."""
+        with connect(self.path) as db:
+            rows = db.execute("SELECT status, COUNT(*) AS n FROM runs GROUP BY status").fetchall()
+        return {str(r["status"]): int(r["n"]) for r in rows}
 
     def reconcile(self) -> builtins.list[Run]:
         """Reconcile every run that may need it (not succeeded); the ones that changed."""

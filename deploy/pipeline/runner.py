@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import sys
 import time
 import traceback
@@ -40,7 +41,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from deploy.controller import RealClock, run_until_done
+from deploy.controller import RealClock, run_until_done, user_request
 from deploy.local.home import Home
 from deploy.local.rollout_store import SQLiteRolloutStore
 from deploy.local.runs import (
@@ -55,14 +56,23 @@ from deploy.local.server_backend import LocalBackend
 from deploy.local.server_process import ServerHandle
 from deploy.pipeline.report import metric_text
 from deploy.ports import Clock, NotFound
-from deploy.rollout import Event, Rollout, RolloutPolicy, Verdict, champion_for, gate, new_rollout
+from deploy.rollout import (
+    Event,
+    Rollout,
+    RolloutPolicy,
+    Verdict,
+    champion_for,
+    gate,
+    new_rollout,
+    request_abort,
+)
 from kloop.artifact import ArtifactError, Manifest
 from kloop.faults import Fault
 from kloop.model_version import Version
 from kloop.modelfile import load_exported
 from trainer.data import fingerprint, length
 from trainer.evaluate import finalize, metric_sums
-from trainer.launch import TrainResult, load_result, run_local
+from trainer.launch import TrainingFailed, TrainingStopped, TrainResult, load_result, run_local
 from trainer.publish import publish
 from trainer.spec import TrainSpec
 from trainer.task_check import load
@@ -88,6 +98,11 @@ class Pipeline:
         tick_interval_s: float = 1.0,
         progress: bool = True,
         pythonpath: Sequence[str] = (),
+        ticking: bool = True,
+        should_stop: Callable[[], bool] = lambda: False,
+        train_attempts: int = 3,
+        retry_backoff_s: float = 2.0,
+        params: Mapping[str, Any] | None = None,
     ):
         self.home = home
         self.registry = home.registry
@@ -100,28 +115,47 @@ class Pipeline:
         self.tick_interval_s = tick_interval_s
         self.progress = progress
         self.pythonpath = tuple(pythonpath)
+        # False when someone else ticks the rollouts (the control plane's ticker): the run then
+        # follows its rollout in the store, and pause/promote/abort from others take effect.
+        self.ticking = ticking
+        self.should_stop = should_stop  # polled between steps and while training: a cancel
+        if train_attempts < 1:
+            raise ValueError(f"train_attempts must be >= 1, got {train_attempts}")
+        self.train_attempts = train_attempts  # a train step killed by a signal is retried
+        self.retry_backoff_s = retry_backoff_s  # doubled after each failed attempt
+        self.extra_params = dict(params or {})  # kept in the run's params (who created it)
 
     def run(self, spec: TrainSpec, *, fault: Fault | None = None, label: str = "") -> Run:
         """Run every step; returns the finished record (status ``failed`` on a step error)."""
+        return self.execute(self.create(spec, fault=fault, label=label), spec, fault)
+
+    def create(self, spec: TrainSpec, *, fault: Fault | None = None, label: str = "") -> Run:
+        """The run's record, saved (status running, every step pending): its id is known
+        before any step starts; ``execute`` runs it."""
         for stale in self.runs.reconcile():  # runs whose process died are marked first
             if stale.status == "interrupted":
                 self._log(f"run {stale.id} was interrupted ({stale.outcome}); continue it with "
                           f"`kloop pipeline resume {stale.id}`")
         params = {"spec": spec.to_dict(), "policy": self.policy.to_dict(),
                   "fault": fault.to_dict() if fault else None, "label": label,
-                  "pythonpath": list(self.pythonpath)}
+                  "pythonpath": list(self.pythonpath), **self.extra_params}
         run = Run.new(spec.model_name, params, self.home.runs_dir)
         Path(run.run_dir).mkdir(parents=True, exist_ok=True)
         self.runs.save(run)
         self.log(run, f"run {run.id} started{f' ({label})' if label else ''}: model {spec.model_name}")
+        return run
+
+    def execute(self, run: Run, spec: TrainSpec, fault: Fault | None = None) -> Run:
+        """Run the steps of a run ``create`` made (in this process)."""
         return self._execute(run, spec, fault, resumed=False)
 
-    def resume(self, run_id: str) -> Run:
+    def resume(self, run_id: str, *, claimed: Run | None = None) -> Run:
         """Continue a stopped run (``interrupted`` or ``failed``) from its last finished step,
         in this process; ``deploy.local.runs.RunNotResumable`` for a succeeded or live run.
         The spec and fault are the run's own; the policy of a rollout it created is the
-        rollout's, and this pipeline's for one it creates now."""
-        run = self.runs.claim(run_id)
+        rollout's, and this pipeline's for one it creates now. ``claimed``: the record as the
+        caller's ``RunStore.claim`` returned it (already this process's)."""
+        run = claimed if claimed is not None else self.runs.claim(run_id)
         spec = TrainSpec.from_dict(run.params["spec"])
         fault = Fault.from_dict(run.params["fault"]) if run.params.get("fault") else None
         saved = tuple(run.params.get("pythonpath", ()))  # where the run found its task
@@ -138,6 +172,8 @@ class Pipeline:
         try:
             self._steps(run, spec, fault, resumed=resumed)
             run.status = "succeeded"
+        except RunCancelled as e:
+            run.status, run.outcome = "cancelled", f"cancelled: {e}"
         except Exception as e:  # noqa: BLE001 - any step failure is recorded on the run; the caller sets the exit code
             run.status = "failed"
             run.outcome = run.outcome or f"failed: {e}"
@@ -151,9 +187,9 @@ class Pipeline:
             for s in run.steps:
                 if s.status == "running":
                     s.status, s.finished = "failed", time.time()
-                    if run.status == "interrupted":
+                    if run.status in ("interrupted", "cancelled"):
                         s.message = run.outcome
-                elif s.status == "pending" and run.status != "interrupted":
+                elif s.status == "pending" and run.status not in ("interrupted", "cancelled"):
                     s.status, s.finished = "skipped", time.time()
             run.finished = time.time()
             self.runs.save(run)
@@ -181,8 +217,7 @@ class Pipeline:
         if run.step("train").status == "succeeded":  # resumed after training had finished
             return load_result(train_dir)
         with self._step(run, "train") as st:
-            result = run_local(spec, train_dir, resume=resumed, progress=self.progress,
-                               pythonpath=self.pythonpath)
+            result = self._train_attempts(run, st, spec, train_dir, resumed=resumed)
             summary = {k: v for k, v in result.result.items() if isinstance(v, (int, float))}
             st.metrics = {"duration_s": round(result.duration_s, 2), **summary}
             epochs = [e for e in result.events if e.get("event") == "epoch"]
@@ -196,6 +231,37 @@ class Pipeline:
                 st.message += (f" (resumed from the checkpoint of epoch {done})" if done > 0
                                else " (resumed; no checkpoint yet, so trained from the start)")
         return result
+
+    def _train_attempts(self, run: Run, st: Step, spec: TrainSpec, train_dir: Path, *,
+                        resumed: bool) -> TrainResult:
+        """``run_local``, again (resuming from the last checkpoint) after a transient failure:
+        torchrun killed by a signal (the OS's OOM killer, an operator's kill), up to
+        ``train_attempts`` in all, waiting ``retry_backoff_s``, doubled each time. A task that
+        raises fails at once: a retry would fail the same way."""
+        delay = self.retry_backoff_s
+        for attempt in range(1, self.train_attempts + 1):
+            if attempt > 1:
+                st.attempts += 1
+                self.runs.save(run)
+            try:
+                return run_local(spec, train_dir, resume=resumed or attempt > 1,
+                                 progress=self.progress, pythonpath=self.pythonpath,
+                                 should_stop=self.should_stop)
+            except TrainingStopped as e:
+                raise RunCancelled(str(e)) from e
+            except TrainingFailed as e:
+                if not _transient(e.returncode) or attempt == self.train_attempts:
+                    raise
+                self.log(run, f"step train: attempt {attempt}/{self.train_attempts} "
+                              f"{_exit_text(e.returncode)}; retrying in {delay:g}s from the last "
+                              "checkpoint")
+                st.message = f"attempt {attempt} {_exit_text(e.returncode)}; retrying"
+                self.runs.save(run)
+                self.clock.sleep(delay)
+                delay *= 2
+                if self.should_stop():
+                    raise RunCancelled("cancelled while waiting to retry training") from e
+        raise AssertionError("unreachable")
 
     def _evaluate(self, run: Run, spec: TrainSpec, result: TrainResult, *,
                   resumed: bool) -> None:
@@ -332,7 +398,7 @@ class Pipeline:
             final = r
             self.log(run, f"rollout {r.id} had ended meanwhile: {r.phase.value} {r.reason}")
         else:
-            if self.server is None:
+            if self.server is None and self.ticking:
                 raise PipelineError(f"rollout {r.id} is still {r.phase.value}: start the server "
                                     "(`kloop serve`, or pass --server) and resume again")
             self._start(run, canary_step if gate_step.status == "succeeded" else gate_step)
@@ -352,9 +418,13 @@ class Pipeline:
                                            "step": ro.step, "failed_analyses": ro.failed}
                     self.runs.save(run)
 
-            final = run_until_done(self.rollouts, LocalBackend(self.server.admin()),
-                                   self.registry, r.id, self.clock, self.tick_interval_s,
-                                   on_event)
+            if self.ticking:
+                assert self.server is not None  # checked above
+                final = run_until_done(self.rollouts, LocalBackend(self.server.admin()),
+                                       self.registry, r.id, self.clock, self.tick_interval_s,
+                                       on_event)
+            else:
+                final = self._watch_rollout(r.id, on_event)
         record_rollout(run, final, end=time.time(), note=note)
         self.runs.save(run)
         for st in (gate_step, canary_step, run.step("decide")):
@@ -362,6 +432,27 @@ class Pipeline:
         self.registry.remove_alias(manifest.name, "candidate")
         if outcome_status(final.phase) != "succeeded":
             raise PipelineError(f"rollout {final.id} ended {final.phase.value}: {final.reason}")
+
+    def _watch_rollout(self, rollout_id: str, on_event: Callable[[Rollout, Event], None]) -> Rollout:
+        """Follow a rollout that someone else ticks until it ends; a cancel aborts it."""
+        seen: Event | None = None
+        aborted = False
+        while True:
+            r = self.rollouts.get(rollout_id)
+            if r.history and r.history[-1] != seen:
+                seen = r.history[-1]
+                on_event(r, seen)
+            if r.phase.terminal:
+                if aborted:
+                    raise RunCancelled(f"rollout {r.id} aborted: {r.reason}")
+                return r
+            if self.should_stop() and not aborted:
+                with contextlib.suppress(ValueError):  # already promoted: let it finish
+                    user_request(self.rollouts, r.id, lambda ro: request_abort(
+                        ro, "aborted: its pipeline run was cancelled", self.clock.now()),
+                        self.clock)
+                    aborted = True
+            self.clock.sleep(self.tick_interval_s)
 
     # ---- bookkeeping -------------------------------------------------------------------
 
@@ -383,7 +474,10 @@ class Pipeline:
         self._finish(run, st, st.status if st.status != "running" else "succeeded", st.message)
 
     def _start(self, run: Run, st: Step) -> None:
+        if self.should_stop():
+            raise RunCancelled(f"before step {st.name}")
         st.status, st.started = "running", time.time()
+        st.attempts += 1
         self.runs.save(run)
         self.log(run, f"step {st.name}: running")
 
@@ -391,6 +485,23 @@ class Pipeline:
         st.status, st.message, st.finished = status, message, time.time()
         self.runs.save(run)
         self.log(run, f"step {st.name}: {status}{f' — {message}' if message else ''}")
+
+
+class RunCancelled(Exception):
+    """The run was asked to stop (``should_stop``); it ends ``cancelled``, resumable."""
+
+
+def _transient(returncode: int) -> bool:
+    """torchrun ended by a signal (negative: this process saw it die of one; 128 + N: a shell
+    or torchrun reporting it), not by an error of the task's."""
+    return returncode < 0 or returncode in (128 + 9, 128 + 15)
+
+
+def _exit_text(returncode: int) -> str:
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-returncode).name}"
+    return f"exited with code {returncode}"
 
 
 def _rollout_id(run: Run) -> str:
