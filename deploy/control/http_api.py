@@ -93,6 +93,8 @@ class _Api:
             return _error(404, str(e.args[0]) if e.args else "not found")
         except FailedPrecondition as e:
             return _error(409, str(e))
+        except _Gone as e:  # a watch whose client left: the stream simply ends
+            return e.resp
 
     def _authorized(self, request: web.Request) -> bool:
         # A header only, never a cookie: a page elsewhere cannot make the browser send it
@@ -175,12 +177,6 @@ class _Api:
         return _json(views.run_view(run), status=202)
 
     async def watch_run(self, request: web.Request) -> web.StreamResponse:
-        try:
-            return await self._watch_run(request)
-        except ConnectionResetError:  # the client left: nothing to tell it
-            return web.Response(status=499)
-
-    async def _watch_run(self, request: web.Request) -> web.StreamResponse:
         q = request.query
         _only(q, {"log_offset", "progress_offset"})
         run = await asyncio.to_thread(self.plane.get_run, request.match_info["id"])
@@ -262,12 +258,6 @@ class _Api:
         return _json({"points": points})
 
     async def watch_rollout(self, request: web.Request) -> web.StreamResponse:
-        try:
-            return await self._watch_rollout(request)
-        except ConnectionResetError:  # the client left: nothing to tell it
-            return web.Response(status=499)
-
-    async def _watch_rollout(self, request: web.Request) -> web.StreamResponse:
         r = await asyncio.to_thread(self.plane.get_rollout, request.match_info["id"])
         resp = await _sse(request)
         last = ""
@@ -428,4 +418,17 @@ async def _sse(request: web.Request) -> web.StreamResponse:
 
 
 async def _event(resp: web.StreamResponse, kind: str, data: Any) -> None:
-    await resp.write(f"event: {kind}\ndata: {json.dumps(data, allow_nan=False)}\n\n".encode())
+    """One event; a client that left ends the watch quietly (``_Gone``, caught by the
+    middleware)."""
+    try:
+        await resp.write(f"event: {kind}\ndata: {json.dumps(data, allow_nan=False)}\n\n".encode())
+    except ConnectionResetError:
+        raise _Gone(resp) from None
+
+
+class _Gone(Exception):
+    """The watching client disconnected."""
+
+    def __init__(self, resp: web.StreamResponse):
+        super().__init__("the client left")
+        self.resp = resp
