@@ -197,6 +197,9 @@ def load_class(ref: str) -> type[Task[Any]]:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise TaskError(f"task {ref!r}: cannot import {module_name!r}: {e}") from e
+    except Exception as e:
+        raise TaskError(f"task {ref!r}: importing {module_name!r} failed: "
+                        f"{type(e).__name__}: {e}") from e
     obj: Any = module
     for part in attr.split("."):
         obj = getattr(obj, part, None)

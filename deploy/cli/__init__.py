@@ -36,6 +36,7 @@ from deploy.cli import (
     up_cmd,
 )
 from deploy.cluster.kube import KubeError
+from deploy.control.client import ControlError
 from kloop.artifact import ArtifactError
 
 _COMMANDS = (tasks_cmd, train_cmd, serve_cmd, rollout_cmd, pipeline_cmd, up_cmd, status_cmd, cluster_cmd,
@@ -68,3 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     except KubeError as e:
         print(f"kloop {args.command}: the cluster said: {e}", file=sys.stderr)
         return 1
+    except ControlError as e:
+        print(f"kloop {args.command}: the control plane said: {e.message}", file=sys.stderr)
+        return 2 if 400 <= e.status < 500 else 1

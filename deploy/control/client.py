@@ -47,7 +47,7 @@ class ControlClient:
             body["inject_fault"] = inject_fault
         if pythonpath:
             body["pythonpath"] = pythonpath
-        return self._call("POST", "/api/v1/runs", body)
+        return self._call("POST", "/api/v1/runs", body, timeout_s=max(self.timeout_s, 300.0))
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         return self._call("GET", f"/api/v1/runs/{_q(run_id)}")
@@ -123,14 +123,18 @@ class ControlClient:
         return urllib.request.Request(url, data=data, method=method, headers=headers)
 
     def _call(self, method: str, path: str, body: Any = None,
-              query: Mapping[str, Any] | None = None) -> dict[str, Any]:
+              query: Mapping[str, Any] | None = None,
+              timeout_s: float | None = None) -> dict[str, Any]:
+        """The answer's JSON; ``ControlError`` for an error answer or an unreachable service."""
         req = self._request(method, path, body, query)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
                 doc: dict[str, Any] = json.loads(resp.read())
                 return doc
         except urllib.error.HTTPError as e:
             raise _error(e) from None
+        except (urllib.error.URLError, OSError) as e:
+            raise ControlError(0, f"the control plane at {self.url} did not answer: {e}") from None
 
     def _sse(self, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
         req = self._request("GET", path)

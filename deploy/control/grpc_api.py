@@ -41,7 +41,8 @@ def to_message(view: Mapping[str, Any], cls: type[M]) -> M:
 
 
 def _drop_none(v: Any) -> Any:
-    """Nulls out of message fields (proto3 has no null scalar); kept inside Structs."""
+    """Nulls dropped (proto3 has no null scalar), at every level: inside a Struct too, so a
+    null-valued key of ``params`` or ``metrics`` is absent over gRPC (present over HTTP)."""
     if isinstance(v, dict):
         return {k: _drop_none(x) for k, x in v.items() if x is not None}
     if isinstance(v, list):
@@ -160,7 +161,7 @@ class ControlServicer(pb_grpc.ControlServicer):
             if key != last:
                 last = key
                 yield pb.RunEvent(run=to_message(json.loads(doc), pb.Run))
-            if run.status != "running":
+            if run.status != "running" or self.plane.closing:
                 return
             await asyncio.sleep(WATCH_POLL_S)
 
@@ -228,7 +229,7 @@ class ControlServicer(pb_grpc.ControlServicer):
             if doc != last:
                 last = doc
                 yield pb.RolloutEvent(rollout=to_message(json.loads(doc), pb.Rollout))
-            if r.phase.terminal:
+            if r.phase.terminal or self.plane.closing:
                 return
             await asyncio.sleep(WATCH_POLL_S)
 

@@ -35,15 +35,21 @@ from deploy.control.service import ControlPlane, FailedPrecondition, InvalidArgu
 from trainer.progress import read_events
 
 API = "/api/v1"
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 WATCH_POLL_S = 0.5
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def make_app(plane: ControlPlane, token: str, *, private_reads: bool = False,
-             ui: bool = True) -> web.Application:
+             ui: bool = True, allowed_hosts: frozenset[str] | None = LOOPBACK_NAMES
+             ) -> web.Application:
+    """``allowed_hosts``: the host names a request's ``Host`` may carry (None: any). On
+    loopback that is the loopback names, so a web page that rebinds its own domain to
+    127.0.0.1 (DNS rebinding) cannot read the open API through the user's browser."""
     api = _Api(plane, token, private_reads)
-    app = web.Application(middlewares=[api.errors], client_max_size=1 << 20)
+    app = web.Application(middlewares=[_same_host(allowed_hosts), api.errors],
+                          client_max_size=1 << 20)
     r = app.router
     r.add_get(f"{API}/runs", api.read(api.list_runs))
     r.add_post(f"{API}/runs", api.write(api.create_run))
@@ -200,13 +206,16 @@ class _Api:
                 if p is not None:
                     await _event(resp, "progress", {**views.progress_view(p),
                                                     "offset": progress_offset,
-                                                    "events": events[-20:]})
+                                                    "events": views.json_safe(events[-20:])})
             if key != last_doc:
                 last_doc = key
                 await _event(resp, "run", json.loads(doc))
             if run.status != "running":
                 await _event(resp, "end", {"status": run.status, "outcome": run.outcome})
                 return resp
+            if self.plane.closing:
+                return resp
+            await _heartbeat(resp)
             await asyncio.sleep(WATCH_POLL_S)
 
     # ---- rollouts -------------------------------------------------------------------------
@@ -270,6 +279,9 @@ class _Api:
             if r.phase.terminal:
                 await _event(resp, "end", {"phase": r.phase.value, "reason": r.reason})
                 return resp
+            if self.plane.closing:
+                return resp
+            await _heartbeat(resp)
             await asyncio.sleep(WATCH_POLL_S)
 
     async def undo(self, request: web.Request) -> web.Response:
@@ -309,8 +321,8 @@ class _Api:
 
     async def metrics(self, request: web.Request) -> web.Response:
         text = await asyncio.to_thread(metrics_text, self.plane)
-        return web.Response(body=text, content_type="text/plain", charset="utf-8",
-                            headers={"X-Content-Type": "version=0.0.4"})
+        return web.Response(body=text, headers={
+            "Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def healthz(self, request: web.Request) -> web.Response:
         return _json({"ok": True, "model_server": self.plane.server_seen,
@@ -318,6 +330,24 @@ class _Api:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+
+
+def _same_host(allowed: frozenset[str] | None) -> Any:
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if allowed is not None and _host_name(request.host or "") not in allowed:
+            return _error(421, f"this control plane answers to {', '.join(sorted(allowed))}, "
+                               f"not {request.host!r}")
+        return await handler(request)
+    return check
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header, without its port (``[::1]:8700`` -> ``[::1]``)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.partition(":")[0] if host.count(":") == 1 else host
 
 
 def _json(doc: Any, status: int = 200) -> web.Response:
@@ -417,6 +447,22 @@ async def _sse(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+HEARTBEAT_S = 15.0
+_LAST_WRITE = web.ResponseKey("kloop_last_write", float)
+
+
+async def _heartbeat(resp: web.StreamResponse) -> None:
+    """A comment line when nothing was sent for ``HEARTBEAT_S``: a client that left is noticed
+    (the write fails) even while nothing changes."""
+    loop = asyncio.get_running_loop()
+    if loop.time() - resp.get(_LAST_WRITE, 0.0) >= HEARTBEAT_S:
+        try:
+            await resp.write(b": keep-alive\n\n")
+        except ConnectionResetError:
+            raise _Gone(resp) from None
+        resp[_LAST_WRITE] = loop.time()
+
+
 async def _event(resp: web.StreamResponse, kind: str, data: Any) -> None:
     """One event; a client that left ends the watch quietly (``_Gone``, caught by the
     middleware)."""
@@ -424,6 +470,7 @@ async def _event(resp: web.StreamResponse, kind: str, data: Any) -> None:
         await resp.write(f"event: {kind}\ndata: {json.dumps(data, allow_nan=False)}\n\n".encode())
     except ConnectionResetError:
         raise _Gone(resp) from None
+    resp[_LAST_WRITE] = asyncio.get_running_loop().time()
 
 
 class _Gone(Exception):

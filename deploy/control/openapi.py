@@ -92,6 +92,12 @@ ROUTES: tuple[tuple[str, str, str, list[dict[str, Any]], str | None, str, bool],
 )
 
 
+_PATH_FIELDS = {"RolloutActionRequest": ("id",), "UndoRolloutRequest": ("model",)}
+_SUCCESS = {("post", "/runs"): "201", ("post", "/rollouts"): "201",
+            ("post", "/models/{name}/undo"): "201", ("post", "/runs/{id}/cancel"): "202",
+            ("post", "/runs/{id}/retry"): "202"}
+
+
 def _field_schema(f: FieldDescriptor) -> dict[str, Any]:
     if f.message_type is not None and f.message_type.GetOptions().map_entry:
         value = f.message_type.fields_by_name["value"]
@@ -118,6 +124,13 @@ def openapi() -> dict[str, Any]:
     schemas = {name: _schema(d) for name, d in control_pb2.DESCRIPTOR.message_types_by_name.items()}
     schemas["Error"] = {"type": "object", "properties": {"error": {"type": "string"},
                                                          "code": {"type": "integer"}}}
+    # Over HTTP the path names the resource: the bodies leave those fields out.
+    for name, path_fields in _PATH_FIELDS.items():
+        body = dict(schemas[name]["properties"])
+        for f in path_fields:
+            body.pop(f)
+        schemas[f"{name}Body"] = {"type": "object", "properties": body,
+                                  "additionalProperties": False}
     paths: dict[str, dict[str, Any]] = {}
     for method, path, summary, params, request, answer, write in ROUTES:
         op: dict[str, Any] = {
@@ -130,10 +143,15 @@ def openapi() -> dict[str, Any]:
                 "404": {"$ref": "#/components/responses/NotFound"},
             },
         }
+        ok = _SUCCESS.get((method, path), "200")
+        if ok != "200":
+            op["responses"][ok] = op["responses"].pop("200")
+            op["responses"][ok]["description"] = {"201": "Created", "202": "Accepted"}[ok]
         if request is not None:
+            schema = f"{request}Body" if request in _PATH_FIELDS else request
             op["requestBody"] = {"required": method == "post" and request != "RolloutActionRequest",
                                  "content": {"application/json": {
-                                     "schema": {"$ref": f"#/components/schemas/{request}"}}}}
+                                     "schema": {"$ref": f"#/components/schemas/{schema}"}}}}
         if write:
             op["security"] = [{"bearer": []}]
             op["responses"]["401"] = {"$ref": "#/components/responses/Unauthorized"}

@@ -30,7 +30,7 @@ from aiohttp import web
 
 from deploy.control.client import CONTROL_FILE, CONTROL_TOKEN
 from deploy.control.grpc_api import add_to_server
-from deploy.control.http_api import make_app
+from deploy.control.http_api import LOOPBACK_NAMES, make_app
 from deploy.control.service import ControlPlane
 from deploy.local.home import Home
 
@@ -108,8 +108,10 @@ async def _main(plane: ControlPlane, token: str, config: ControlConfig) -> None:
     resumed = await asyncio.to_thread(plane.start)
     if resumed:
         log.warning("resumed runs %s", ", ".join(resumed))
-    app = make_app(plane, token, private_reads=config.private_reads)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    loopback = config.host in ("127.0.0.1", "::1", "localhost")
+    app = make_app(plane, token, private_reads=config.private_reads,
+                   allowed_hosts=LOOPBACK_NAMES if loopback else None)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
     http_sock = _bind(config.host, config.http_port)
     site = web.SockSite(runner, http_sock)
@@ -133,6 +135,7 @@ async def _main(plane: ControlPlane, token: str, config: ControlConfig) -> None:
         with contextlib.suppress(FileNotFoundError):
             if json.loads(record.read_text()).get("pid") == os.getpid():
                 record.unlink()
+        plane.begin_close()  # the watches end at their next poll
         await grpc_server.stop(5)
         await runner.cleanup()
         await asyncio.to_thread(plane.close)

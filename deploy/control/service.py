@@ -83,11 +83,14 @@ class Missing(LookupError):
 
 @dataclasses.dataclass
 class _Live:
-    """A run this process is executing."""
+    """A run this process is executing. ``stop`` asks it to stop; ``cancelled`` says whether
+    a user asked (then its rollout is aborted and it ends cancelled) or the service is
+    stopping (it ends interrupted, and the next start resumes it)."""
 
-    thread: threading.Thread
-    stop: threading.Event
-    shutdown: bool = False
+    run_id: str
+    thread: threading.Thread | None = None
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+    cancelled: bool = False
 
 
 class ControlPlane:
@@ -132,6 +135,14 @@ class ControlPlane:
         self._ticker.start()
         return resumed
 
+    @property
+    def closing(self) -> bool:
+        """The service is stopping: watches end, no new round of ticks starts."""
+        return self._closing.is_set()
+
+    def begin_close(self) -> None:
+        self._closing.set()
+
     def close(self, timeout_s: float = 60.0) -> None:
         """Stop ticking and stop the live runs, which stay resumable (``interrupted``): the
         next start resumes them."""
@@ -139,11 +150,11 @@ class ControlPlane:
         with self._lock:
             live = dict(self._live)
         for entry in live.values():
-            entry.shutdown = True
-            entry.stop.set()
+            entry.stop.set()  # not a cancel: the runs end interrupted, resumed at the next start
         deadline = time.monotonic() + timeout_s
         for entry in live.values():
-            entry.thread.join(max(0.0, deadline - time.monotonic()))
+            if entry.thread is not None:
+                entry.thread.join(max(0.0, deadline - time.monotonic()))
         if self._ticker is not None:
             self._ticker.join(max(0.0, deadline - time.monotonic()))
 
@@ -159,7 +170,7 @@ class ControlPlane:
                     try:
                         self._launch_resume(run.id)
                         resumed.append(run.id)
-                    except FailedPrecondition as e:
+                    except Exception as e:  # noqa: BLE001 - one unreadable record must not stop the service
                         log.warning("not resuming run %s: %s", run.id, e)
             if page.next is None:
                 return resumed
@@ -181,7 +192,7 @@ class ControlPlane:
         paths = [str(Path(p).expanduser().resolve()) for p in _strings(pythonpath, "pythonpath")]
         _check_task(train_spec, paths)
         fault = Fault(error_rate=float(inject_fault)) if inject_fault else None
-        pipe = self._pipeline(rollout_policy, paths, stop=threading.Event())
+        pipe = self._pipeline(rollout_policy, paths)
         run = pipe.create(train_spec, fault=fault, label=label)
         self._launch(run.id, pipe, lambda: pipe.execute(run, train_spec, fault))
         return run
@@ -211,6 +222,7 @@ class ControlPlane:
                 raise FailedPrecondition(f"run {run.id} is run by another process (pid "
                                          f"{run.pid}), not this service: stop it there")
             raise FailedPrecondition(f"run {run.id} is {run.status}, not running")
+        entry.cancelled = True
         entry.stop.set()
         return run
 
@@ -226,7 +238,7 @@ class ControlPlane:
         """Block until this service's thread for the run ends (tests, the demo)."""
         with self._lock:
             entry = self._live.get(run_id)
-        if entry is not None:
+        if entry is not None and entry.thread is not None:
             entry.thread.join(timeout_s)
         return self.get_run(run_id)
 
@@ -234,55 +246,62 @@ class ControlPlane:
         with self._lock:
             return sorted(self._live)
 
-    def _pipeline(self, policy: RolloutPolicy, pythonpath: Sequence[str],
-                  stop: threading.Event) -> Pipeline:
-        return Pipeline(self.home, server=self._server(), policy=policy, log=log.info,
-                        clock=self.clock, tick_interval_s=self.tick_interval_s, progress=False,
-                        pythonpath=pythonpath, ticking=False, should_stop=stop.is_set,
+    def _pipeline(self, policy: RolloutPolicy, pythonpath: Sequence[str]) -> Pipeline:
+        return Pipeline(self.home, server=None, find_server=self._server, policy=policy,
+                        log=log.info, clock=self.clock, tick_interval_s=self.tick_interval_s,
+                        progress=False, pythonpath=pythonpath, ticking=False,
                         train_attempts=self.train_attempts,
                         retry_backoff_s=self.retry_backoff_s, params={CONTROL_PARAM: True})
 
     def _launch_resume(self, run_id: str) -> None:
         saved = self.get_run(run_id)
-        policy = RolloutPolicy.from_dict(saved.params["policy"])
-        pipe = self._pipeline(policy, saved.params.get("pythonpath", ()), stop=threading.Event())
+        try:
+            policy = RolloutPolicy.from_dict(saved.params["policy"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise FailedPrecondition(f"run {saved.id}'s record holds no policy this version "
+                                     f"reads: {e}") from None
+        pipe = self._pipeline(policy, saved.params.get("pythonpath", ()))
+        entry = self._reserve(saved.id)  # before the claim: no claimed run without a thread
         try:
             claimed = self.runs.claim(saved.id)  # of two retries at once, one wins
         except RunNotResumable as e:
+            self._release(saved.id)
             raise FailedPrecondition(str(e)) from None
-        self._launch(claimed.id, pipe, lambda: pipe.resume(claimed.id, claimed=claimed))
+        if not claimed.params.get(CONTROL_PARAM):  # a standalone run this service now owns
+            claimed.params[CONTROL_PARAM] = True
+            self.runs.save(claimed)
+        self._start_thread(entry, pipe, lambda: pipe.resume(claimed.id, claimed=claimed))
 
     def _launch(self, run_id: str, pipe: Pipeline, body: Callable[[], Run]) -> None:
-        stop = threading.Event()
-        pipe.should_stop = stop.is_set
+        self._start_thread(self._reserve(run_id), pipe, body)
+
+    def _reserve(self, run_id: str) -> _Live:
+        with self._lock:
+            if run_id in self._live:
+                raise FailedPrecondition(f"run {run_id} is already running in this service")
+            entry = self._live[run_id] = _Live(run_id)
+        return entry
+
+    def _release(self, run_id: str) -> None:
+        with self._lock:
+            self._live.pop(run_id, None)
+
+    def _start_thread(self, entry: _Live, pipe: Pipeline, body: Callable[[], Run]) -> None:
+        pipe.should_stop = entry.stop.is_set
+        pipe.stop_is_cancel = lambda: entry.cancelled
 
         def main() -> None:
             try:
                 with self._slots:
                     body()
             except Exception:  # the run records its own failure; keep the service
-                log.exception("run %s", run_id)
+                log.exception("run %s", entry.run_id)
             finally:
-                with self._lock:
-                    entry = self._live.pop(run_id, None)
-                if entry is not None and entry.shutdown:
-                    self._interrupted_by_shutdown(run_id)
+                self._release(entry.run_id)
 
-        thread = threading.Thread(target=main, name=f"kloop-run-{run_id}", daemon=True)
-        with self._lock:
-            if run_id in self._live:
-                raise FailedPrecondition(f"run {run_id} is already running in this service")
-            self._live[run_id] = _Live(thread, stop)
-        thread.start()
-
-    def _interrupted_by_shutdown(self, run_id: str) -> None:
-        """A run stopped because the service stops is interrupted (resumed at the next start),
-        not cancelled."""
-        run = self.runs.get(run_id)
-        if run.status == "cancelled":
-            run.status = "interrupted"
-            run.outcome = "the control plane stopped; it resumes the run when it starts again"
-            self.runs.save(run)
+        entry.thread = threading.Thread(target=main, name=f"kloop-run-{entry.run_id}",
+                                        daemon=True)
+        entry.thread.start()
 
     # ---- rollouts -------------------------------------------------------------------------
 
@@ -297,9 +316,11 @@ class ControlPlane:
         rollout_policy = _policy(policy)
         try:
             version = self.registry.resolve(model, candidate)
+            alias = self.registry.alias(model, "champion")
         except ArtifactError as e:
             raise Missing(str(e)) from None
-        alias = self.registry.alias(model, "champion")
+        except ValueError as e:  # a name the registry refuses, a version that cannot be
+            raise InvalidArgument(str(e)) from None
         served: Mapping[Any, int] = {}
         server = self._server()
         if alias is None and server is not None:
@@ -327,7 +348,11 @@ class ControlPlane:
             raise InvalidArgument("model must name a model")
         if isinstance(to_version, bool) or not isinstance(to_version, int) or to_version < 1:
             raise InvalidArgument(f"to_version must be a version number >= 1, got {to_version!r}")
-        if to_version not in self.registry.versions(model):
+        try:
+            known = self.registry.versions(model)
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
+        if to_version not in known:
             raise Missing(f"{model} has no version {to_version}")
         rollout_policy = _policy(policy)
         champion = self.registry.alias(model, "champion")

@@ -151,6 +151,11 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def json_safe(v: Any) -> Any:
+    """``v`` with non-finite floats as null, for JSON and protobuf's Struct."""
+    return _json_safe(v)
+
+
 def _json_safe(v: Any) -> Any:
     """Non-finite floats as null (JSON has none, and protobuf's Struct refuses them)."""
     if isinstance(v, float):

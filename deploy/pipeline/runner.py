@@ -32,9 +32,14 @@ its outcome recorded if it ended meanwhile (``kloop rollout`` resumed it, someon
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import math
 import signal
+import site
 import sys
+import sysconfig
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -100,6 +105,8 @@ class Pipeline:
         pythonpath: Sequence[str] = (),
         ticking: bool = True,
         should_stop: Callable[[], bool] = lambda: False,
+        stop_is_cancel: Callable[[], bool] = lambda: True,
+        find_server: Callable[[], ServerHandle | None] | None = None,
         train_attempts: int = 3,
         retry_backoff_s: float = 2.0,
         params: Mapping[str, Any] | None = None,
@@ -118,7 +125,15 @@ class Pipeline:
         # False when someone else ticks the rollouts (the control plane's ticker): the run then
         # follows its rollout in the store, and pause/promote/abort from others take effect.
         self.ticking = ticking
-        self.should_stop = should_stop  # polled between steps and while training: a cancel
+        # Polled between steps, while training and while following the rollout. A stop is a
+        # user's cancel (``stop_is_cancel``: the run's rollout is aborted, the run ends
+        # cancelled) or the process shutting down (the rollout is left as it is, the run ends
+        # interrupted: whoever resumes it follows the same rollout on).
+        self.should_stop = should_stop
+        self.stop_is_cancel = stop_is_cancel
+        # Where the model server is, asked again when the rollout starts (a server started
+        # during a long training is used); without it, ``server`` as given.
+        self.find_server = find_server
         if train_attempts < 1:
             raise ValueError(f"train_attempts must be >= 1, got {train_attempts}")
         self.train_attempts = train_attempts  # a train step killed by a signal is retried
@@ -174,6 +189,8 @@ class Pipeline:
             run.status = "succeeded"
         except RunCancelled as e:
             run.status, run.outcome = "cancelled", f"cancelled: {e}"
+        except RunInterrupted as e:
+            run.status, run.outcome = "interrupted", f"interrupted: {e}"
         except Exception as e:  # noqa: BLE001 - any step failure is recorded on the run; the caller sets the exit code
             run.status = "failed"
             run.outcome = run.outcome or f"failed: {e}"
@@ -202,6 +219,8 @@ class Pipeline:
         result = self._train(run, spec, resumed=resumed)
         self._evaluate(run, spec, result, resumed=resumed)
         manifest = self._publish(run, spec, resumed=resumed)
+        if self.find_server is not None:
+            self.server = self.find_server()
         existing = self._existing_rollout(run) if resumed else None
         if existing is not None:
             self._follow(run, existing, manifest, note="resumed")
@@ -248,7 +267,7 @@ class Pipeline:
                                  progress=self.progress, pythonpath=self.pythonpath,
                                  should_stop=self.should_stop)
             except TrainingStopped as e:
-                raise RunCancelled(str(e)) from e
+                raise self._stop_error(str(e)) from e
             except TrainingFailed as e:
                 if not _transient(e.returncode) or attempt == self.train_attempts:
                     raise
@@ -260,7 +279,7 @@ class Pipeline:
                 self.clock.sleep(delay)
                 delay *= 2
                 if self.should_stop():
-                    raise RunCancelled("cancelled while waiting to retry training") from e
+                    raise self._stop_error("stopped while waiting to retry training") from e
         raise AssertionError("unreachable")
 
     def _evaluate(self, run: Run, spec: TrainSpec, result: TrainResult, *,
@@ -394,6 +413,7 @@ class Pipeline:
         steps current; then record the decision. A rollout that already ended is recorded."""
         run.rollout_id = r.id
         gate_step, canary_step = run.step("gate"), run.step("canary")
+        cancelled = False
         if r.phase.terminal:
             final = r
             self.log(run, f"rollout {r.id} had ended meanwhile: {r.phase.value} {r.reason}")
@@ -401,7 +421,10 @@ class Pipeline:
             if self.server is None and self.ticking:
                 raise PipelineError(f"rollout {r.id} is still {r.phase.value}: start the server "
                                     "(`kloop serve`, or pass --server) and resume again")
-            self._start(run, canary_step if gate_step.status == "succeeded" else gate_step)
+            # No stop check here: the rollout exists, and a stop is handled while following it
+            # (a cancel aborts it; a shutdown leaves it for the resumed run to follow on).
+            self._start(run, canary_step if gate_step.status == "succeeded" else gate_step,
+                        check_stop=False)
             if note:
                 self.log(run, f"resuming rollout {r.id} (phase {r.phase.value}, step {r.step})")
 
@@ -412,7 +435,7 @@ class Pipeline:
                     self._finish(run, gate_step, "succeeded" if ok else "failed",
                                  "; ".join(ro.gate.reasons))
                     if ok:
-                        self._start(run, canary_step)
+                        self._start(run, canary_step, check_stop=False)
                 if canary_step.status == "running":
                     canary_step.metrics = {"weights": {str(v): w for v, w in ro.weights.items()},
                                            "step": ro.step, "failed_analyses": ro.failed}
@@ -424,17 +447,22 @@ class Pipeline:
                                        self.registry, r.id, self.clock, self.tick_interval_s,
                                        on_event)
             else:
-                final = self._watch_rollout(r.id, on_event)
+                final, cancelled = self._watch_rollout(r.id, on_event)
         record_rollout(run, final, end=time.time(), note=note)
         self.runs.save(run)
         for st in (gate_step, canary_step, run.step("decide")):
             self.log(run, f"step {st.name}: {st.status}{f' — {st.message}' if st.message else ''}")
         self.registry.remove_alias(manifest.name, "candidate")
+        if cancelled:
+            raise RunCancelled(f"rollout {final.id} aborted: {final.reason}")
         if outcome_status(final.phase) != "succeeded":
             raise PipelineError(f"rollout {final.id} ended {final.phase.value}: {final.reason}")
 
-    def _watch_rollout(self, rollout_id: str, on_event: Callable[[Rollout, Event], None]) -> Rollout:
-        """Follow a rollout that someone else ticks until it ends; a cancel aborts it."""
+    def _watch_rollout(self, rollout_id: str,
+                       on_event: Callable[[Rollout, Event], None]) -> tuple[Rollout, bool]:
+        """Follow a rollout that someone else ticks until it ends: the final rollout, and
+        whether this run's cancel aborted it. A cancel aborts it (unless it already promoted:
+        then it finishes); a shutdown leaves it as it is (``RunInterrupted``)."""
         seen: Event | None = None
         aborted = False
         while True:
@@ -443,16 +471,20 @@ class Pipeline:
                 seen = r.history[-1]
                 on_event(r, seen)
             if r.phase.terminal:
-                if aborted:
-                    raise RunCancelled(f"rollout {r.id} aborted: {r.reason}")
-                return r
+                return r, aborted
             if self.should_stop() and not aborted:
+                if not self.stop_is_cancel():
+                    raise RunInterrupted(f"stopped while following rollout {r.id} "
+                                         f"({r.phase.value}, step {r.step}); it goes on")
                 with contextlib.suppress(ValueError):  # already promoted: let it finish
                     user_request(self.rollouts, r.id, lambda ro: request_abort(
                         ro, "aborted: its pipeline run was cancelled", self.clock.now()),
                         self.clock)
                     aborted = True
             self.clock.sleep(self.tick_interval_s)
+
+    def _stop_error(self, where: str) -> Exception:
+        return RunCancelled(where) if self.stop_is_cancel() else RunInterrupted(where)
 
     # ---- bookkeeping -------------------------------------------------------------------
 
@@ -473,9 +505,9 @@ class Pipeline:
             raise
         self._finish(run, st, st.status if st.status != "running" else "succeeded", st.message)
 
-    def _start(self, run: Run, st: Step) -> None:
-        if self.should_stop():
-            raise RunCancelled(f"before step {st.name}")
+    def _start(self, run: Run, st: Step, *, check_stop: bool = True) -> None:
+        if check_stop and self.should_stop():
+            raise self._stop_error(f"before step {st.name}")
         st.status, st.started = "running", time.time()
         st.attempts += 1
         self.runs.save(run)
@@ -488,7 +520,13 @@ class Pipeline:
 
 
 class RunCancelled(Exception):
-    """The run was asked to stop (``should_stop``); it ends ``cancelled``, resumable."""
+    """A user cancelled the run (``should_stop`` and ``stop_is_cancel``); it ends
+    ``cancelled``, resumable."""
+
+
+class RunInterrupted(Exception):
+    """The process running the run is stopping (``should_stop``, not a cancel); the run ends
+    ``interrupted``, for the next start to resume."""
 
 
 def _transient(returncode: int) -> bool:
@@ -508,17 +546,59 @@ def _rollout_id(run: Run) -> str:
     return f"{run.id}-rollout"
 
 
+_IMPORTING = threading.RLock()
+
+
 @contextlib.contextmanager
 def importable(paths: Sequence[str]) -> Iterator[None]:
-    """``paths`` first on ``sys.path`` while the task is imported (as the CLI's ``task_path``)."""
-    added = [p for p in (str(Path(p).expanduser().resolve()) for p in paths) if p not in sys.path]
-    sys.path[:0] = added
-    try:
-        yield
-    finally:
-        for p in added:
-            with contextlib.suppress(ValueError):
-                sys.path.remove(p)
+    """``paths`` first on ``sys.path`` while the task is imported (as the CLI's ``task_path``).
+
+    A long-lived process (the control plane) imports many runs' tasks: the modules imported from
+    ``paths`` leave ``sys.modules`` again when the scope ends (the objects stay usable), so a
+    task edited since is imported as it is now, and two code directories with a module of the
+    same name do not get each other's. One thread at a time (``sys.path`` and ``sys.modules``
+    are the process's)."""
+    roots = [str(Path(p).expanduser().resolve()) for p in paths]
+    with _IMPORTING:
+        _forget_modules_under(roots)
+        importlib.invalidate_caches()
+        added = [p for p in roots if p not in sys.path]
+        sys.path[:0] = added
+        try:
+            yield
+        finally:
+            for p in added:
+                with contextlib.suppress(ValueError):
+                    sys.path.remove(p)
+            _forget_modules_under(roots)  # what was imported from them is this scope's
+
+
+def _forget_modules_under(roots: Sequence[str]) -> None:
+    """Drop from ``sys.modules`` every module whose file lies under one of ``roots``, except
+    kloop's own packages (a task directory may be kloop's checkout, as the README's example
+    is)."""
+    installed = _installed_dirs()
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if not file or name.partition(".")[0] in _KLOOP_PACKAGES:
+            continue
+        path = str(Path(file).resolve())
+        if any(path.startswith(d) for d in installed):
+            continue  # installed packages (a venv may live inside the task's directory)
+        if any(path.startswith(root.rstrip("/") + "/") for root in roots):
+            sys.modules.pop(name, None)
+
+
+_KLOOP_PACKAGES = {"kloop", "trainer", "serving", "deploy"}
+
+
+@functools.cache
+def _installed_dirs() -> tuple[str, ...]:
+    """The standard library's and the installed packages' directories, resolved."""
+    paths = sysconfig.get_paths()
+    dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    dirs |= set(site.getsitepackages()) | {site.getusersitepackages()}
+    return tuple(str(Path(d).resolve()).rstrip("/") + "/" for d in dirs if d)
 
 
 def _check_reproduced(measured: Mapping[str, float], trained: Mapping[str, Any]) -> None:

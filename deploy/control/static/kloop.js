@@ -504,8 +504,10 @@
         const op = button.dataset.op;
         button.disabled = true;
         try {
-          showRollout(await api("POST", `/api/v1/rollouts/${enc(id)}/${op}`,
-                                { resource_version: r.resource_version }));
+          // No resource_version: the ticker saves the rollout every round, so the version on
+          // screen is soon stale; the operation applies to the current state, which refuses
+          // it (409, with the reason) where it makes no sense.
+          showRollout(await api("POST", `/api/v1/rollouts/${enc(id)}/${op}`, {}));
           say(`${op} requested`);
         } catch (e) {
           say(`${op}: ${e.message}`, "error");

@@ -341,3 +341,50 @@ async def test_service_metrics_count_runs_and_export_rollout_phase_and_weight(ap
     assert 'kloop_rollout_phase{model="digits",phase="Progressing"} 1.0' in lines
     assert 'kloop_rollout_phase{model="digits",phase="Succeeded"} 0.0' in lines
     assert 'kloop_rollout_canary_weight{model="digits"} 50.0' in lines
+
+
+async def test_more_bad_input_is_400_not_500(api: Api, tmp_path: Path) -> None:
+    for body in [{"model": "Bad Name", "candidate": "1"}, {"model": "digits", "candidate": "Foo"},
+                 {"model": "digits", "candidate": -1}]:
+        status, answer = await api.call("POST", "/api/v1/rollouts", body)
+        assert status in (400, 404), (body, status, answer)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await api.stub.CreateRollout(pb.CreateRolloutRequest(model="Bad Name", candidate="1"),
+                                     metadata=(("authorization", f"Bearer {TOKEN}"),))
+    assert e.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "boom_task.py").write_text("raise RuntimeError('boom at import')\n")
+    status, answer = await api.call("POST", "/api/v1/runs", {
+        "spec": {"task": "boom_task:Task"}, "pythonpath": [str(code)]})
+    assert status == 400 and "boom at import" in answer["error"], answer
+    status, answer = await api.call("POST", "/api/v1/models/Bad Name/undo", {"to_version": 1})
+    assert status in (400, 404), answer
+
+
+async def test_a_request_for_another_host_name_is_refused(api: Api) -> None:
+    """DNS rebinding: a page whose domain now resolves to 127.0.0.1 cannot read the API."""
+    async with api.http.get(api.base + "/api/v1/runs", headers={"Host": "evil.example:80"}) as r:
+        assert r.status == 421
+    async with api.http.get(api.base + "/api/v1/runs", headers={"Host": "localhost"}) as r:
+        assert r.status == 200
+
+
+async def test_a_watch_sends_progress_with_nan_as_null_and_ends(api: Api) -> None:
+    run = _run(api.plane.home, "digits", 5000.0, "failed", float("nan"))
+    train = Path(run.run_dir) / "train"
+    train.mkdir(parents=True)
+    (train / "progress.jsonl").write_text(
+        json.dumps({"event": "start", "time": 1.0, "epochs": 2, "start_epoch": 1}) + "\n"
+        + json.dumps({"event": "epoch", "time": 2.0, "epoch": 1, "epochs": 2, "steps": 3,
+                      "loss": float("nan"), "held_out": {"accuracy": float("nan")},
+                      "samples_per_s": 10.0}) + "\n")
+    (Path(run.run_dir) / "pipeline.log").write_text("a line\n")
+    await asyncio.to_thread(api.plane.runs.save, run)
+    async with api.http.get(api.base + f"/api/v1/runs/{run.id}/watch") as r:
+        text = await r.text()
+    kinds = [line.split(": ", 1)[1] for line in text.splitlines() if line.startswith("event: ")]
+    assert kinds[-1] == "end" and {"log", "progress", "run"} <= set(kinds), kinds
+    progress = next(json.loads(block.split("data: ", 1)[1]) for block in text.split("\n\n")
+                    if block.startswith("event: progress"))
+    assert progress["events"][-1]["loss"] is None and progress["percent"] == 50.0

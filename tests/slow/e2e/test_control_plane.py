@@ -31,11 +31,13 @@ import pytest
 
 from deploy.control.client import ControlClient
 from deploy.control.process import ControlProcess
+from deploy.local.rollout_store import SQLiteRolloutStore
+from deploy.local.runs import RunStore
 from deploy.local.server_process import discover
 from kloop.artifact import Registry
 from kloop.pb import control_pb2 as pb
 from kloop.pb import control_pb2_grpc as pb_grpc
-from tests.support.artifacts import publish_exported
+from tests.support.artifacts import digits_fingerprint, publish_exported
 from tests.support.processes import Processes
 
 HOLD = {"steps": [10, 50, 100], "min_duration_s": 3600.0, "step_timeout_s": 7200.0,
@@ -244,3 +246,61 @@ def test_the_cli_creates_runs_in_the_service_and_cancels_and_retries_them(
     assert final["status"] == "succeeded" and final["resumes"] == 1, final
     assert final["steps"][0]["attempts"] == 2  # started once, cancelled, started again
     assert json.dumps(final["outcome"]) == json.dumps("champion (first version)")
+
+
+def test_sigterm_mid_canary_leaves_the_rollout_and_a_cancel_then_aborts_it(
+        tmp_path: Path, processes: Processes, control: Callable[..., ControlProcess]) -> None:
+    """A graceful stop is not a cancel: the run's canary keeps its step and the run is
+    interrupted, resumed at the next start; a user's cancel then aborts the rollout (traffic
+    back to the champion) and the run stays cancelled however often it is read."""
+    home = tmp_path / "home"
+    reg = Registry(home / "registry")
+    publish_exported(reg.root, "digits", seed=1, accuracy=0.50, tmp=tmp_path,
+                     data_fingerprint=digits_fingerprint())  # the split training measures
+    reg.set_alias("digits", "champion", 1)
+    processes.spawn([sys.executable, "-m", "deploy.cli", "--home", str(home), "serve",
+                     "--http-port", "0", "--grpc-port", "0"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait(lambda: discover(home), 60, "kloop serve did not start")
+    admin = discover(home).admin()  # type: ignore[union-attr]
+    first = control(home)
+    api = first.client
+    assert api is not None
+    run = api.create_run({"task": "digits", "epochs": 2},
+                         policy={**HOLD, "gate_tolerance": 1.0, "gate_threshold": 0.0})
+    rid = f"{run['id']}-rollout"
+
+    def at_first_step() -> Any:
+        state = api.get_run(run["id"])
+        assert state["status"] == "running", state
+        if not state["rollout_id"]:
+            return None
+        r = api.get_rollout(rid)
+        return r if r["step"] == 0 else None
+
+    before = _wait(at_first_step, 180, "the run's canary did not reach its first step")
+    assert api.get_run(run["id"])["steps"][4]["status"] == "running"  # canary
+    assert first.stop() == 0  # SIGTERM: graceful
+    record = RunStore(home / "kloop.db").get(run["id"])  # no service: the store itself
+    assert record.status == "interrupted", (record.status, record.outcome)
+    r = SQLiteRolloutStore(home / "kloop.db").get(rid)
+    assert r.phase.value == "Progressing" and r.step == 0, (r.phase, r.reason)
+    assert admin.traffic("digits") == {1: 90, 2: 10}
+
+    second = control(home)
+    api = second.client
+    assert api is not None
+    _wait(lambda: api.get_run(run["id"])["status"] == "running"
+          and api.get_run(run["id"])["resumes"] == 1, 60, "the run was not resumed")
+    again = api.get_rollout(rid)
+    assert again["step"] == 0 and len(_set_weights(again)) == len(_set_weights(before)) == 1
+    api.cancel_run(run["id"])
+    ended = _wait(lambda: (lambda x: x if x["status"] != "running" else None)(
+        api.get_run(run["id"])), 60, "the cancel did not end the run")
+    assert ended["status"] == "cancelled", ended
+    assert api.get_rollout(rid)["phase"] == "Aborted"
+    assert admin.traffic("digits") == {1: 100}
+    assert reg.alias("digits", "champion") == 1
+    for _ in range(2):  # reading it (which reconciles) does not turn it into "failed"
+        assert api.get_run(run["id"])["status"] == "cancelled"
+    assert RunStore(home / "kloop.db").get(run["id"]).status == "cancelled"
