@@ -578,7 +578,8 @@ def _forget_modules_under(roots: Sequence[str]) -> None:
     kloop's own packages (a task directory may be kloop's checkout, as the README's example
     is)."""
     installed = _installed_dirs()
-    for name, module in list(sys.modules.items()):
+    # A copy in one step (atomic under the GIL): other threads import while this one looks.
+    for name, module in sys.modules.copy().items():
         file = getattr(module, "__file__", None)
         if not file or name.partition(".")[0] in _KLOOP_PACKAGES:
             continue
