@@ -50,6 +50,7 @@ import dataclasses
 import importlib
 import importlib.metadata
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, Generic, Literal, TypeVar, get_args
 
@@ -185,6 +186,13 @@ def reference(ref: str) -> str:
         raise TaskError(f"task {ref!r}: not a registered task ({', '.join(sorted(known)) or 'none'}) "
                         "and not module:Class")
     return known[ref]
+
+
+def model_name_for(task: str) -> str:
+    """The registry name a task's versions get by default: a registered task's name, or the
+    class name of ``module:Class`` in kebab case (``mypkg.task:ChurnModel`` -> churn-model)."""
+    name = task.rpartition(":")[2].rpartition(".")[2] if ":" in task else task
+    return re.sub(r"[^a-z0-9._-]+", "-", re.sub(r"(?<!^)(?=[A-Z])", "-", name).lower()).strip("-._") or "model"
 
 
 def load_class(ref: str) -> type[Task[Any]]:

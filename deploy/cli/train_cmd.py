@@ -104,6 +104,7 @@ def spec_from_args(args: argparse.Namespace, base: TrainSpec | None = None) -> T
     """The spec the options describe. With ``base`` (a resumed run's spec), only options that
     differ from their defaults change it, so ``--resume RUN`` needs no flag repeated."""
     from trainer.spec import Code, Elastic, Resources, TrainSpec
+    from trainer.task import model_name_for
 
     default = TrainSpec()
     given: dict[str, Any] = {
@@ -121,7 +122,7 @@ def spec_from_args(args: argparse.Namespace, base: TrainSpec | None = None) -> T
     if args.model_name:
         changes["model_name"] = args.model_name
     elif "task" in changes:
-        changes["model_name"] = _model_name(task)
+        changes["model_name"] = model_name_for(task)
     config = _config(args, task, dict(base.config))
     if config != base.config:
         changes["config"] = config
@@ -142,12 +143,6 @@ def spec_from_args(args: argparse.Namespace, base: TrainSpec | None = None) -> T
     if args.pvc:
         changes["storage"] = dataclasses.replace(base.storage, pvc_claim=args.pvc)
     return base.replace(**changes)
-
-
-def _model_name(task: str) -> str:
-    """A registered task's name, or the class name of module:Class, as a registry name."""
-    name = task.rpartition(":")[2].rpartition(".")[2] if ":" in task else task
-    return re.sub(r"[^a-z0-9._-]+", "-", re.sub(r"(?<!^)(?=[A-Z])", "-", name).lower()).strip("-._") or "model"
 
 
 def _config(args: argparse.Namespace, task: str, config: dict[str, Any]) -> dict[str, Any]:

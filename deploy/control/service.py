@@ -62,6 +62,7 @@ from deploy.rollout import (
 from kloop.artifact import ArtifactError
 from kloop.faults import Fault
 from trainer.spec import SpecError, TrainSpec
+from trainer.task import model_name_for
 
 log = logging.getLogger("kloop.control")
 
@@ -468,19 +469,11 @@ def _spec(d: Mapping[str, Any]) -> TrainSpec:
             raise InvalidArgument(f"spec.code {d['code']!r}: not an absolute path to a directory")
         d["code"] = {"path": str(directory.resolve()), "sha256": code_dir.digest(directory)}
     if "model_name" not in d and isinstance(d["task"], str):
-        d["model_name"] = default_model_name(d["task"])
+        d["model_name"] = model_name_for(d["task"])
     try:
         return TrainSpec.from_dict(d)
     except (SpecError, TypeError, ValueError) as e:
         raise InvalidArgument(f"spec: {e}") from None
-
-
-def default_model_name(task: str) -> str:
-    """A registered task's name, or the class name of module:Class, as a registry name."""
-    import re
-
-    name = task.rpartition(":")[2].rpartition(".")[2] if ":" in task else task
-    return re.sub(r"[^a-z0-9._-]+", "-", re.sub(r"(?<!^)(?=[A-Z])", "-", name).lower()).strip("-._") or "model"
 
 
 def _policy(d: Mapping[str, Any] | None) -> RolloutPolicy:
